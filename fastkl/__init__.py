@@ -1,0 +1,10 @@
+"""fastkl: fast, accurate KL divergences — Monte Carlo estimators from samples and exact
+values over full vocabularies — from fused Numba and Cython kernels checked against a
+numpy reference."""
+
+from .backends import available_backends
+from .mc import KLStats, kl_mc, kl_mc_grad, kl_mc_stats
+
+__version__ = "0.1.0"
+
+__all__ = ["KLStats", "__version__", "available_backends", "kl_mc", "kl_mc_grad", "kl_mc_stats"]

@@ -1,0 +1,163 @@
+"""Every input check and error message of the public API, in one place.
+
+Checks never modify their inputs; when an array must change dtype or byte order they return
+a converted copy and leave the caller's array alone.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from .backends._contract import EST_CODES
+
+NAN_POLICIES = ("propagate", "omit", "raise")
+PLAIN_REDUCTIONS = ("none", "mean", "sum")
+RL_REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def _to_numpy(x):
+    """numpy view of an array-like; torch tensors (CPU) go through ``.numpy()``."""
+    if isinstance(x, np.ndarray):
+        return x
+    mod = type(x).__module__ or ""
+    if mod.startswith("torch"):
+        t = x.detach()
+        if t.device.type != "cpu":
+            raise TypeError("torch tensors must be on the CPU")
+        if not t.dtype.is_floating_point:
+            return t.numpy()
+        if t.dtype.itemsize == 2 and str(t.dtype) == "torch.bfloat16":
+            t = t.float()  # numpy has no bfloat16; exact widening
+        return t.numpy()
+    return np.asarray(x)
+
+
+def float_array(x, name: str) -> np.ndarray:
+    """``x`` as a numpy floating array (float16/32/64 kept, longdouble -> float64)."""
+    if x is None:
+        raise TypeError(f"{name} must be a float array, got None")
+    try:
+        a = _to_numpy(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    if a.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}"
+        )
+    if a.dtype.itemsize > 8:
+        a = a.astype(np.float64)
+    return a
+
+
+def compute_dtype(*arrays: np.ndarray) -> np.dtype:
+    """float64 if any input is float64, else float32 (float16 is computed in float32)."""
+    if any(a.dtype.itemsize == 8 for a in arrays):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def as_kernel_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` in ``dtype`` and native byte order (a copy only where needed)."""
+    if a.dtype == dtype and a.dtype.isnative:
+        return a
+    return a.astype(dtype.newbyteorder("="))
+
+
+def same_shape(a: np.ndarray, shape: tuple, name: str, ref: str = "logq") -> None:
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape} but {ref} has shape {shape}")
+
+
+def estimator_code(estimator, reverse) -> int:
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    if estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+    code = EST_CODES.get((estimator, bool(reverse)))
+    if code is None:
+        raise ValueError(
+            f"estimator {estimator!r} has no reverse (KL(p||q)) form; use 'k1' or 'k3' "
+            "with reverse=True"
+        )
+    return code
+
+
+def reduction(value, ndim: int, allow_rl: bool = True) -> str:
+    allowed = PLAIN_REDUCTIONS + (RL_REDUCTIONS if allow_rl else ())
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"reduction must be one of {list(allowed)}, got {value!r}")
+    if value in RL_REDUCTIONS and ndim != 2:
+        raise ValueError(
+            f"reduction={value!r} needs 2-D [batch, tokens] inputs, got {ndim}-D"
+        )
+    return value
+
+
+def axes(axis, ndim: int) -> tuple[int, ...] | None:
+    """Normalized, sorted tuple of axes (None: all)."""
+    if axis is None:
+        return None
+    items = axis if isinstance(axis, tuple) else (axis,)
+    out = []
+    for ax in items:
+        try:
+            i = operator.index(ax)
+        except TypeError:
+            raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}") from None
+        if not -ndim <= i < ndim:
+            raise ValueError(f"axis {ax} is out of range for {ndim}-D input")
+        out.append(i % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} repeats an axis")
+    return tuple(sorted(out))
+
+
+def mask_array(mask, shape: tuple) -> np.ndarray | None:
+    """None, a uint8 view of a bool mask, or float64 weights (finite, >= 0)."""
+    if mask is None:
+        return None
+    try:
+        m = _to_numpy(mask)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"mask could not be converted to an array: {exc}") from None
+    same_shape(m, shape, "mask")
+    if m.dtype == np.bool_:
+        return m.view(np.uint8)
+    if m.dtype.kind not in "iuf":
+        raise TypeError(f"mask must be bool or real numeric weights, got dtype {m.dtype}")
+    w = m.astype(np.float64)  # always a copy: the kernels may read it freely
+    if w.size and not (np.isfinite(w).all() and (w >= 0).all()):
+        raise ValueError("mask weights must be finite and >= 0")
+    return w
+
+
+def log_iw_array(log_iw, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
+    if log_iw is None:
+        return None
+    a = float_array(log_iw, "log_iw")
+    same_shape(a, shape, "log_iw")
+    return as_kernel_dtype(a, dtype)
+
+
+def clamp_pair(value, name: str) -> tuple[float, float]:
+    if value is None:
+        return (-math.inf, math.inf)
+    try:
+        lo, hi = value
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be None or a (lo, hi) pair of numbers, got {value!r}") from None
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"{name} bounds must not be NaN, got {value!r}")
+    if lo > hi:
+        raise ValueError(f"{name} must have lo <= hi, got {value!r}")
+    return (lo, hi)
+
+
+def nan_policy(value) -> str:
+    if not isinstance(value, str) or value not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {list(NAN_POLICIES)}, got {value!r}")
+    return value

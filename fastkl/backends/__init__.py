@@ -1,0 +1,52 @@
+"""Backend registry: name -> module implementing the kernel contract (``_contract``).
+
+Backends are imported lazily, on first use, so ``import fastkl`` stays cheap (numba alone
+takes ~0.5 s to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# preference order for backend=None: Cython needs no JIT warm-up, numba is next
+_MODULES = {
+    "cython": "fastkl.backends.cython_backend",
+    "numba": "fastkl.backends.numba_kernels",
+    "numpy": "fastkl.backends.numpy_ref",
+}
+BACKEND_NAMES = tuple(_MODULES)
+
+_loaded: dict[str, ModuleType | None] = {}
+_errors: dict[str, str] = {}
+
+
+def _try_load(name: str) -> ModuleType | None:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except ImportError as exc:  # missing optional dependency or unbuilt extension
+            _loaded[name] = None
+            _errors[name] = f"{type(exc).__name__}: {exc}"
+    return _loaded[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that work in this installation, fastest first."""
+    return [n for n in BACKEND_NAMES if _try_load(n) is not None]
+
+
+def get_backend(name: str | None) -> ModuleType:
+    """The module for ``name`` (None: the fastest available)."""
+    if name is None:
+        for n in BACKEND_NAMES:
+            mod = _try_load(n)
+            if mod is not None:
+                return mod
+        raise RuntimeError("no fastkl backend could be loaded")  # numpy_ref always loads
+    if not isinstance(name, str) or name not in _MODULES:
+        raise ValueError(f"backend must be None or one of {list(BACKEND_NAMES)}, got {name!r}")
+    mod = _try_load(name)
+    if mod is None:
+        raise ValueError(f"backend {name!r} is not available here ({_errors.get(name)})")
+    return mod

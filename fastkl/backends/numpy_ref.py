@@ -1,0 +1,160 @@
+"""The reference backend: plain numpy, written to be read, never optimized.
+
+This module *is* the specification of the kernel contract (see ``backends/__init__.py``).
+Every compiled backend is tested against it.
+
+Notation: samples x ~ q, ``l = logp - logq = log r``.
+
+=========  ===========  =============================  =====================
+code       target       term t(l)                      d t / d logq
+=========  ===========  =============================  =====================
+0 (k1)     KL(q||p)     -l                             1
+1 (k2)     KL(q||p)     l**2 / 2                       -l
+2 (k3)     KL(q||p)     expm1(l) - l                   -expm1(l)
+3 (rk1)    KL(p||q)     r * l                          -r * (l + 1)
+4 (rk3)    KL(p||q)     r * l - expm1(l)               -r * l
+=========  ===========  =============================  =====================
+
+Numerics (float64 throughout):
+
+* ``E(l) = exp(l) - 1 - l`` cancels catastrophically for small |l|; below |l| < 0.5 it is
+  the Taylor series sum_{n>=2} l**n / n! (20 terms: truncation < 1e-22 relative), above it
+  ``expm1(l) - l`` (cancellation at most a factor ~5 there).
+* reverse k3 ``r*l - (r - 1)`` is written ``l**2 + (l - 1) * E(l)`` (cancellation at most a
+  factor 2 near 0), and ``exp(l) * (l - 1) + 1`` for l < -1 where the first form cancels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._contract import BLOCK, N_PARTIALS
+
+name = "numpy"
+
+_TAYLOR_N = 20
+_TAYLOR_CUT = 0.5
+
+
+def expm1_minus_x(l: np.ndarray) -> np.ndarray:
+    """exp(l) - 1 - l in float64, accurate to a few ulp for every l."""
+    l = np.asarray(l, dtype=np.float64)
+    small = np.abs(l) < _TAYLOR_CUT
+    ls = np.where(small, l, 0.0)
+    # Horner: l**2 * (1/2! + l*(1/3! + l*(1/4! + ...)))
+    acc = np.zeros_like(ls)
+    fact = [1.0]
+    for n in range(1, _TAYLOR_N + 3):
+        fact.append(fact[-1] * n)
+    for n in range(_TAYLOR_N + 1, 1, -1):
+        acc = acc * ls + 1.0 / fact[n]
+    series = acc * ls * ls
+    with np.errstate(over="ignore", invalid="ignore"):
+        direct = np.expm1(l) - l
+    return np.where(small, series, direct)
+
+
+def term_and_grad(l: np.ndarray, est: int, want_grad: bool = False):
+    """Per-sample estimator term t(l) and, if asked, d t / d logq (float64 arrays)."""
+    l = np.asarray(l, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        if est == 0:
+            t = -l
+            g = np.ones_like(l)
+        elif est == 1:
+            t = 0.5 * l * l
+            g = -l
+        elif est == 2:
+            e = expm1_minus_x(l)
+            t = e
+            g = -(e + l)  # -expm1(l), accurate near 0
+        elif est == 3:
+            r = np.exp(l)
+            t = r * l
+            g = -r * (l + 1.0)
+        elif est == 4:
+            e = expm1_minus_x(l)
+            r = np.exp(l)
+            t = np.where(l < -1.0, r * (l - 1.0) + 1.0, l * l + (l - 1.0) * e)
+            g = -r * l
+        else:  # pragma: no cover - the public layer validates
+            raise ValueError(f"unknown estimator code {est}")
+        # a term is a function of the log-ratio alone; at l = +-inf take its limit
+        # (e.g. k3 at l = -inf is +inf, not inf - inf)
+        if est in (2, 4):
+            t = np.where(np.isposinf(l), np.inf, t)
+            t = np.where(np.isneginf(l), np.inf if est == 2 else 1.0, t)
+        if est == 3:
+            t = np.where(np.isneginf(l), 0.0, t)
+    return (t, g) if want_grad else t
+
+
+def _prepared(logq, logp, mask, log_iw, est, clamp):
+    """float64 (term, weight, importance weight) arrays for 2-D inputs."""
+    lr_lo, lr_hi, v_lo, v_hi = clamp
+    l = logp.astype(np.float64) - logq.astype(np.float64)
+    l = np.where(np.isnan(l), l, np.clip(l, lr_lo, lr_hi))
+    t = term_and_grad(l, est)
+    t = np.where(np.isnan(t), t, np.clip(t, v_lo, v_hi))
+    if log_iw is not None:
+        with np.errstate(invalid="ignore"):
+            t = t * np.exp(log_iw.astype(np.float64))
+    w = np.ones(l.shape) if mask is None else mask.astype(np.float64)
+    return l, t, w
+
+
+def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
+    """out[...] = w * exp(log_iw) * clamp_v(t(clamp_lr(l))); 0 wherever w == 0."""
+    _, t, w = _prepared(logq, logp, mask, log_iw, est, clamp)
+    with np.errstate(invalid="ignore"):
+        out[...] = np.where(w == 0, 0.0, w * t)
+
+
+def _block_partials(t, w, want_m2):
+    rows, n = t.shape
+    nblk = max(1, -(-n // BLOCK))
+    pad = nblk * BLOCK - n
+    bad = np.isnan(t) & (w != 0)
+    keep = (w != 0) & ~bad
+    wk = np.where(keep, w, 0.0)
+    tk = np.where(keep, t, 0.0)
+    shape = (rows, nblk, BLOCK)
+
+    def blocks(a):
+        return np.pad(a, ((0, 0), (0, pad))).reshape(shape)
+
+    wb, tb = blocks(wk), blocks(tk)
+    out = np.zeros((rows, nblk, N_PARTIALS))
+    W = wb.sum(axis=-1)
+    with np.errstate(invalid="ignore"):
+        S = (wb * tb).sum(axis=-1)
+    out[..., 0] = W
+    out[..., 1] = S
+    if want_m2:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(W > 0, S / W, 0.0)
+            out[..., 2] = (wb * (tb - mean[..., None]) ** 2).sum(axis=-1)
+    out[..., 3] = (wb * wb).sum(axis=-1)
+    out[..., 4] = blocks(bad.astype(np.float64)).sum(axis=-1)
+    out[..., 5] = blocks(keep.astype(np.float64)).sum(axis=-1)
+    return out
+
+
+def mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2):
+    """Per-block partials, shape [rows, nblk, N_PARTIALS] (see ``_contract``)."""
+    _, t, w = _prepared(logq, logp, mask, log_iw, est, clamp)
+    return _block_partials(t, w, want_m2)
+
+
+def mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad):
+    """Partials of the unclamped terms, and out_grad = rowscale * w * exp(log_iw) * dt/dlogq."""
+    l = logp.astype(np.float64) - logq.astype(np.float64)
+    t, g = term_and_grad(l, est, want_grad=True)
+    w = np.ones(l.shape) if mask is None else mask.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if log_iw is not None:
+            iw = np.exp(log_iw.astype(np.float64))
+            t = t * iw
+            g = g * iw
+        out_grad[...] = np.where(w == 0, 0.0, g * w * rowscale[:, None])
+    return _block_partials(t, w, False)

@@ -1,0 +1,380 @@
+"""Monte Carlo KL estimators from samples (Schulman 2020): ``kl_mc``, ``kl_mc_stats``,
+``kl_mc_grad``.
+
+Samples x ~ q; inputs are ``logq = log q(x)`` and ``logp = log p(x)``; ``l = logp - logq``.
+
+=========  ==========  ==========================  =================
+estimator  reverse     term                        estimates
+=========  ==========  ==========================  =================
+k1         False       -l                          KL(q||p)
+k2         False       l**2 / 2                    KL(q||p) (biased)
+k3         False       (r - 1) - l,  r = exp(l)    KL(q||p)
+k1         True        r * l                       KL(p||q)
+k3         True        r * l - (r - 1)             KL(p||q)
+=========  ==========  ==========================  =================
+
+This module owns shapes, axes, masks, reductions and errors; the arithmetic lives in the
+backends (``fastkl.backends``), all implementing one small kernel contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _checks
+from .backends import get_backend
+from .backends._contract import N_PARTIALS
+
+ArrayLike = Any
+
+_Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class KLStats:
+    """Summary of per-sample KL terms: mean with its standard error and a 95% interval.
+
+    ``std`` is the (weighted, unbiased) standard deviation of the terms, ``sem = std /
+    sqrt(n_eff)`` with Kish's effective size ``n_eff = (sum w)**2 / sum w**2`` (= ``n`` for an
+    unweighted or boolean mask), ``ci95 = mean -+ 1.96 sem`` (normal approximation).
+    """
+
+    mean: float
+    std: float
+    sem: float
+    n: int
+    ci95: tuple[float, float]
+
+
+# --------------------------------------------------------------------------- layout
+
+
+class _Inputs:
+    """Validated inputs: converted arrays plus the options the kernels take."""
+
+    __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype")
+
+
+def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None,
+              clamp_value=None) -> _Inputs:
+    q = _checks.float_array(logq, "logq")
+    p = _checks.float_array(logp, "logp")
+    _checks.same_shape(p, q.shape, "logp")
+    inp = _Inputs()
+    inp.est = _checks.estimator_code(estimator, reverse)
+    inp.dtype = _checks.compute_dtype(q, p)
+    inp.out_dtype = inp.dtype
+    inp.logq = _checks.as_kernel_dtype(q, inp.dtype)
+    inp.logp = _checks.as_kernel_dtype(p, inp.dtype)
+    inp.shape = q.shape
+    inp.mask = _checks.mask_array(mask, q.shape)
+    inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
+    inp.clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
+        clamp_value, "clamp_value"
+    )
+    return inp
+
+
+def _arrays(inp: _Inputs):
+    return [inp.logq, inp.logp, inp.mask, inp.log_iw]
+
+
+def _as_rows(arrays, shape, red_axes):
+    """2-D ``[rows, n]`` views (copies only where numpy cannot view) with the reduced axes
+    last, the output shape, and the axis permutation used.
+
+    ``red_axes=None`` reduces everything; the axes are then taken in the memory order of
+    ``logq`` so that a transposed or Fortran-ordered input is read without a copy.
+    """
+    ndim = len(shape)
+    if red_axes is None:
+        strides = arrays[0].strides
+        perm = sorted(range(ndim), key=lambda i: -abs(strides[i]))
+        n = math.prod(shape)
+        rows, out_shape = 1, ()
+    else:
+        kept = [i for i in range(ndim) if i not in red_axes]
+        perm = kept + list(red_axes)
+        out_shape = tuple(shape[i] for i in kept)
+        rows, n = math.prod(out_shape), math.prod(shape[i] for i in red_axes)
+    views = [None if a is None else a.transpose(perm).reshape(rows, n) for a in arrays]
+    return views, out_shape, perm
+
+
+def _natural_rows(arrays, shape):
+    """2-D views for elementwise work, rows = all leading axes."""
+    if len(shape) == 0:
+        new = (1, 1)
+    elif len(shape) == 1:
+        new = (1, shape[0])
+    else:
+        new = (math.prod(shape[:-1]), shape[-1])
+    return [None if a is None else a.reshape(new) for a in arrays]
+
+
+def _merge(part: np.ndarray) -> np.ndarray:
+    """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` in block order (Chan et al.):
+    returns ``[rows, N_PARTIALS]`` with column 2 the merged M2."""
+    tot = part.sum(axis=1)
+    W = tot[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(W > 0, tot[:, 1] / W, 0.0)
+        bmean = np.where(part[..., 0] > 0, part[..., 1] / part[..., 0], 0.0)
+        spread = (part[..., 0] * (bmean - mean[:, None]) ** 2).sum(axis=1)
+    tot[:, 2] = tot[:, 2] + spread
+    return tot
+
+
+def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
+    """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows."""
+    views, out_shape, perm = _as_rows(_arrays(inp), inp.shape, red_axes)
+    rows, n = views[0].shape
+    if rows * n == 0:
+        part = np.zeros((rows, 1, N_PARTIALS))
+    else:
+        part = backend.mc_partials(*views, inp.est, inp.clamp, want_m2)
+    return _merge(part), out_shape, views
+
+
+def _raise_first_nan(backend, inp: _Inputs):
+    """nan_policy='raise': find the first NaN term at an included position and say where."""
+    views = _natural_rows(_arrays(inp), inp.shape)
+    out = np.empty(views[0].shape, dtype=inp.out_dtype)
+    backend.mc_terms(*views, inp.est, inp.clamp, out)
+    bad = np.isnan(out)
+    if inp.mask is not None:
+        bad &= views[2] != 0
+    flat = int(np.flatnonzero(bad.ravel())[0])
+    idx = np.unravel_index(flat, inp.shape) if inp.shape else ()
+    q = inp.logq[idx] if inp.shape else inp.logq[()]
+    p = inp.logp[idx] if inp.shape else inp.logp[()]
+    raise ValueError(
+        f"nan_policy='raise': the term at index {tuple(int(i) for i in idx)} is NaN "
+        f"(logq={float(q)!r}, logp={float(p)!r})"
+    )
+
+
+def _finish(tot: np.ndarray, how: str, policy: str) -> np.ndarray:
+    """Per-row mean or sum from merged partials, honouring the NaN policy."""
+    W, S, nbad = tot[:, 0], tot[:, 1], tot[:, 4]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        val = S / W if how == "mean" else S.copy()
+    if how == "mean":
+        val[W == 0] = np.nan
+    if policy == "propagate":
+        val[nbad > 0] = np.nan
+    return val
+
+
+def _rl_reduce(tot: np.ndarray, reduction: str, policy: str) -> float:
+    if reduction == "seq-mean-token-mean":
+        per_row = _finish(tot, "mean", policy)
+    else:  # seq-mean-token-sum
+        per_row = _finish(tot, "sum", policy)
+    has_tokens = tot[:, 0] > 0
+    if policy == "propagate":
+        has_tokens |= tot[:, 4] > 0
+    if not has_tokens.any():
+        return math.nan
+    return float(np.mean(per_row[has_tokens]))
+
+
+def _shape_out(val: np.ndarray, out_shape: tuple):
+    if out_shape == ():
+        return float(val[0])
+    return val.reshape(out_shape)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def kl_mc(
+    logq: ArrayLike,
+    logp: ArrayLike,
+    estimator: str = "k3",
+    *,
+    reverse: bool = False,
+    reduction: str = "mean",
+    axis: int | tuple[int, ...] | None = None,
+    mask: ArrayLike | None = None,
+    log_iw: ArrayLike | None = None,
+    clamp_log_ratio: tuple[float, float] | None = None,
+    clamp_value: tuple[float, float] | None = None,
+    nan_policy: str = "propagate",
+    backend: str | None = None,
+) -> float | np.ndarray:
+    """Monte Carlo estimate of KL(q||p) (or KL(p||q) with ``reverse=True``) from samples x ~ q.
+
+    With ``l = logp - logq`` and ``r = exp(l)``, each sample contributes the term
+    ``k1 = -l``, ``k2 = l**2/2``, ``k3 = (r - 1) - l`` (forward) or ``k1 = r*l``,
+    ``k3 = r*l - (r - 1)`` (reverse), optionally clamped (``clamp_log_ratio`` on l,
+    ``clamp_value`` on the term) and multiplied by ``exp(log_iw)``.
+
+    Parameters
+    ----------
+    logq, logp : array_like of float16/32/64, same shape
+        Log-densities of the samples under q (the sampling distribution) and p.
+    estimator : {"k1", "k2", "k3"}
+    reduction : {"none", "mean", "sum", "token-mean", "seq-mean-token-mean",
+        "seq-mean-token-sum"}
+        "none" returns the weighted terms ``w * t`` (float32 for float16/32 inputs);
+        "mean" is ``sum w*t / sum w`` and "sum" is ``sum w*t`` over ``axis``, accumulated in
+        float64 (a Python float for a full reduction). The RL modes need 2-D
+        ``[batch, tokens]`` inputs: masked mean over all tokens; masked mean per row then
+        mean over rows with a token; masked sum per row then mean over rows with a token.
+    mask : array_like of bool or non-negative weights, optional
+        0 excludes a position (a NaN there is ignored).
+    log_iw : array_like, optional
+        Log importance weights ``log q(x) - log mu(x)`` for samples drawn from mu.
+    nan_policy : {"propagate", "omit", "raise"}
+    backend : {None, "cython", "numba", "numpy"}
+
+    Returns
+    -------
+    float or ndarray
+    """
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
+    reduction = _checks.reduction(reduction, len(inp.shape))
+    red_axes = _checks.axes(axis, len(inp.shape))
+    policy = _checks.nan_policy(nan_policy)
+    be = get_backend(backend)
+
+    if reduction == "none":
+        out = np.empty(inp.shape, dtype=inp.out_dtype)
+        if out.size:
+            views = _natural_rows(_arrays(inp), inp.shape)
+            be.mc_terms(*views, inp.est, inp.clamp, out.reshape(views[0].shape))
+            if policy == "raise":
+                bad = np.isnan(out)
+                if inp.mask is not None:
+                    bad &= inp.mask != 0
+                if bad.any():
+                    _raise_first_nan(be, inp)
+        return out if out.ndim else out[()]
+
+    if reduction in _checks.RL_REDUCTIONS:
+        if reduction == "token-mean":
+            red_axes, how = None, "mean"
+        else:
+            red_axes, how = (1,), None
+    else:
+        how = reduction
+    tot, out_shape, _ = _row_partials(be, inp, red_axes, want_m2=False)
+    if policy == "raise" and (tot[:, 4] > 0).any():
+        _raise_first_nan(be, inp)
+    if how is None:
+        return _rl_reduce(tot, reduction, policy)
+    return _shape_out(_finish(tot, how, policy), out_shape)
+
+
+def kl_mc_stats(
+    logq: ArrayLike,
+    logp: ArrayLike,
+    estimator: str = "k3",
+    *,
+    reverse: bool = False,
+    mask: ArrayLike | None = None,
+    log_iw: ArrayLike | None = None,
+    clamp_log_ratio: tuple[float, float] | None = None,
+    clamp_value: tuple[float, float] | None = None,
+    nan_policy: str = "propagate",
+    backend: str | None = None,
+) -> KLStats:
+    """Mean of the per-sample KL terms (see ``kl_mc``) with its error bar, in one fused pass.
+
+    Per block of samples the kernel keeps (sum w, sum w*t, M2 = sum w*(t - mean)**2, ...);
+    blocks merge in order (Chan et al.), so the result is identical for any thread count.
+    ``std = sqrt(M2 / (W - sum w**2 / W))`` (reliability weights; ``M2 / (n - 1)`` without
+    weights), ``sem = std / sqrt(n_eff)``, ``ci95 = mean -+ 1.96 * sem``.
+    """
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
+    policy = _checks.nan_policy(nan_policy)
+    be = get_backend(backend)
+    tot, _, _ = _row_partials(be, inp, None, want_m2=True)
+    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[0])
+    if policy == "raise" and nbad > 0:
+        _raise_first_nan(be, inp)
+    n = int(cnt)
+    if (policy == "propagate" and nbad > 0) or W <= 0:
+        nan = math.nan
+        return KLStats(nan, nan, nan, n, (nan, nan))
+    mean = S / W
+    denom = W - W2 / W
+    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
+    n_eff = W * W / W2
+    sem = std / math.sqrt(n_eff)
+    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
+
+
+def kl_mc_grad(
+    logq: ArrayLike,
+    logp: ArrayLike,
+    estimator: str = "k3",
+    *,
+    reverse: bool = False,
+    reduction: str = "mean",
+    axis: int | tuple[int, ...] | None = None,
+    mask: ArrayLike | None = None,
+    log_iw: ArrayLike | None = None,
+    backend: str | None = None,
+) -> tuple[float | np.ndarray, np.ndarray]:
+    """The reduced KL estimate (as ``kl_mc``, NaN propagating) and its derivative with
+    respect to ``logq``, elementwise, in one fused pass.
+
+    Per-term derivatives ``dt/dlogq``: k1 ``1``, k2 ``-l``, k3 ``-(r - 1)``, reverse k1
+    ``-r (l + 1)``, reverse k3 ``-r l``; each multiplied by ``w * exp(log_iw)`` and by the
+    reduction's normalisation (``1 / sum w`` for "mean" and "token-mean", ``1 / (B sum_j
+    w_bj)`` for "seq-mean-token-mean", ``1 / B`` for "seq-mean-token-sum", B the number of
+    rows with a token). Returns ``(value, grad)`` with ``grad.shape == logq.shape``.
+    """
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw)
+    reduction = _checks.reduction(reduction, len(inp.shape))
+    red_axes = _checks.axes(axis, len(inp.shape))
+    be = get_backend(backend)
+    how = reduction
+    if reduction == "none":
+        red_axes = None if len(inp.shape) < 2 else (len(inp.shape) - 1,)
+    elif reduction == "token-mean":
+        red_axes, how = None, "mean"
+    elif reduction in _checks.RL_REDUCTIONS:
+        red_axes = (1,)
+    views, out_shape, perm = _as_rows(_arrays(inp), inp.shape, red_axes)
+    rows, n = views[0].shape
+    # the normalisation depends on the weights only, so it is known before the fused pass
+    if inp.mask is None:
+        wrow = np.full(rows, float(n))
+    else:
+        wrow = views[2].sum(axis=1, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if how in ("none", "sum"):
+            rowscale = np.ones(rows)
+        elif how == "mean":
+            rowscale = np.where(wrow > 0, 1.0 / wrow, 0.0)
+        else:
+            nrows = max(int((wrow > 0).sum()), 1)
+            base = np.where(wrow > 0, 1.0 / nrows, 0.0)
+            rowscale = base / wrow if how == "seq-mean-token-mean" else base
+            rowscale = np.where(wrow > 0, rowscale, 0.0)
+
+    gperm = np.empty(tuple(inp.shape[i] for i in perm), dtype=inp.out_dtype)
+    if rows * n:
+        part = be.mc_grad(*views, inp.est, rowscale, gperm.reshape(rows, n))
+    else:
+        part = np.zeros((rows, 1, N_PARTIALS))
+    grad = np.ascontiguousarray(gperm.transpose(np.argsort(perm)))  # a copy only if axis moved
+    tot = _merge(part)
+
+    if how == "none":
+        value = np.empty(inp.shape, dtype=inp.out_dtype)
+        if value.size:
+            vviews = _natural_rows(_arrays(inp), inp.shape)
+            be.mc_terms(*vviews, inp.est, (-math.inf, math.inf, -math.inf, math.inf),
+                        value.reshape(vviews[0].shape))
+        return (value if value.ndim else value[()]), grad
+    if how in ("mean", "sum"):
+        return _shape_out(_finish(tot, how, "propagate"), out_shape), grad
+    return _rl_reduce(tot, reduction, "propagate"), grad
