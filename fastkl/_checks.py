@@ -149,7 +149,9 @@ def clamp_pair(value, name: str) -> tuple[float, float]:
         lo, hi = value
         lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be None or a (lo, hi) pair of numbers, got {value!r}") from None
+        raise TypeError(
+            f"{name} must be None or a (lo, hi) pair of numbers, got {value!r}"
+        ) from None
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"{name} bounds must not be NaN, got {value!r}")
     if lo > hi:

@@ -119,6 +119,8 @@ def _natural_rows(arrays, shape):
 def _merge(part: np.ndarray) -> np.ndarray:
     """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` in block order (Chan et al.):
     returns ``[rows, N_PARTIALS]`` with column 2 the merged M2."""
+    if part.shape[1] == 1:  # one block per row: nothing to merge (the small-input fast path)
+        return part[:, 0, :]
     tot = part.sum(axis=1)
     W = tot[:, 0]
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -158,6 +160,16 @@ def _raise_first_nan(backend, inp: _Inputs):
     )
 
 
+def _finish_scalar(row: np.ndarray, how: str, policy: str) -> float:
+    """``_finish`` for a single row, in Python floats (cheap for small inputs)."""
+    W, S, nbad = float(row[0]), float(row[1]), row[4]
+    if policy == "propagate" and nbad > 0:
+        return math.nan
+    if how == "sum":
+        return S
+    return S / W if W > 0 else math.nan
+
+
 def _finish(tot: np.ndarray, how: str, policy: str) -> np.ndarray:
     """Per-row mean or sum from merged partials, honouring the NaN policy."""
     W, S, nbad = tot[:, 0], tot[:, 1], tot[:, 4]
@@ -181,12 +193,6 @@ def _rl_reduce(tot: np.ndarray, reduction: str, policy: str) -> float:
     if not has_tokens.any():
         return math.nan
     return float(np.mean(per_row[has_tokens]))
-
-
-def _shape_out(val: np.ndarray, out_shape: tuple):
-    if out_shape == ():
-        return float(val[0])
-    return val.reshape(out_shape)
 
 
 # --------------------------------------------------------------------------- public API
@@ -268,7 +274,9 @@ def kl_mc(
         _raise_first_nan(be, inp)
     if how is None:
         return _rl_reduce(tot, reduction, policy)
-    return _shape_out(_finish(tot, how, policy), out_shape)
+    if out_shape == ():
+        return _finish_scalar(tot[0], how, policy)
+    return _finish(tot, how, policy).reshape(out_shape)
 
 
 def kl_mc_stats(
@@ -376,5 +384,7 @@ def kl_mc_grad(
                         value.reshape(vviews[0].shape))
         return (value if value.ndim else value[()]), grad
     if how in ("mean", "sum"):
-        return _shape_out(_finish(tot, how, "propagate"), out_shape), grad
+        if out_shape == ():
+            return _finish_scalar(tot[0], how, "propagate"), grad
+        return _finish(tot, how, "propagate").reshape(out_shape), grad
     return _rl_reduce(tot, reduction, "propagate"), grad

@@ -23,8 +23,9 @@ Functions:
     (``w != 0`` and term not NaN), with ``t`` the term of ``mc_terms`` before the weight:
     ``[0] W = sum w``, ``[1] S = sum w*t``, ``[2] M2 = sum w*(t - S/W)**2`` (0.0 unless
     ``want_m2``; 0.0 when ``W == 0``), ``[3] sum w**2``, ``[4]`` the number of NaN terms with
-    ``w != 0`` (excluded from the others), ``[5]`` the number of included elements. Which thread computes which block never changes the
-    bits: the public layer merges blocks in order.
+    ``w != 0`` (excluded from the others), ``[5]`` the number of included elements.
+    Which thread computes which block never changes the bits: the public layer merges
+    blocks in order.
 
 ``mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad) -> partials``
     Unclamped terms. ``out_grad`` (like ``out``) receives ``rowscale[row] * w *
