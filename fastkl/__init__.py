@@ -3,8 +3,21 @@ values over full vocabularies — from fused Numba and Cython kernels checked ag
 numpy reference."""
 
 from .backends import available_backends
+from .logits import entropy_logits, jsd_logits, kl_logits, kl_logits_grad, token_logprobs
 from .mc import KLStats, kl_mc, kl_mc_grad, kl_mc_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["KLStats", "__version__", "available_backends", "kl_mc", "kl_mc_grad", "kl_mc_stats"]
+__all__ = [
+    "KLStats",
+    "__version__",
+    "available_backends",
+    "entropy_logits",
+    "jsd_logits",
+    "kl_logits",
+    "kl_logits_grad",
+    "kl_mc",
+    "kl_mc_grad",
+    "kl_mc_stats",
+    "token_logprobs",
+]

@@ -115,7 +115,7 @@ def axes(axis, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(out))
 
 
-def mask_array(mask, shape: tuple) -> np.ndarray | None:
+def mask_array(mask, shape: tuple, ref: str = "logq") -> np.ndarray | None:
     """None, a uint8 view of a bool mask, or float64 weights (finite, >= 0)."""
     if mask is None:
         return None
@@ -123,7 +123,7 @@ def mask_array(mask, shape: tuple) -> np.ndarray | None:
         m = _to_numpy(mask)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"mask could not be converted to an array: {exc}") from None
-    same_shape(m, shape, "mask")
+    same_shape(m, shape, "mask", ref)
     if m.dtype == np.bool_:
         return m.view(np.uint8)
     if m.dtype.kind not in "iuf":
@@ -163,3 +163,61 @@ def nan_policy(value) -> str:
     if not isinstance(value, str) or value not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {list(NAN_POLICIES)}, got {value!r}")
     return value
+
+
+def single_axis(axis, ndim: int) -> int:
+    """A single axis, normalized to 0..ndim-1."""
+    try:
+        i = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an int, got {axis!r}") from None
+    if not -ndim <= i < ndim:
+        raise ValueError(f"axis {axis} is out of range for {ndim}-D input")
+    return i % ndim
+
+
+def temperature(value) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"temperature must be a real number, got {value!r}") from None
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {value!r}")
+    return t
+
+
+def beta(value) -> float:
+    try:
+        b = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"beta must be a real number, got {value!r}") from None
+    if not 0.0 <= b <= 1.0:  # also rejects NaN
+        raise ValueError(f"beta must be in [0, 1], got {value!r}")
+    return b
+
+
+def tokens_array(tokens, shape: tuple, vocab: int, ignore_index) -> np.ndarray:
+    """int64 token ids of ``shape``; each in [0, vocab) or equal to ``ignore_index``."""
+    try:
+        ignore = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}") from None
+    try:
+        t = _to_numpy(tokens)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tokens could not be converted to an array: {exc}") from None
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"tokens must be an integer array, got dtype {t.dtype}")
+    if t.shape != shape:
+        raise ValueError(
+            f"tokens has shape {t.shape} but logits without the vocabulary axis have shape {shape}"
+        )
+    t = t.astype(np.int64)
+    bad = ((t < 0) | (t >= vocab)) & (t != ignore)
+    if bad.any():
+        i = int(np.flatnonzero(bad.ravel())[0])
+        raise ValueError(
+            f"tokens must be in [0, {vocab}) or equal ignore_index={ignore}; "
+            f"found {int(t.ravel()[i])} at flat index {i}"
+        )
+    return t

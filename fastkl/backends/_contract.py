@@ -40,3 +40,30 @@ N_PARTIALS = 6
 
 # (estimator, reverse) -> code, shared by every backend
 EST_CODES = {("k1", False): 0, ("k2", False): 1, ("k3", False): 2, ("k1", True): 3, ("k3", True): 4}
+
+# ---------------------------------------------------------------------------------------
+# Full-distribution (logits) ops. Rows of the vocabulary: ``a`` (P) and ``b`` (Q) are 2-D
+# ``[rows, V]`` (V >= 1), same shape, same dtype (float32 or float64), native byte order, any
+# strides; ``inv_t = 1 / temperature`` (finite, > 0). With ``x = a*inv_t - max_row(a*inv_t)``,
+# ``ZA = sum exp(x)`` (and y, ZB for b): ``log P = x - log ZA``, ``log Q = y - log ZB``.
+# ``log_probs=True`` with ``inv_t == 1``: rows are already log-probabilities, log P = a
+# (no max, no normaliser); with ``inv_t != 1`` they are renormalised like logits.
+# A -inf logit is a zero probability: it contributes 0 where P (resp. Q, M) is 0, and KL is
+# +inf where P > 0 = Q. A row of all -inf (or any NaN) gives NaN. KL and JSD are clipped
+# at 0 from below (rounding noise); identical rows give exactly 0.0. Each row is computed
+# by one thread in a fixed order, so the bits never depend on the thread count.
+#
+# ``logits_rows(a, b, op, beta, inv_t, log_probs, active, out) -> None``
+#     ``out`` float64 ``[rows]``: op 0 = KL(P||Q), 1 = JSD_beta = beta KL(P||M) +
+#     (1 - beta) KL(Q||M) with M = beta P + (1 - beta) Q (0.0 for beta in {0, 1} unless
+#     NaN), 2 = entropy -sum P log P (``b`` is ignored; pass ``a``). ``active``: None or
+#     uint8 ``[rows]``; rows with 0 are skipped and get 0.0.
+# ``logits_token(b, tokens, inv_t, ignore_index, out) -> None``
+#     ``out[r]`` float64 = log Q[r, tokens[r]]; 0.0 where ``tokens[r] == ignore_index``.
+#     ``tokens`` int64 ``[rows]``, every other value in [0, V).
+# ``logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad) -> None``
+#     ``out_val`` float64 ``[rows]`` = KL(P||Q); ``out_grad`` C-contiguous ``[rows, V]``
+#     (dtype of the inputs) = ``rowscale[r] * (Q - P) * inv_t``; rows with rowscale 0 are
+#     zeros (their KL is still computed).
+
+LOGITS_OPS = {"kl": 0, "jsd": 1, "entropy": 2}
