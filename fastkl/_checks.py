@@ -146,8 +146,10 @@ def clamp_pair(value, name: str) -> tuple[float, float]:
     if value is None:
         return (-math.inf, math.inf)
     try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
         lo, hi = value
-        lo, hi = float(lo), float(hi)
+        lo, hi = real_scalar(lo, name), real_scalar(hi, name)
     except (TypeError, ValueError):
         raise TypeError(
             f"{name} must be None or a (lo, hi) pair of numbers, got {value!r}"
@@ -176,21 +178,30 @@ def single_axis(axis, ndim: int) -> int:
     return i % ndim
 
 
-def temperature(value) -> float:
+def real_scalar(value, name: str) -> float:
+    """A real number (Python/numpy int or float, 0-d real array) as a float; strings, bools,
+    complex numbers and arrays of more than one element are a TypeError."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or (
+        isinstance(value, np.ndarray) and (value.ndim != 0 or value.dtype.kind not in "iuf")
+    ):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, (complex, np.complexfloating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
-        t = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a real number, got {value!r}") from None
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+
+
+def temperature(value) -> float:
+    t = real_scalar(value, "temperature")
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be finite and > 0, got {value!r}")
     return t
 
 
 def beta(value) -> float:
-    try:
-        b = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"beta must be a real number, got {value!r}") from None
+    b = real_scalar(value, "beta")
     if not 0.0 <= b <= 1.0:  # also rejects NaN
         raise ValueError(f"beta must be in [0, 1], got {value!r}")
     return b

@@ -196,22 +196,30 @@ def logits_rows(a, b, op, beta, inv_t, log_probs, active, out):
     x, lza = _shifted(a, inv_t, log_probs)
     logp = x - lza[:, None]
     p = np.exp(logp)
+    # a row without probability mass (all -inf, also as log-probabilities) is no distribution
+    empty = np.sum(p, axis=1) == 0
     if op == 2:
         val = -_xlogy_diff(p, logp, 0.0)
     else:
         y, lzb = _shifted(b, inv_t, log_probs)
         logq = y - lzb[:, None]
+        q = np.exp(logq)
+        empty |= np.sum(q, axis=1) == 0
         if op == 0:
             val = _xlogy_diff(p, logp, logq)
         else:
-            q = np.exp(logq)
-            with np.errstate(divide="ignore"):
-                logm = np.log(beta * p + (1.0 - beta) * q)
-            val = beta * _xlogy_diff(p, logp, logm) + (1.0 - beta) * _xlogy_diff(q, logq, logm)
+            with np.errstate(divide="ignore", invalid="ignore"):  # log 0 = -inf; NaN rows
+                logm = np.logaddexp(np.log(beta) + logp, np.log1p(-beta) + logq)
+            same = logp == logq  # exactly 0 there, so identical rows give exactly 0.0
+            sp = _xlogy_diff(np.where(same, 0.0, p), logp, logm)
+            sq = _xlogy_diff(np.where(same, 0.0, q), logq, logm)
+            # a zero weight drops its sum (KL(P||Q) may be +inf where beta = 0)
+            val = (0.0 if beta == 0.0 else beta * sp) + (0.0 if beta == 1.0 else (1.0 - beta) * sq)
+            if beta in (0.0, 1.0):  # JSD_0 = KL(Q||Q), JSD_1 = KL(P||P): 0 unless NaN
+                val = np.where(np.isnan(val), val, 0.0)
         with np.errstate(invalid="ignore"):
             val = np.where(val < 0, 0.0, val)  # rounding noise only: KL, JSD >= 0
-        if op == 1 and beta in (0.0, 1.0):
-            val = np.where(np.isnan(val), val, 0.0)
+    val = np.where(empty, np.nan, val)
     if active is not None:
         val = np.where(active != 0, val, 0.0)
     out[...] = val

@@ -1,0 +1,152 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, language_level=3
+# cython: initializedcheck=False, nonecheck=False
+"""Compiled kernels of the Cython backend (see ``cython_backend`` for the contract).
+
+The arithmetic lives in ``_fastkl_math.h`` (branch-free C, compiled once per ISA through
+target_clones); this module only unpacks the arrays into raw pointers and element strides and
+runs the (row, block) tasks, in parallel with OpenMP ``prange`` when the build has it. Every
+task writes its own partials slot, so results never depend on the thread count.
+
+The wrapper ``cython_backend`` hands over 2-D native-order arrays of the kernel dtype whose
+byte strides are multiples of the item size (any sign); ``out`` is C-contiguous.
+"""
+
+cimport numpy as cnp
+from libc.math cimport INFINITY
+from cython.parallel cimport prange, threadid
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "_fastkl_math.h" nogil:
+    int FK_BLOCK
+    int FK_NPART
+    int FK_WORK_DOUBLES
+    int FK_TERMS
+    int FK_PARTIALS
+    int FK_GRAD
+
+    ctypedef struct fk_arrays:
+        const void *q
+        const void *p
+        const void *m
+        const void *iw
+        Py_ssize_t q0, q1, p0, p1, m0, m1, iw0, iw1
+        void *out
+        const double *rowscale
+        Py_ssize_t rows, n, nblk
+        int f32
+        int mkind
+
+    ctypedef struct fk_params:
+        int mode, est, want_m2
+        int clamp_l, clamp_v
+        double lr_lo, lr_hi, v_lo, v_hi
+
+    void fk_task(const fk_arrays *A, const fk_params *P, Py_ssize_t task, double *work,
+                 double *parts)
+    const char *fk_isa()
+    int fk_openmp()
+    int fk_max_threads()
+
+BLOCK = FK_BLOCK
+N_PARTIALS = FK_NPART
+# below this many elements one thread does all tasks (a parallel region costs a few us)
+PARALLEL_MIN = 1 << 16
+
+
+def isa():
+    """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" (with
+    FMA) or "default" (the baseline of the platform)."""
+    return fk_isa().decode()
+
+
+def openmp():
+    """True when the extension was built with OpenMP."""
+    return bool(fk_openmp())
+
+
+def max_threads():
+    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it)."""
+    return fk_max_threads()
+
+
+cdef inline void _set(cnp.ndarray a, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
+    ptr[0] = cnp.PyArray_DATA(a)
+    s0[0] = cnp.PyArray_STRIDES(a)[0] // item
+    s1[0] = cnp.PyArray_STRIDES(a)[1] // item
+
+
+cdef void _run(const fk_arrays *A, const fk_params *P, Py_ssize_t ntasks, double *parts,
+               double *work, int nthreads) noexcept nogil:
+    cdef Py_ssize_t t
+    if nthreads <= 1:
+        for t in range(ntasks):
+            fk_task(A, P, t, work, parts)
+    else:
+        for t in prange(ntasks, num_threads=nthreads, schedule="dynamic", chunksize=1):
+            fk_task(A, P, t, work + threadid() * FK_WORK_DOUBLES, parts)
+
+
+def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw, int est,
+        double lr_lo, double lr_hi, double v_lo, double v_hi, bint want_m2,
+        object out=None, object rowscale=None):
+    """One kernel call. ``mode``: 0 terms (into ``out``), 1 partials, 2 grad (into ``out``,
+    with ``rowscale``). Returns the partials ``[rows, nblk, N_PARTIALS]`` (modes 1, 2)."""
+    cdef fk_arrays A
+    cdef fk_params P
+    cdef Py_ssize_t rows = cnp.PyArray_DIM(logq, 0), n = cnp.PyArray_DIM(logq, 1)
+    cdef Py_ssize_t nblk = max(1, (n + FK_BLOCK - 1) // FK_BLOCK)
+    cdef Py_ssize_t ntasks = rows * nblk if n > 0 else 0
+    cdef int nthreads = 1
+    cdef cnp.ndarray parts_arr = None, work_arr, m_arr, iw_arr, out_arr, rs_arr
+    cdef double *parts = NULL
+
+    A.f32 = cnp.PyArray_TYPE(logq) == cnp.NPY_FLOAT32
+    _set(logq, &A.q, &A.q0, &A.q1)
+    _set(logp, &A.p, &A.p0, &A.p1)
+    A.m = NULL
+    A.m0 = A.m1 = 0
+    A.mkind = 0
+    if mask is not None:
+        m_arr = <cnp.ndarray>mask
+        A.mkind = 1 if cnp.PyArray_TYPE(m_arr) == cnp.NPY_UINT8 else 2
+        _set(m_arr, &A.m, &A.m0, &A.m1)
+    A.iw = NULL
+    A.iw0 = A.iw1 = 0
+    if log_iw is not None:
+        iw_arr = <cnp.ndarray>log_iw
+        _set(iw_arr, &A.iw, &A.iw0, &A.iw1)
+    A.out = NULL
+    if out is not None:
+        out_arr = <cnp.ndarray>out
+        A.out = cnp.PyArray_DATA(out_arr)
+    A.rowscale = NULL
+    if rowscale is not None:
+        rs_arr = <cnp.ndarray>rowscale
+        A.rowscale = <const double *>cnp.PyArray_DATA(rs_arr)
+    A.rows = rows
+    A.n = n
+    A.nblk = nblk
+
+    P.mode = mode
+    P.est = est
+    P.want_m2 = want_m2
+    P.lr_lo = lr_lo
+    P.lr_hi = lr_hi
+    P.v_lo = v_lo
+    P.v_hi = v_hi
+    P.clamp_l = not (lr_lo == -INFINITY and lr_hi == INFINITY)
+    P.clamp_v = not (v_lo == -INFINITY and v_hi == INFINITY)
+
+    if mode != FK_TERMS:
+        parts_arr = np.zeros((rows, nblk, FK_NPART), dtype=np.float64)
+        parts = <double *>cnp.PyArray_DATA(parts_arr)
+    if rows * n >= PARALLEL_MIN and ntasks > 1:
+        nthreads = min(fk_max_threads(), ntasks)
+    work_arr = np.empty(max(nthreads, 1) * FK_WORK_DOUBLES, dtype=np.float64)
+    with nogil:
+        _run(&A, &P, ntasks, parts, <double *>cnp.PyArray_DATA(work_arr), nthreads)
+    return parts_arr

@@ -1,0 +1,128 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, language_level=3
+# cython: initializedcheck=False, nonecheck=False
+"""Compiled logits kernels of the Cython backend (see ``cython_logits`` for the contract).
+
+The arithmetic lives in ``_fastkl_logits.h`` (branch-free C, compiled once per ISA through
+target_clones); this module only unpacks the arrays into raw pointers and element strides and
+runs the rows, in parallel with OpenMP ``prange`` when the build has it. One row is computed
+by one thread in a fixed order, so results never depend on the thread count.
+
+The wrapper ``cython_logits`` hands over 2-D native-order arrays of float32/float64 whose byte
+strides are multiples of the item size (any sign, read-only is fine); ``out`` is a contiguous
+float64 ``[rows]``, ``active``/``tokens``/``rowscale`` contiguous ``[rows]`` arrays, ``grad``
+C-contiguous ``[rows, V]`` of the input dtype.
+"""
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t
+from cython.parallel cimport prange
+
+cnp.import_array()
+
+cdef extern from "_fastkl_logits.h" nogil:
+    int FKL_KL
+    int FKL_JSD
+    int FKL_ENT
+    int FKL_TOKEN
+    int FKL_GRAD
+    int FKL_CHUNK
+
+    ctypedef struct fkl_args:
+        const void *a
+        const void *b
+        Py_ssize_t a0, a1, b0, b1
+        Py_ssize_t rows, V
+        int f32
+        int op
+        int fixed
+        double inv_t, beta
+        const uint8_t *active
+        const int64_t *tokens
+        int64_t ignore_index
+        const double *rowscale
+        void *grad
+        double *out
+
+    void fkl_row(const fkl_args *A, Py_ssize_t row)
+    const char *fkl_isa()
+    int fkl_max_threads()
+
+CHUNK = FKL_CHUNK
+# below this many elements one thread does all rows (a parallel region costs a few us)
+PARALLEL_MIN = 1 << 15
+
+
+def isa():
+    """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" or
+    "default"."""
+    return fkl_isa().decode()
+
+
+def max_threads():
+    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it)."""
+    return fkl_max_threads()
+
+
+cdef inline void _set(cnp.ndarray x, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(x)
+    ptr[0] = cnp.PyArray_DATA(x)
+    s0[0] = cnp.PyArray_STRIDES(x)[0] // item
+    s1[0] = cnp.PyArray_STRIDES(x)[1] // item
+
+
+cdef void _run(const fkl_args *A, int nthreads, Py_ssize_t chunk) noexcept nogil:
+    cdef Py_ssize_t r
+    if nthreads <= 1:
+        for r in range(A.rows):
+            fkl_row(A, r)
+    else:
+        for r in prange(A.rows, num_threads=nthreads, schedule="dynamic", chunksize=chunk):
+            fkl_row(A, r)
+
+
+def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fixed,
+        object active, object tokens, long long ignore_index, object rowscale,
+        cnp.ndarray out, object grad):
+    """One kernel call over all rows: op 0 KL, 1 JSD, 2 entropy, 3 token log-prob (``b``),
+    4 KL value + gradient (into ``grad``, with ``rowscale``). Results into ``out``."""
+    cdef fkl_args A
+    cdef cnp.ndarray act_arr, tok_arr, rs_arr, grad_arr
+    cdef int nthreads = 1
+    cdef Py_ssize_t chunk
+
+    A.f32 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+    _set(a, &A.a, &A.a0, &A.a1)
+    _set(b, &A.b, &A.b0, &A.b1)
+    A.rows = cnp.PyArray_DIM(a, 0)
+    A.V = cnp.PyArray_DIM(a, 1)
+    A.op = op
+    A.fixed = fixed
+    A.inv_t = inv_t
+    A.beta = beta
+    A.active = NULL
+    if active is not None:
+        act_arr = <cnp.ndarray>active
+        A.active = <const uint8_t *>cnp.PyArray_DATA(act_arr)
+    A.tokens = NULL
+    if tokens is not None:
+        tok_arr = <cnp.ndarray>tokens
+        A.tokens = <const int64_t *>cnp.PyArray_DATA(tok_arr)
+    A.ignore_index = ignore_index
+    A.rowscale = NULL
+    if rowscale is not None:
+        rs_arr = <cnp.ndarray>rowscale
+        A.rowscale = <const double *>cnp.PyArray_DATA(rs_arr)
+    A.grad = NULL
+    if grad is not None:
+        grad_arr = <cnp.ndarray>grad
+        A.grad = cnp.PyArray_DATA(grad_arr)
+    A.out = <double *>cnp.PyArray_DATA(out)
+
+    if A.rows == 0 or A.V == 0:
+        return
+    if A.rows > 1 and A.rows * A.V >= PARALLEL_MIN:
+        nthreads = min(fkl_max_threads(), A.rows)
+    # rows per scheduling step: about 16k elements, so tiny rows do not pay per-row overhead
+    chunk = max(1, (1 << 14) // A.V)
+    with nogil:
+        _run(&A, nthreads, chunk)

@@ -1,0 +1,557 @@
+/* Per-row logits kernels of the Cython backend (KL, JSD, entropy, token log-prob, KL grad).
+ *
+ * Algorithm: docs/logits_math.md; semantics: fastkl/backends/numpy_ref.py (logits_*);
+ * contract: fastkl/backends/_contract.py (bottom half).
+ *
+ * One row is computed by one thread, in chunks of FKL_CHUNK elements, always in the same
+ * order, so the bits never depend on the thread count. A chunk goes through small buffers
+ * that stay in L1:
+ *
+ *   1. load: X = (double)a * inv_t (and Y for b), any element stride     (vectorized)
+ *   2. chunk max (8 independent lanes); rescale of the row sums when the max grows (scalar)
+ *   3. exp and per-element terms, branch-free, float64 lanes              (vectorized)
+ *   4. scalar libm fix-up of the rare lanes outside the fast exp/log range
+ *   5. chunk sums over FKL_NACC lanes in a fixed order, added to the row sums
+ *
+ * exp is the range-reduced polynomial of docs/kernel_math.md (degree 13 for float64 inputs,
+ * degree 9 for float32 inputs: relative error < 1e-11, far inside the float32 tolerance);
+ * log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa. Self-contained: this header
+ * shares only conventions with _fastkl_math.h (the FASTKL_CLONES macro set by setup.py).
+ *
+ * No -ffast-math: NaN/inf semantics and the order of every sum matter. Build with -O3
+ * -fno-math-errno; -fno-trapping-math lets the compiler if-convert the selects.
+ */
+#ifndef FASTKL_LOGITS_H
+#define FASTKL_LOGITS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define FKL_CHUNK 256 /* elements per L1-resident chunk; multiple of FKL_NACC */
+#define FKL_NACC 8    /* independent accumulators per sum (fixed: the summation order) */
+
+#if defined(_MSC_VER)
+#define FKL_INLINE static __forceinline
+#define FKL_RESTRICT __restrict
+#define FKL_ALIGN(n) __declspec(align(n))
+#elif defined(__GNUC__)
+#define FKL_INLINE static inline __attribute__((always_inline))
+#define FKL_RESTRICT __restrict__
+#define FKL_ALIGN(n) __attribute__((aligned(n)))
+#else
+#define FKL_INLINE static inline
+#define FKL_RESTRICT
+#define FKL_ALIGN(n)
+#endif
+
+/* ------------------------------------------------------------------ multiversioning */
+/* FASTKL_CLONES (defined by setup.py's build_ext after a test compile, for every extension):
+ * 2 = x86-64-v4 / x86-64-v3 (AVX-512 / AVX2+FMA) / baseline, 1 = avx512f / avx2 / baseline,
+ * 0 or undefined = one portable version. */
+#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
+#define FKL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
+#define FKL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FKL_CLONES
+#endif
+
+/* Which clone the loader's resolver picks (it tries them in this same order). */
+static const char *fkl_isa(void) {
+#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "avx512f";
+    if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+    return "default";
+#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return "avx512f";
+    if (__builtin_cpu_supports("avx2")) return "avx2";
+    return "default";
+#else
+    return "default";
+#endif
+}
+
+static int fkl_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------ arguments */
+enum { FKL_KL = 0, FKL_JSD = 1, FKL_ENT = 2, FKL_TOKEN = 3, FKL_GRAD = 4 };
+
+typedef struct {
+    const void *a, *b;          /* first element of each 2-D array */
+    ptrdiff_t a0, a1, b0, b1;   /* element strides (row, vocabulary), any sign */
+    ptrdiff_t rows, V;
+    int f32;                    /* 1: float32 inputs (and grad output), 0: float64 */
+    int op;                     /* FKL_* */
+    int fixed;                  /* log_probs with inv_t == 1: no max, no normaliser */
+    double inv_t, beta;
+    const uint8_t *active;      /* [rows] or NULL (ops KL, JSD, ENT) */
+    const int64_t *tokens;      /* [rows] (FKL_TOKEN) */
+    int64_t ignore_index;
+    const double *rowscale;     /* [rows] (FKL_GRAD) */
+    void *grad;                 /* C-contiguous [rows, V] (FKL_GRAD) */
+    double *out;                /* [rows] float64 */
+} fkl_args;
+
+/* ------------------------------------------------------------------ constants */
+#define FKL_LOG2E 1.4426950408889634074
+#define FKL_SHIFT 6755399441055744.0 /* 1.5 * 2**52 */
+#define FKL_LN2 0.693147180559945309417232121458
+#define FKL_LN2_HI 6.93147180369123816490e-01 /* trailing zero bits: kf * LN2_HI exact */
+#define FKL_LN2_LO 1.90821492927058770002e-10
+#define FKL_EXP_LO -700.0     /* fast exp valid on [EXP_LO, EXP_HI] */
+#define FKL_EXP_HI 700.0
+#define FKL_EXP_ZERO -746.0   /* e^z rounds to +0.0 below this (libm agrees) */
+#define FKL_SQRT2 1.41421356237309504880
+#define FKL_DBL_MIN 2.2250738585072014e-308
+#define FKL_DBL_MAX 1.7976931348623157e308
+
+FKL_INLINE double fkl_from_bits(uint64_t u) {
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+FKL_INLINE uint64_t fkl_to_bits(double d) {
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    return u;
+}
+
+/* e^z for z in [EXP_LO, EXP_HI] (callers clamp z there first; NaN stays NaN).
+ * deg13: Taylor of e^r - 1 - r to r^13 (float64, ~1 ulp), else to r^9 (rel. err < 1e-11). */
+FKL_INLINE double fkl_exp_core(double z, int deg13) {
+    const double t = z * FKL_LOG2E + FKL_SHIFT;
+    const double kf = t - FKL_SHIFT;
+    const double r = (z - kf * FKL_LN2_HI) - kf * FKL_LN2_LO;
+    double P;
+    if (deg13) {
+        P = 1.0 / 6227020800.0;
+        P = P * r + 1.0 / 479001600.0;
+        P = P * r + 1.0 / 39916800.0;
+        P = P * r + 1.0 / 3628800.0;
+        P = P * r + 1.0 / 362880.0;
+    } else {
+        P = 1.0 / 362880.0;
+    }
+    P = P * r + 1.0 / 40320.0;
+    P = P * r + 1.0 / 5040.0;
+    P = P * r + 1.0 / 720.0;
+    P = P * r + 1.0 / 120.0;
+    P = P * r + 1.0 / 24.0;
+    P = P * r + 1.0 / 6.0;
+    P = P * r + 0.5;
+    const double q = (r * r) * P;
+    const double s = fkl_from_bits((fkl_to_bits(t) + (uint64_t)1023) << 52);
+    return s + s * (r + q);
+}
+
+/* e^z for every z: exact 0 below EXP_ZERO (so e^-inf = 0), NaN stays NaN. Sets *bad when the
+ * lane needs libm (z in [EXP_ZERO, EXP_LO) for subnormal results, or z > EXP_HI). */
+FKL_INLINE double fkl_exp(double z, int deg13, int *bad) {
+    double zc = (z < FKL_EXP_LO) ? FKL_EXP_LO : z;
+    zc = (zc > FKL_EXP_HI) ? FKL_EXP_HI : zc;
+    const double e = fkl_exp_core(zc, deg13);
+    *bad |= ((z < FKL_EXP_LO) & (z >= FKL_EXP_ZERO)) | (z > FKL_EXP_HI);
+    return (z < FKL_EXP_ZERO) ? 0.0 : e;
+}
+
+/* The libm exp for a fix-up lane. */
+static double fkl_exp_slow(double z) { return exp(z); }
+
+/* log(m) for normal positive finite m (log 0 = -inf handled by the caller's select).
+ * *bad set for subnormal, negative, inf or NaN m (libm fix-up). */
+FKL_INLINE double fkl_log(double m, int *bad) {
+    const uint64_t u = fkl_to_bits(m);
+    /* exponent as a double without an int->double conversion (AVX2 has none for int64) */
+    const double e0 = fkl_from_bits((u >> 52) | 0x4330000000000000ULL) - 4503599627370496.0;
+    double f = fkl_from_bits((u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL); /* [1,2) */
+    const int hi = f > FKL_SQRT2;
+    f = hi ? 0.5 * f : f;                         /* [sqrt(1/2), sqrt(2)) */
+    const double e = (e0 - 1023.0) + (hi ? 1.0 : 0.0);
+    const double s = (f - 1.0) / (f + 1.0);       /* |s| <= 0.1716 */
+    const double s2 = s * s;
+    /* 2 atanh(s) = 2 (s + s^3/3 + ... + s^21/21): truncation < 1e-18 relative */
+    double P = 2.0 / 21.0;
+    P = P * s2 + 2.0 / 19.0;
+    P = P * s2 + 2.0 / 17.0;
+    P = P * s2 + 2.0 / 15.0;
+    P = P * s2 + 2.0 / 13.0;
+    P = P * s2 + 2.0 / 11.0;
+    P = P * s2 + 2.0 / 9.0;
+    P = P * s2 + 2.0 / 7.0;
+    P = P * s2 + 2.0 / 5.0;
+    P = P * s2 + 2.0 / 3.0;
+    const double lf = 2.0 * s + s * (s2 * P);
+    *bad |= !(m >= FKL_DBL_MIN) & (m != 0.0);
+    *bad |= !(m <= FKL_DBL_MAX);
+    const double lm = e * FKL_LN2_HI + (e * FKL_LN2_LO + lf);
+    return (m == 0.0) ? -(double)INFINITY : lm;
+}
+
+/* ------------------------------------------------------------------ chunk helpers */
+
+/* X[i] = (double)row[i * s] * inv_t (an exact product when inv_t == 1). */
+FKL_INLINE void fkl_load(const void *base, int f32, ptrdiff_t s, ptrdiff_t c, double inv_t,
+                         double *FKL_RESTRICT X) {
+    ptrdiff_t i;
+    if (f32) {
+        const float *p = (const float *)base;
+        if (s == 1) {
+            for (i = 0; i < c; i++) X[i] = (double)p[i] * inv_t;
+        } else {
+            for (i = 0; i < c; i++) X[i] = (double)p[i * s] * inv_t;
+        }
+    } else {
+        const double *p = (const double *)base;
+        if (s == 1) {
+            for (i = 0; i < c; i++) X[i] = p[i] * inv_t;
+        } else {
+            for (i = 0; i < c; i++) X[i] = p[i * s] * inv_t;
+        }
+    }
+}
+
+/* max of a chunk, NaN ignored (it propagates through the exp later). */
+FKL_INLINE double fkl_max(const double *FKL_RESTRICT X, ptrdiff_t c) {
+    double m[FKL_NACC];
+    ptrdiff_t i = 0, j;
+    const ptrdiff_t cm = c - c % FKL_NACC;
+    for (j = 0; j < FKL_NACC; j++) m[j] = -(double)INFINITY;
+    for (i = 0; i < cm; i += FKL_NACC)
+        for (j = 0; j < FKL_NACC; j++) m[j] = (X[i + j] > m[j]) ? X[i + j] : m[j];
+    for (; i < c; i++) m[0] = (X[i] > m[0]) ? X[i] : m[0];
+    for (j = 1; j < FKL_NACC; j++) m[0] = (m[j] > m[0]) ? m[j] : m[0];
+    return m[0];
+}
+
+/* The sum of a chunk over FKL_NACC lanes (lane = position mod FKL_NACC, in position order),
+ * then the lanes pairwise in a fixed order. */
+FKL_INLINE double fkl_sum(const double *FKL_RESTRICT X, ptrdiff_t c) {
+    double a[FKL_NACC];
+    ptrdiff_t i = 0, j;
+    const ptrdiff_t cm = c - c % FKL_NACC;
+    for (j = 0; j < FKL_NACC; j++) a[j] = 0.0;
+    for (i = 0; i < cm; i += FKL_NACC)
+        for (j = 0; j < FKL_NACC; j++) a[j] += X[i + j];
+    for (j = 0; i < c; i++, j++) a[j] += X[i];
+    for (j = 0; j < FKL_NACC / 2; j++) a[j] += a[j + FKL_NACC / 2];
+    for (j = 0; j < FKL_NACC / 4; j++) a[j] += a[j + FKL_NACC / 4];
+    return a[0] + a[1];
+}
+
+/* ------------------------------------------------------------------ pass 1 */
+/* Running max / rescaled sums over a row (docs/logits_math.md). Sums are relative to the
+ * current maxima MA, MB; S = sum eA * ((xa - MA) - (xb - MB)) for KL (want 3), sum eA *
+ * (xa - MA) for the entropy (want 1), none otherwise. want: 1 = a only, 2 = b only, 3 =
+ * both. In fixed mode (log_probs, inv_t == 1) MA = MB = 0 and no max is taken. */
+typedef struct {
+    double MA, MB, ZA, ZB, S;
+} fkl_state;
+
+enum { FKL_S_NONE = 0, FKL_S_KL = 1, FKL_S_ENT = 2 };
+
+FKL_CLONES
+static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st) {
+    FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EA[FKL_CHUNK], EB[FKL_CHUNK],
+        T[FKL_CHUNK];
+    const double ninf = -(double)INFINITY;
+    const int wa = want & 1, wb = (want & 2) != 0, deg13 = !A->f32, fixed = A->fixed;
+    const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
+    const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
+    const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
+    double MA = fixed ? 0.0 : ninf, MB = fixed ? 0.0 : ninf;
+    double ZA = 0.0, ZB = 0.0, S = 0.0;
+    ptrdiff_t off, i;
+
+    for (off = 0; off < A->V; off += FKL_CHUNK) {
+        const ptrdiff_t c = (A->V - off) < FKL_CHUNK ? (A->V - off) : FKL_CHUNK;
+        int bad = 0;
+        if (wa) fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
+        if (wb) fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        if (!fixed) {
+            const double ma = wa ? fkl_max(X, c) : ninf, mb = wb ? fkl_max(Y, c) : ninf;
+            if (ma > MA || mb > MB) {
+                const double NA = ma > MA ? ma : MA, NB = mb > MB ? mb : MB;
+                /* scale factors of the old sums; an old max of -inf means empty sums */
+                const double cA = (MA == ninf) ? 0.0 : exp(MA - NA);
+                const double cB = (MB == ninf) ? 0.0 : exp(MB - NB);
+                if (smode == FKL_S_KL) {
+                    /* S' = e^-dA (S - (dA - dB) ZA): one combined update, so identical rows
+                     * (dA == dB) keep S == 0 exactly */
+                    if (MA == ninf) {
+                        S = 0.0;
+                    } else {
+                        /* an unchanged max moves by 0 (not -inf - -inf = NaN) */
+                        const double dA = (NA == MA) ? 0.0 : NA - MA;
+                        const double dB = (NB == MB) ? 0.0 : NB - MB;
+                        S = cA * (S - (dA - dB) * ZA);
+                    }
+                } else if (smode == FKL_S_ENT) {
+                    S = (MA == ninf) ? 0.0 : cA * (S - (NA - MA) * ZA);
+                }
+                ZA = (MA == ninf) ? 0.0 : cA * ZA;
+                ZB = (MB == ninf) ? 0.0 : cB * ZB;
+                MA = NA;
+                MB = NB;
+            }
+        }
+        {
+            /* -inf max (nothing finite yet): subtract 0 so -inf -> e^-inf = 0, NaN stays */
+            const double mA = (MA == ninf) ? 0.0 : MA, mB = (MB == ninf) ? 0.0 : MB;
+            if (smode == FKL_S_KL) {
+                for (i = 0; i < c; i++) {
+                    const double za = X[i] - mA, zb = Y[i] - mB;
+                    const double ea = fkl_exp(za, deg13, &bad), eb = fkl_exp(zb, deg13, &bad);
+                    const double t = ea * (za - zb);
+                    EA[i] = ea;
+                    EB[i] = eb;
+                    T[i] = (ea == 0.0) ? 0.0 : t;
+                }
+                if (bad) {
+                    for (i = 0; i < c; i++) {
+                        const double za = X[i] - mA, zb = Y[i] - mB;
+                        const double ea = fkl_exp_slow(za), eb = fkl_exp_slow(zb);
+                        EA[i] = ea;
+                        EB[i] = eb;
+                        T[i] = (ea == 0.0) ? 0.0 : ea * (za - zb);
+                    }
+                }
+                ZA += fkl_sum(EA, c);
+                ZB += fkl_sum(EB, c);
+                S += fkl_sum(T, c);
+            } else if (smode == FKL_S_ENT) {
+                for (i = 0; i < c; i++) {
+                    const double za = X[i] - mA;
+                    const double ea = fkl_exp(za, deg13, &bad);
+                    const double t = ea * za;
+                    EA[i] = ea;
+                    T[i] = (ea == 0.0) ? 0.0 : t;
+                }
+                if (bad) {
+                    for (i = 0; i < c; i++) {
+                        const double za = X[i] - mA, ea = fkl_exp_slow(za);
+                        EA[i] = ea;
+                        T[i] = (ea == 0.0) ? 0.0 : ea * za;
+                    }
+                }
+                ZA += fkl_sum(EA, c);
+                S += fkl_sum(T, c);
+            } else {
+                if (wa) {
+                    for (i = 0; i < c; i++) EA[i] = fkl_exp(X[i] - mA, deg13, &bad);
+                }
+                if (wb) {
+                    for (i = 0; i < c; i++) EB[i] = fkl_exp(Y[i] - mB, deg13, &bad);
+                }
+                if (bad) {
+                    if (wa)
+                        for (i = 0; i < c; i++) EA[i] = fkl_exp_slow(X[i] - mA);
+                    if (wb)
+                        for (i = 0; i < c; i++) EB[i] = fkl_exp_slow(Y[i] - mB);
+                }
+                if (wa) ZA += fkl_sum(EA, c);
+                if (wb) ZB += fkl_sum(EB, c);
+            }
+        }
+    }
+    st->MA = MA;
+    st->MB = MB;
+    st->ZA = ZA;
+    st->ZB = ZB;
+    st->S = S;
+}
+
+/* ------------------------------------------------------------------ pass 2: JSD */
+/* log(beta p + omb q) by libm, in log space where the sum underflows (beta or omb tiny) */
+static double fkl_log_mix(double beta, double omb, double p, double q, double lp, double lq) {
+    const double m = beta * p + omb * q;
+    double u, v, hi, lo;
+    if (!(m < FKL_DBL_MIN) || !((p > 0.0) || (q > 0.0))) return log(m);
+    u = (beta > 0.0 && p > 0.0) ? log(beta) + lp : -(double)INFINITY;
+    v = (omb > 0.0 && q > 0.0) ? log(omb) + lq : -(double)INFINITY;
+    hi = u > v ? u : v;
+    lo = u > v ? v : u;
+    return hi + log1p(exp(lo - hi));
+}
+
+/* JSD = beta sum p (lp - lm) + (1 - beta) sum q (lq - lm), lp = (xa - MA) - log ZA, ...;
+ * elements with lp == lq add exactly 0 (so identical rows give 0.0). Returns both sums, and
+ * the total masses sum p, sum q (0 for a row without mass). */
+FKL_CLONES
+static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
+                          double lZB, double *SP, double *SQ, double *ZP, double *ZQ) {
+    FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
+        PP[FKL_CHUNK], QQ[FKL_CHUNK];
+    /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
+     * parts of the two sums cancel): full-precision exp there */
+    const int deg13 = !A->f32 || A->fixed;
+    const double beta = A->beta, omb = 1.0 - A->beta;
+    const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
+    const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
+    const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
+    double sp = 0.0, sq = 0.0, zp = 0.0, zq = 0.0;
+    ptrdiff_t off, i;
+
+    for (off = 0; off < A->V; off += FKL_CHUNK) {
+        const ptrdiff_t c = (A->V - off) < FKL_CHUNK ? (A->V - off) : FKL_CHUNK;
+        int bad = 0;
+        fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
+        fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        for (i = 0; i < c; i++) {
+            const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
+            const double p = fkl_exp(lp, deg13, &bad), q = fkl_exp(lq, deg13, &bad);
+            const double m = beta * p + omb * q;
+            const double lm = fkl_log(m, &bad);
+            const double tp = p * (lp - lm), tq = q * (lq - lm);
+            /* m underflowed (a tiny beta or 1 - beta): log M is taken in log space */
+            bad |= (m < FKL_DBL_MIN) & ((p > 0.0) | (q > 0.0));
+            const int same = (lp == lq);
+            PP[i] = p;
+            QQ[i] = q;
+            TP[i] = ((p == 0.0) | same) ? 0.0 : tp;
+            TQ[i] = ((q == 0.0) | same) ? 0.0 : tq;
+        }
+        if (bad) {
+            for (i = 0; i < c; i++) {
+                const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
+                const double p = exp(lp), q = exp(lq);
+                const double lm = fkl_log_mix(beta, omb, p, q, lp, lq);
+                const int same = (lp == lq);
+                PP[i] = p;
+                QQ[i] = q;
+                TP[i] = ((p == 0.0) | same) ? 0.0 : p * (lp - lm);
+                TQ[i] = ((q == 0.0) | same) ? 0.0 : q * (lq - lm);
+            }
+        }
+        sp += fkl_sum(TP, c);
+        sq += fkl_sum(TQ, c);
+        zp += fkl_sum(PP, c);
+        zq += fkl_sum(QQ, c);
+    }
+    *SP = sp;
+    *SQ = sq;
+    *ZP = zp;
+    *ZQ = zq;
+}
+
+/* ------------------------------------------------------------------ pass 2: KL gradient */
+/* grad[row] = k * (e^lq - e^lp), k = rowscale * inv_t, in the input dtype. */
+FKL_CLONES
+static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
+                           double lZB, double k) {
+    FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK];
+    const int deg13 = !A->f32;
+    const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
+    const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
+    const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
+    ptrdiff_t off, i;
+
+    for (off = 0; off < A->V; off += FKL_CHUNK) {
+        const ptrdiff_t c = (A->V - off) < FKL_CHUNK ? (A->V - off) : FKL_CHUNK;
+        int bad = 0;
+        fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
+        fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        for (i = 0; i < c; i++) {
+            EP[i] = fkl_exp((X[i] - MA) - lZA, deg13, &bad);
+            EQ[i] = fkl_exp((Y[i] - MB) - lZB, deg13, &bad);
+        }
+        if (bad) {
+            for (i = 0; i < c; i++) {
+                EP[i] = exp((X[i] - MA) - lZA);
+                EQ[i] = exp((Y[i] - MB) - lZB);
+            }
+        }
+        if (A->f32) {
+            float *g = (float *)A->grad + row * A->V + off;
+            for (i = 0; i < c; i++) g[i] = (float)((EQ[i] - EP[i]) * k);
+        } else {
+            double *g = (double *)A->grad + row * A->V + off;
+            for (i = 0; i < c; i++) g[i] = (EQ[i] - EP[i]) * k;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ one row */
+static void fkl_row(const fkl_args *A, ptrdiff_t row) {
+    fkl_state st;
+    double val;
+    const int op = A->op;
+
+    if (op == FKL_TOKEN) {
+        const int64_t tok = A->tokens[row];
+        double xb;
+        if (tok == A->ignore_index) {
+            A->out[row] = 0.0;
+            return;
+        }
+        fkl_pass1(A, row, 2, FKL_S_NONE, &st);
+        {
+            const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
+            const char *pb = (const char *)A->b + (ptrdiff_t)isz * (row * A->b0 + tok * A->b1);
+            xb = A->f32 ? (double)*(const float *)pb : *(const double *)pb;
+        }
+        A->out[row] = (xb * A->inv_t - st.MB) - log(st.ZB);
+        return;
+    }
+    if (op == FKL_GRAD) {
+        const double rs = A->rowscale[row];
+        fkl_pass1(A, row, 3, FKL_S_KL, &st);
+        val = st.S / st.ZA - log(st.ZA / st.ZB);
+        A->out[row] = (val < 0.0) ? 0.0 : val;
+        if (rs == 0.0) {
+            memset((char *)A->grad + (A->f32 ? sizeof(float) : sizeof(double)) * row * A->V, 0,
+                   (A->f32 ? sizeof(float) : sizeof(double)) * (size_t)A->V);
+        } else {
+            fkl_pass2_grad(A, row, st.MA, log(st.ZA), st.MB, log(st.ZB), rs * A->inv_t);
+        }
+        return;
+    }
+    if (A->active && !A->active[row]) {
+        A->out[row] = 0.0;
+        return;
+    }
+    /* a row without probability mass (all -inf, also as log-probabilities) gives NaN */
+    if (op == FKL_ENT) {
+        fkl_pass1(A, row, 1, FKL_S_ENT, &st);
+        val = A->fixed ? -st.S : log(st.ZA) - st.S / st.ZA;
+        if (st.ZA == 0.0) val = NAN;
+    } else if (op == FKL_KL) {
+        fkl_pass1(A, row, 3, FKL_S_KL, &st);
+        val = A->fixed ? st.S : st.S / st.ZA - log(st.ZA / st.ZB);
+        val = (val < 0.0) ? 0.0 : val;
+        if (st.ZA == 0.0 || st.ZB == 0.0) val = NAN;
+    } else { /* JSD */
+        double SP, SQ, ZP, ZQ, lZA = 0.0, lZB = 0.0;
+        if (A->fixed) {
+            st.MA = st.MB = 0.0;
+        } else {
+            fkl_pass1(A, row, 3, FKL_S_NONE, &st);
+            lZA = log(st.ZA);
+            lZB = log(st.ZB);
+        }
+        fkl_pass2_jsd(A, row, st.MA, lZA, st.MB, lZB, &SP, &SQ, &ZP, &ZQ);
+        /* a zero weight drops its sum (KL(P||Q) may be +inf where beta = 0) */
+        val = (A->beta == 0.0 ? 0.0 : A->beta * SP) + (A->beta == 1.0 ? 0.0 : (1.0 - A->beta) * SQ);
+        val = (val < 0.0) ? 0.0 : val;
+        /* JSD_0 = KL(Q||Q), JSD_1 = KL(P||P): 0 unless NaN */
+        if ((A->beta == 0.0 || A->beta == 1.0) && val == val) val = 0.0;
+        if (ZP == 0.0 || ZQ == 0.0) val = NAN;
+    }
+    A->out[row] = val;
+}
+
+#endif /* FASTKL_LOGITS_H */

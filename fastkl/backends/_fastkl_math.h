@@ -1,0 +1,668 @@
+/* Branch-free term arithmetic and per-block loops of the Cython backend.
+ *
+ * The algorithm is docs/kernel_math.md; the semantics are fastkl/backends/numpy_ref.py.
+ *
+ * One call of fk_task() handles one (row, block) task: FK_BLOCK consecutive elements of a row,
+ * processed in chunks of FK_CHUNK elements through small buffers that stay in L1:
+ *
+ *   1. l = (double)logp - (double)logq, clamped          (load loop)
+ *   2. term (and derivative) in float64 lanes           (branch-free loop, vectorized)
+ *   3. scalar libm fix-up of lanes with NaN/inf/|l|>700 (rare; a second look at the chunk)
+ *   4. value clamp, x exp(log_iw) (same vectorized exp), x w
+ *   5. output, or partials into FK_NACC independent float64 accumulators per quantity
+ *      (lane = position mod FK_NACC), summed in a fixed order at the end of the block.
+ *
+ * Nothing depends on which thread runs a task, so results are bit-identical for any thread
+ * count. The block function is compiled several times (GCC/Clang target_clones) and the
+ * dynamic loader picks the best clone for the CPU once; FASTKL_CLONES (set by setup.py after
+ * a test compile) chooses the clone list, 0 or undefined gives one portable version.
+ *
+ * No -ffast-math: NaN tests (x != x), the order of every sum and the clamps rely on IEEE
+ * semantics. Build with -fno-math-errno (libm calls in the fix-up) and -fno-trapping-math
+ * (lets the compiler if-convert selects; no value changes).
+ */
+#ifndef FASTKL_MATH_H
+#define FASTKL_MATH_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define FK_BLOCK 4096 /* must equal fastkl.backends._contract.BLOCK */
+#define FK_CHUNK 512  /* elements per L1-resident chunk; divides FK_BLOCK, multiple of FK_NACC */
+#define FK_NACC 16    /* independent accumulators per quantity (fixed: the summation order) */
+#define FK_NPART 6
+/* doubles of per-thread workspace: block terms + block weights + 4 chunk buffers */
+#define FK_WORK_DOUBLES (2 * FK_BLOCK + 4 * FK_CHUNK)
+
+#if defined(_MSC_VER)
+#define FK_INLINE static __forceinline
+#define FK_RESTRICT __restrict
+#elif defined(__GNUC__)
+#define FK_INLINE static inline __attribute__((always_inline))
+#define FK_RESTRICT __restrict__
+#else
+#define FK_INLINE static inline
+#define FK_RESTRICT
+#endif
+
+/* ------------------------------------------------------------------ multiversioning */
+#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
+/* x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (+FMA), x86-64-v3 = AVX2 + FMA + BMI2 */
+#define FK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
+#define FK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FK_CLONES
+#endif
+
+/* Which clone the loader's resolver picks (it tries them in this same order). */
+static const char *fk_isa(void) {
+#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return "avx512f";
+    if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+    return "default";
+#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return "avx512f";
+    if (__builtin_cpu_supports("avx2")) return "avx2";
+    return "default";
+#else
+    return "default";
+#endif
+}
+
+static int fk_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int fk_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------ arguments */
+typedef struct {
+    const void *q, *p, *m, *iw; /* first element of each 2-D array (m, iw may be NULL) */
+    ptrdiff_t q0, q1, p0, p1, m0, m1, iw0, iw1; /* element strides (row, column) */
+    void *out;                  /* C-contiguous [rows, n] float/double, or NULL */
+    const double *rowscale;     /* [rows] (mode FK_GRAD) */
+    ptrdiff_t rows, n, nblk;
+    int f32;    /* 1: float32 inputs and outputs, 0: float64 */
+    int mkind;  /* 0: no mask, 1: uint8, 2: float64 weights */
+} fk_arrays;
+
+enum { FK_TERMS = 0, FK_PARTIALS = 1, FK_GRAD = 2 };
+
+typedef struct {
+    int mode, est, want_m2;
+    int clamp_l, clamp_v;
+    double lr_lo, lr_hi, v_lo, v_hi;
+} fk_params;
+
+/* ------------------------------------------------------------------ constants */
+#define FK_LOG2E 1.4426950408889634074
+#define FK_SHIFT 6755399441055744.0 /* 1.5 * 2**52 */
+#define FK_LN2_HI 6.93147180369123816490e-01 /* 0x3fe62e42fee00000: trailing zero bits */
+#define FK_LN2_LO 1.90821492927058770002e-10
+#define FK_FAST_MAX 700.0
+
+FK_INLINE double fk_from_bits(uint64_t u) {
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+FK_INLINE uint64_t fk_to_bits(double d) {
+    uint64_t u;
+    memcpy(&u, &d, sizeof u);
+    return u;
+}
+
+/* E = e^l - 1 - l and R = e^l for finite |l| <= 700 (docs/kernel_math.md). */
+FK_INLINE void fk_exp_core(double l, double *E, double *R) {
+    const double t = l * FK_LOG2E + FK_SHIFT;
+    const double kf = t - FK_SHIFT;
+    const double r = (l - kf * FK_LN2_HI) - kf * FK_LN2_LO;
+    /* Taylor 1/2! + r/3! + ... + r^11/13! (Horner; Estrin measured no faster here: the
+     * loop is bound by FMA throughput, not latency) */
+    double P = 1.0 / 6227020800.0;
+    P = P * r + 1.0 / 479001600.0;
+    P = P * r + 1.0 / 39916800.0;
+    P = P * r + 1.0 / 3628800.0;
+    P = P * r + 1.0 / 362880.0;
+    P = P * r + 1.0 / 40320.0;
+    P = P * r + 1.0 / 5040.0;
+    P = P * r + 1.0 / 720.0;
+    P = P * r + 1.0 / 120.0;
+    P = P * r + 1.0 / 24.0;
+    P = P * r + 1.0 / 6.0;
+    P = P * r + 0.5;
+    const double q = (r * r) * P;
+    /* 2**k: the low mantissa bits of t hold k (+2**51); shift them into the exponent */
+    const double s = fk_from_bits((fk_to_bits(t) + (uint64_t)1023) << 52);
+    *E = s * q + (((s - 1.0) + s * r) - l);
+    *R = s + s * (r + q);
+}
+
+/* numpy_ref.term_and_grad for one lane outside the fast path (NaN, +-inf, |l| > 700). */
+static void fk_term_slow(double l, int est, double *t, double *g) {
+    const double inf = (double)INFINITY;
+    double e, r, tt = l, gg = 1.0;
+    switch (est) {
+    case 0:
+        tt = -l;
+        gg = 1.0;
+        break;
+    case 1:
+        tt = 0.5 * l * l;
+        gg = -l;
+        break;
+    case 2:
+        e = expm1(l) - l;
+        tt = e;
+        gg = -(e + l);
+        if (l == inf || l == -inf) tt = inf;
+        break;
+    case 3:
+        r = exp(l);
+        tt = r * l;
+        gg = -r * (l + 1.0);
+        if (l == -inf) tt = 0.0;
+        break;
+    default: /* 4 */
+        e = expm1(l) - l;
+        r = exp(l);
+        tt = (l < -1.0) ? r * (l - 1.0) + 1.0 : l * l + (l - 1.0) * e;
+        gg = -r * l;
+        if (l == inf) tt = inf;
+        if (l == -inf) tt = 1.0;
+        break;
+    }
+    *t = tt;
+    if (g) *g = gg;
+}
+
+/* ------------------------------------------------------------------ chunk stages */
+
+/* L[i] = (double)p[i] - (double)q[i], clamped (NaN stays NaN). */
+FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrdiff_t col,
+                         ptrdiff_t c, double *FK_RESTRICT L) {
+    ptrdiff_t i;
+    if (A->f32) {
+        const float *q = (const float *)A->q + row * A->q0 + col * A->q1;
+        const float *p = (const float *)A->p + row * A->p0 + col * A->p1;
+        const ptrdiff_t sq = A->q1, sp = A->p1;
+        if (sq == 1 && sp == 1) {
+            for (i = 0; i < c; i++) L[i] = (double)p[i] - (double)q[i];
+        } else {
+            for (i = 0; i < c; i++) L[i] = (double)p[i * sp] - (double)q[i * sq];
+        }
+    } else {
+        const double *q = (const double *)A->q + row * A->q0 + col * A->q1;
+        const double *p = (const double *)A->p + row * A->p0 + col * A->p1;
+        const ptrdiff_t sq = A->q1, sp = A->p1;
+        if (sq == 1 && sp == 1) {
+            for (i = 0; i < c; i++) L[i] = p[i] - q[i];
+        } else {
+            for (i = 0; i < c; i++) L[i] = p[i * sp] - q[i * sq];
+        }
+    }
+    if (P->clamp_l) {
+        const double lo = P->lr_lo, hi = P->lr_hi;
+        for (i = 0; i < c; i++) {
+            double l = L[i];
+            l = (l < lo) ? lo : l;
+            l = (l > hi) ? hi : l;
+            L[i] = l;
+        }
+    }
+}
+
+/* Terms (and derivatives when G != NULL) of a chunk; returns nonzero when a lane needs the
+ * scalar fix-up. Branch-free inner loops, one per estimator. */
+FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double *FK_RESTRICT T,
+                       double *FK_RESTRICT G) {
+    ptrdiff_t i;
+    int bad = 0;
+    switch (est) {
+    case 0:
+        for (i = 0; i < c; i++) T[i] = -L[i];
+        if (G)
+            for (i = 0; i < c; i++) G[i] = 1.0;
+        return 0;
+    case 1:
+        for (i = 0; i < c; i++) T[i] = 0.5 * L[i] * L[i];
+        if (G)
+            for (i = 0; i < c; i++) G[i] = -L[i];
+        return 0;
+    case 2:
+        if (G) {
+            for (i = 0; i < c; i++) {
+                double l = L[i], E, R;
+                fk_exp_core(l, &E, &R);
+                T[i] = E;
+                G[i] = -(E + l);
+                bad |= !(fabs(l) <= FK_FAST_MAX);
+            }
+        } else {
+            for (i = 0; i < c; i++) {
+                double l = L[i], E, R;
+                fk_exp_core(l, &E, &R);
+                T[i] = E;
+                bad |= !(fabs(l) <= FK_FAST_MAX);
+            }
+        }
+        return bad;
+    case 3:
+        if (G) {
+            for (i = 0; i < c; i++) {
+                double l = L[i], E, R;
+                fk_exp_core(l, &E, &R);
+                T[i] = R * l;
+                G[i] = -R * (l + 1.0);
+                bad |= !(fabs(l) <= FK_FAST_MAX);
+            }
+        } else {
+            for (i = 0; i < c; i++) {
+                double l = L[i], E, R;
+                fk_exp_core(l, &E, &R);
+                T[i] = R * l;
+                bad |= !(fabs(l) <= FK_FAST_MAX);
+            }
+        }
+        return bad;
+    default: /* 4 */
+        if (G) {
+            for (i = 0; i < c; i++) {
+                double l = L[i], E, R;
+                fk_exp_core(l, &E, &R);
+                const double lo = R * (l - 1.0) + 1.0, hi = l * l + (l - 1.0) * E;
+                T[i] = (l < -1.0) ? lo : hi;
+                G[i] = -R * l;
+                bad |= !(fabs(l) <= FK_FAST_MAX);
+            }
+        } else {
+            for (i = 0; i < c; i++) {
+                double l = L[i], E, R;
+                fk_exp_core(l, &E, &R);
+                const double lo = R * (l - 1.0) + 1.0, hi = l * l + (l - 1.0) * E;
+                T[i] = (l < -1.0) ? lo : hi;
+                bad |= !(fabs(l) <= FK_FAST_MAX);
+            }
+        }
+        return bad;
+    }
+}
+
+/* X[i] = exp(log_iw[i]) for a chunk (vectorized core, libm for the rare other lanes);
+ * Y receives the raw log_iw. */
+FK_INLINE void fk_load_exp_iw(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, ptrdiff_t c,
+                              double *FK_RESTRICT X, double *FK_RESTRICT Y) {
+    ptrdiff_t i;
+    int bad = 0;
+    if (A->f32) {
+        const float *w = (const float *)A->iw + row * A->iw0 + col * A->iw1;
+        const ptrdiff_t s = A->iw1;
+        if (s == 1) {
+            for (i = 0; i < c; i++) Y[i] = (double)w[i];
+        } else {
+            for (i = 0; i < c; i++) Y[i] = (double)w[i * s];
+        }
+    } else {
+        const double *w = (const double *)A->iw + row * A->iw0 + col * A->iw1;
+        const ptrdiff_t s = A->iw1;
+        if (s == 1) {
+            for (i = 0; i < c; i++) Y[i] = w[i];
+        } else {
+            for (i = 0; i < c; i++) Y[i] = w[i * s];
+        }
+    }
+    for (i = 0; i < c; i++) {
+        double x = Y[i], E, R;
+        fk_exp_core(x, &E, &R);
+        X[i] = R;
+        bad |= !(fabs(x) <= FK_FAST_MAX);
+    }
+    if (bad) {
+        for (i = 0; i < c; i++) {
+            const double x = Y[i];
+            if (!(fabs(x) <= FK_FAST_MAX)) X[i] = exp(x);
+        }
+    }
+}
+
+/* Wb[i] = mask as float64 for a chunk. */
+FK_INLINE void fk_load_w(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, ptrdiff_t c,
+                         double *FK_RESTRICT Wb) {
+    ptrdiff_t i;
+    const ptrdiff_t s = A->m1;
+    if (A->mkind == 1) {
+        const uint8_t *m = (const uint8_t *)A->m + row * A->m0 + col * A->m1;
+        if (s == 1) {
+            for (i = 0; i < c; i++) Wb[i] = (double)m[i];
+        } else {
+            for (i = 0; i < c; i++) Wb[i] = (double)m[i * s];
+        }
+    } else {
+        const double *m = (const double *)A->m + row * A->m0 + col * A->m1;
+        if (s == 1) {
+            for (i = 0; i < c; i++) Wb[i] = m[i];
+        } else {
+            for (i = 0; i < c; i++) Wb[i] = m[i * s];
+        }
+    }
+}
+
+/* out[i] = w == 0 ? 0 : w * V[i] (V = term or derivative), in the output dtype. */
+FK_INLINE void fk_store(const fk_arrays *A, ptrdiff_t off, ptrdiff_t c,
+                        const double *FK_RESTRICT V, const double *FK_RESTRICT Wb, double scale,
+                        int use_scale) {
+    ptrdiff_t i;
+    if (A->f32) {
+        float *o = (float *)A->out + off;
+        if (!Wb && !use_scale) {
+            for (i = 0; i < c; i++) o[i] = (float)V[i];
+        } else if (!Wb) {
+            for (i = 0; i < c; i++) o[i] = (float)(V[i] * scale);
+        } else if (!use_scale) {
+            for (i = 0; i < c; i++) {
+                const double w = Wb[i], v = w * V[i];
+                o[i] = (float)((w == 0.0) ? 0.0 : v);
+            }
+        } else {
+            for (i = 0; i < c; i++) {
+                const double w = Wb[i], v = V[i] * w * scale;
+                o[i] = (float)((w == 0.0) ? 0.0 : v);
+            }
+        }
+    } else {
+        double *o = (double *)A->out + off;
+        if (!Wb && !use_scale) {
+            for (i = 0; i < c; i++) o[i] = V[i];
+        } else if (!Wb) {
+            for (i = 0; i < c; i++) o[i] = V[i] * scale;
+        } else if (!use_scale) {
+            for (i = 0; i < c; i++) {
+                const double w = Wb[i], v = w * V[i];
+                o[i] = (w == 0.0) ? 0.0 : v;
+            }
+        } else {
+            for (i = 0; i < c; i++) {
+                const double w = Wb[i], v = V[i] * w * scale;
+                o[i] = (w == 0.0) ? 0.0 : v;
+            }
+        }
+    }
+}
+
+typedef struct {
+    double w[FK_NACC], s[FK_NACC], w2[FK_NACC], cnt[FK_NACC], bad[FK_NACC];
+} fk_acc;
+
+/* The accumulators: lane j of every quantity takes the block positions == j mod FK_NACC,
+ * always in position order, so the bits are fixed by the data alone. GCC/Clang get the
+ * 16 lanes as two 8-wide vector-extension values (NaN-skipping selects as bit masks; the
+ * compiler lowers them to zmm, ymm or xmm per clone); other compilers run the same
+ * arithmetic lane by lane. */
+#if defined(__GNUC__) && FK_NACC == 16
+#define FK_VECEXT 1
+typedef double fk_v8d __attribute__((vector_size(64)));
+typedef long long fk_v8i __attribute__((vector_size(64)));
+#define FK_LDV(dst, src) memcpy(&(dst), (src), sizeof(fk_v8d))
+#define FK_STV(dst, src) memcpy((dst), &(src), sizeof(fk_v8d))
+#define FK_SEL(x, m) ((fk_v8d)((fk_v8i)(x) & (m))) /* m all-ones lanes keep x, else +0.0 */
+#endif
+
+/* Accumulate the partials of a chunk (it starts at a multiple of FK_NACC in its block). */
+FK_INLINE void fk_accumulate(fk_acc *FK_RESTRICT a, const double *FK_RESTRICT T,
+                             const double *FK_RESTRICT Wb, ptrdiff_t c) {
+    ptrdiff_t i = 0, j;
+    const ptrdiff_t cm = c - c % FK_NACC;
+#ifdef FK_VECEXT
+    const fk_v8d one = {1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0};
+    fk_v8d s0, s1, k0, k1;
+    FK_LDV(s0, a->s);
+    FK_LDV(s1, a->s + 8);
+    FK_LDV(k0, a->cnt);
+    FK_LDV(k1, a->cnt + 8);
+    if (!Wb) {
+        for (i = 0; i < cm; i += FK_NACC) {
+            fk_v8d t0, t1;
+            FK_LDV(t0, T + i);
+            FK_LDV(t1, T + i + 8);
+            const fk_v8i m0 = (t0 == t0), m1 = (t1 == t1);
+            s0 += FK_SEL(t0, m0);
+            s1 += FK_SEL(t1, m1);
+            k0 += FK_SEL(one, m0);
+            k1 += FK_SEL(one, m1);
+        }
+    } else {
+        fk_v8d w0, w1, q0, q1, b0, b1;
+        FK_LDV(w0, a->w);
+        FK_LDV(w1, a->w + 8);
+        FK_LDV(q0, a->w2);
+        FK_LDV(q1, a->w2 + 8);
+        FK_LDV(b0, a->bad);
+        FK_LDV(b1, a->bad + 8);
+        const fk_v8d zero = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+        for (i = 0; i < cm; i += FK_NACC) {
+            fk_v8d t0, t1, x0, x1;
+            FK_LDV(t0, T + i);
+            FK_LDV(t1, T + i + 8);
+            FK_LDV(x0, Wb + i);
+            FK_LDV(x1, Wb + i + 8);
+            const fk_v8i nz0 = (x0 != zero), nz1 = (x1 != zero);
+            const fk_v8i isn0 = (t0 != t0), isn1 = (t1 != t1);
+            const fk_v8i ok0 = nz0 & ~isn0, ok1 = nz1 & ~isn1;
+            const fk_v8d wt0 = x0 * t0, wt1 = x1 * t1, ww0 = x0 * x0, ww1 = x1 * x1;
+            w0 += FK_SEL(x0, ok0);
+            w1 += FK_SEL(x1, ok1);
+            s0 += FK_SEL(wt0, ok0);
+            s1 += FK_SEL(wt1, ok1);
+            q0 += FK_SEL(ww0, ok0);
+            q1 += FK_SEL(ww1, ok1);
+            k0 += FK_SEL(one, ok0);
+            k1 += FK_SEL(one, ok1);
+            b0 += FK_SEL(one, nz0 & isn0);
+            b1 += FK_SEL(one, nz1 & isn1);
+        }
+        FK_STV(a->w, w0);
+        FK_STV(a->w + 8, w1);
+        FK_STV(a->w2, q0);
+        FK_STV(a->w2 + 8, q1);
+        FK_STV(a->bad, b0);
+        FK_STV(a->bad + 8, b1);
+    }
+    FK_STV(a->s, s0);
+    FK_STV(a->s + 8, s1);
+    FK_STV(a->cnt, k0);
+    FK_STV(a->cnt + 8, k1);
+#else
+    (void)cm;
+#endif
+    /* the rest (everything without vector extensions, else the tail of the block) */
+    for (; i < c; i += FK_NACC) {
+        for (j = 0; j < FK_NACC && i + j < c; j++) {
+            const double t = T[i + j], w = Wb ? Wb[i + j] : 1.0;
+            const int nz = (w != 0.0), isn = (t != t);
+            const int ok = nz & !isn;
+            const double wt = w * t, ww = w * w;
+            a->w[j] += ok ? w : 0.0;
+            a->s[j] += ok ? (Wb ? wt : t) : 0.0;
+            a->w2[j] += ok ? ww : 0.0;
+            a->cnt[j] += ok ? 1.0 : 0.0;
+            a->bad[j] += (nz & isn) ? 1.0 : 0.0;
+        }
+    }
+}
+
+FK_INLINE double fk_sum_lanes(const double *x) {
+    /* fixed pairwise order over the FK_NACC lanes */
+    double h[FK_NACC / 2];
+    int j, m;
+    for (j = 0; j < FK_NACC / 2; j++) h[j] = x[j] + x[j + FK_NACC / 2];
+    for (m = FK_NACC / 4; m >= 1; m /= 2)
+        for (j = 0; j < m; j++) h[j] = h[j] + h[j + m];
+    return h[0];
+}
+
+/* M2 = sum w (t - mean)^2 over the included elements of the block (second pass). */
+FK_INLINE double fk_block_m2(const double *FK_RESTRICT T, const double *FK_RESTRICT Wb,
+                             ptrdiff_t nb, double mean) {
+    double acc[FK_NACC];
+    ptrdiff_t i = 0, j;
+    const ptrdiff_t cm = nb - nb % FK_NACC;
+    for (j = 0; j < FK_NACC; j++) acc[j] = 0.0;
+#ifdef FK_VECEXT
+    {
+        fk_v8d a0 = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, a1 = a0;
+        const fk_v8d zero = a0;
+        const fk_v8d mu = a0 + mean;
+        for (i = 0; i < cm; i += FK_NACC) {
+            fk_v8d t0, t1;
+            FK_LDV(t0, T + i);
+            FK_LDV(t1, T + i + 8);
+            const fk_v8d d0 = t0 - mu, d1 = t1 - mu;
+            fk_v8d v0 = d0 * d0, v1 = d1 * d1;
+            fk_v8i ok0 = (t0 == t0), ok1 = (t1 == t1);
+            if (Wb) {
+                fk_v8d x0, x1;
+                FK_LDV(x0, Wb + i);
+                FK_LDV(x1, Wb + i + 8);
+                v0 = x0 * v0;
+                v1 = x1 * v1;
+                ok0 &= (x0 != zero);
+                ok1 &= (x1 != zero);
+            }
+            a0 += FK_SEL(v0, ok0);
+            a1 += FK_SEL(v1, ok1);
+        }
+        FK_STV(acc, a0);
+        FK_STV(acc + 8, a1);
+    }
+#else
+    (void)cm;
+#endif
+    for (; i < nb; i += FK_NACC) {
+        for (j = 0; j < FK_NACC && i + j < nb; j++) {
+            const double t = T[i + j], w = Wb ? Wb[i + j] : 1.0, d = t - mean;
+            const double v = Wb ? w * (d * d) : d * d;
+            acc[j] += ((w != 0.0) & (t == t)) ? v : 0.0;
+        }
+    }
+    return fk_sum_lanes(acc);
+}
+
+/* ------------------------------------------------------------------ one (row, block) task */
+FK_CLONES
+static void fk_block(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrdiff_t b,
+                     double *FK_RESTRICT work, double *FK_RESTRICT part) {
+    const ptrdiff_t start = b * FK_BLOCK;
+    const ptrdiff_t rem = A->n - start;
+    const ptrdiff_t nb = rem < FK_BLOCK ? rem : FK_BLOCK;
+    const int grad = P->mode == FK_GRAD;
+    const int clamp_v = P->clamp_v && !grad;
+    double *Tb = work;                  /* [FK_BLOCK] terms of the block */
+    double *Wblk = work + FK_BLOCK;     /* [FK_BLOCK] weights of the block */
+    double *L = work + 2 * FK_BLOCK;    /* [FK_CHUNK] log-ratios */
+    double *G = L + FK_CHUNK;           /* [FK_CHUNK] derivatives */
+    double *X = G + FK_CHUNK;           /* [FK_CHUNK] exp(log_iw) */
+    double *Y = X + FK_CHUNK;           /* [FK_CHUNK] log_iw */
+    const double rs = grad ? A->rowscale[row] : 1.0;
+    fk_acc acc;
+    ptrdiff_t off, i;
+    memset(&acc, 0, sizeof acc);
+
+    for (off = 0; off < nb; off += FK_CHUNK) {
+        const ptrdiff_t c = (nb - off) < FK_CHUNK ? (nb - off) : FK_CHUNK;
+        const ptrdiff_t col = start + off;
+        double *T = Tb + off;
+        double *Wb = A->mkind ? Wblk + off : NULL;
+        fk_params Pl = *P;
+        if (grad) Pl.clamp_l = 0;
+
+        fk_load_l(A, &Pl, row, col, c, L);
+        if (fk_terms(P->est, L, c, T, grad ? G : NULL)) {
+            for (i = 0; i < c; i++) {
+                const double l = L[i];
+                if (!(fabs(l) <= FK_FAST_MAX)) fk_term_slow(l, P->est, T + i, grad ? G + i : NULL);
+            }
+        }
+        if (clamp_v) {
+            const double lo = P->v_lo, hi = P->v_hi;
+            for (i = 0; i < c; i++) {
+                double t = T[i];
+                t = (t < lo) ? lo : t;
+                t = (t > hi) ? hi : t;
+                T[i] = t;
+            }
+        }
+        if (A->iw) {
+            fk_load_exp_iw(A, row, col, c, X, Y);
+            for (i = 0; i < c; i++) T[i] = T[i] * X[i];
+            if (grad)
+                for (i = 0; i < c; i++) G[i] = G[i] * X[i];
+        }
+        if (Wb) fk_load_w(A, row, col, c, Wb);
+
+        if (P->mode == FK_TERMS) {
+            fk_store(A, row * A->n + col, c, T, Wb, 1.0, 0);
+        } else {
+            if (grad) fk_store(A, row * A->n + col, c, G, Wb, rs, 1);
+            fk_accumulate(&acc, T, Wb, c);
+        }
+    }
+    if (P->mode == FK_TERMS) return;
+
+    {
+        const double cnt = fk_sum_lanes(acc.cnt);
+        const double S = fk_sum_lanes(acc.s);
+        double W, W2, nbad, M2 = 0.0;
+        if (A->mkind) {
+            W = fk_sum_lanes(acc.w);
+            W2 = fk_sum_lanes(acc.w2);
+            nbad = fk_sum_lanes(acc.bad);
+        } else {
+            W = cnt;
+            W2 = cnt;
+            nbad = (double)nb - cnt;
+        }
+        if (P->want_m2 && W > 0.0) {
+            const double mean = S / W;
+            M2 = fk_block_m2(Tb, A->mkind ? Wblk : NULL, nb, mean);
+            /* the reference sums w * (t - mean)**2 over the whole zero-padded block: where
+             * mean**2 overflows (or mean is not finite) an excluded or padded position adds
+             * 0 * inf = NaN */
+            if (!(mean * mean <= 1.7976931348623157e308) && cnt < (double)FK_BLOCK) M2 = NAN;
+        }
+        part[0] = W;
+        part[1] = S;
+        part[2] = M2;
+        part[3] = W2;
+        part[4] = nbad;
+        part[5] = cnt;
+    }
+}
+
+/* Task index -> (row, block); each task writes only its own FK_NPART partials. */
+static void fk_task(const fk_arrays *A, const fk_params *P, ptrdiff_t task, double *work,
+                    double *parts) {
+    const ptrdiff_t row = task / A->nblk, b = task % A->nblk;
+    fk_block(A, P, row, b, work, parts ? parts + task * FK_NPART : NULL);
+}
+
+#endif /* FASTKL_MATH_H */

@@ -1,0 +1,104 @@
+"""The Cython backend: the kernel contract (``_contract``) over the compiled extension
+``fastkl.backends._cython_kernels``.
+
+Importing this module raises ImportError when the extension is not built, which makes the
+registry mark the backend unavailable. This wrapper only makes sure the arrays are what the
+extension reads (2-D, native order, the kernel dtype, element-aligned strides; a copy only in
+the rare cases where they are not) and never modifies an input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _cython_kernels as _k
+from ._contract import BLOCK, N_PARTIALS
+
+if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build mismatch
+    raise ImportError(
+        f"fastkl.backends._cython_kernels was built with BLOCK={_k.BLOCK}, "
+        f"N_PARTIALS={_k.N_PARTIALS}; the contract says {BLOCK}, {N_PARTIALS}: rebuild it"
+    )
+
+name = "cython"
+
+_TERMS, _PARTIALS, _GRAD = 0, 1, 2
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def isa() -> str:
+    """Instruction set of the kernel version running on this CPU ("avx512f", "avx2",
+    "default")."""
+    return _k.isa()
+
+
+def _fit(a: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """``a`` as the extension reads it: the same array when it already fits, else a copy."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"kernel arrays must be 2-D, got {a.ndim}-D")
+    if (
+        a.dtype == dtype
+        and a.dtype.isnative
+        and a.flags.aligned
+        and a.strides[0] % dtype.itemsize == 0
+        and a.strides[1] % dtype.itemsize == 0
+    ):
+        return a
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _inputs(logq, logp, mask, log_iw):
+    logq = np.asarray(logq)
+    dtype = _F32 if logq.dtype == _F32 else _F64
+    q = _fit(logq, dtype)
+    p = _fit(logp, dtype)
+    m = None
+    if mask is not None:
+        mask = np.asarray(mask)
+        m = _fit(mask, np.dtype(np.uint8) if mask.dtype.itemsize == 1 else _F64)
+    iw = _fit(log_iw, dtype)
+    return q, p, m, iw, dtype
+
+
+def _clamp(clamp):
+    lo, hi, vlo, vhi = (float(c) for c in clamp)
+    return lo, hi, vlo, vhi
+
+
+def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
+    """out[...] = w * exp(log_iw) * clamp_v(t(clamp_lr(l))); 0 wherever w == 0."""
+    q, p, m, iw, dtype = _inputs(logq, logp, mask, log_iw)
+    if q.size == 0:
+        return
+    direct = out.dtype == dtype and out.flags.c_contiguous and out.flags.writeable
+    dest = out if direct else np.empty(q.shape, dtype=dtype)
+    _k.run(_TERMS, q, p, m, iw, int(est), *_clamp(clamp), False, dest, None)
+    if not direct:
+        out[...] = dest
+
+
+def mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2):
+    """Per-block partials ``[rows, nblk, N_PARTIALS]`` (see ``_contract``)."""
+    q, p, m, iw, _ = _inputs(logq, logp, mask, log_iw)
+    return _k.run(_PARTIALS, q, p, m, iw, int(est), *_clamp(clamp), bool(want_m2), None, None)
+
+
+def mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad):
+    """Partials of the unclamped terms; out_grad = rowscale * w * exp(log_iw) * dt/dlogq."""
+    q, p, m, iw, dtype = _inputs(logq, logp, mask, log_iw)
+    rs = np.ascontiguousarray(rowscale, dtype=np.float64).reshape(q.shape[0])
+    direct = (out_grad.dtype == dtype and out_grad.flags.c_contiguous
+              and out_grad.flags.writeable)
+    dest = out_grad if direct else np.empty(q.shape, dtype=dtype)
+    inf = float("inf")
+    part = _k.run(_GRAD, q, p, m, iw, int(est), -inf, inf, -inf, inf, False, dest, rs)
+    if not direct:
+        out_grad[...] = dest
+    return part
+
+
+# the logits half of the contract, over the second extension
+from .cython_logits import logits_kl_grad, logits_rows, logits_token  # noqa: E402, F401

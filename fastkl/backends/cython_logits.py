@@ -1,0 +1,101 @@
+"""The logits half of the Cython backend: the kernel contract (``_contract``, bottom half)
+over the compiled extension ``fastkl.backends._cython_logits``.
+
+``cython_backend`` re-exports ``logits_rows``, ``logits_token`` and ``logits_kl_grad`` from
+here. Importing this module raises ImportError when the extension is not built. The wrappers
+only make sure the arrays are what the extension reads (2-D, native order, float32/float64,
+element-aligned strides of any sign; the big arrays are copied only in the rare cases where
+they are not, e.g. unaligned or byte-swapped views) and never modify an input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _cython_logits as _k
+
+name = "cython"
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_OPS = {0: 0, 1: 1, 2: 2}  # contract op code -> extension op code (KL, JSD, entropy)
+_TOKEN, _GRAD = 3, 4
+
+
+def isa() -> str:
+    """Instruction set of the logits kernel version running on this CPU ("avx512f",
+    "avx2", "default")."""
+    return _k.isa()
+
+
+def _fit(a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """``a`` as the extension reads it: the same array when it already fits, else a copy."""
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"kernel arrays must be 2-D, got {a.ndim}-D")
+    if dtype is None:
+        dtype = _F32 if a.dtype == _F32 else _F64
+    if (
+        a.dtype == dtype
+        and a.dtype.isnative
+        and a.flags.aligned
+        and a.strides[0] % dtype.itemsize == 0
+        and a.strides[1] % dtype.itemsize == 0
+    ):
+        return a
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _small(x, dtype, rows: int) -> np.ndarray:
+    """A per-row array as a contiguous ``[rows]`` array of ``dtype`` (O(rows) copy at most)."""
+    return np.ascontiguousarray(np.asarray(x).reshape(rows), dtype=dtype)
+
+
+def _out_buffer(out: np.ndarray, rows: int) -> tuple[np.ndarray, bool]:
+    direct = (out.dtype == _F64 and out.ndim == 1 and out.shape[0] == rows
+              and out.flags.c_contiguous and out.flags.writeable)
+    return (out if direct else np.empty(rows, dtype=_F64)), direct
+
+
+def logits_rows(a, b, op, beta, inv_t, log_probs, active, out):
+    """Per-row value into ``out`` (float64 ``[rows]``): op 0 KL(P||Q), 1 JSD_beta(P, Q),
+    2 entropy of P (``b`` ignored). Rows with ``active[r] == 0`` get 0.0."""
+    a = _fit(a)
+    b = a if int(op) == 2 else _fit(b, a.dtype)
+    rows = a.shape[0]
+    act = None if active is None else _small(active, np.uint8, rows)
+    dest, direct = _out_buffer(out, rows)
+    inv_t = float(inv_t)
+    fixed = bool(log_probs) and inv_t == 1.0
+    _k.run(_OPS[int(op)], a, b, inv_t, float(beta), fixed, act, None, 0, None, dest, None)
+    if not direct:
+        out[...] = dest
+
+
+def logits_token(b, tokens, inv_t, ignore_index, out):
+    """out[r] = log softmax(b[r]/T)[tokens[r]] (float64), 0.0 where tokens == ignore_index."""
+    b = _fit(b)
+    rows = b.shape[0]
+    tok = _small(tokens, np.int64, rows)
+    dest, direct = _out_buffer(out, rows)
+    _k.run(_TOKEN, b, b, float(inv_t), 0.5, False, None, tok, int(ignore_index), None, dest,
+           None)
+    if not direct:
+        out[...] = dest
+
+
+def logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad):
+    """out_val[r] = KL(P||Q) per row (float64); out_grad = rowscale[r] * (Q - P) / T (rows
+    with rowscale 0 get zeros)."""
+    a = _fit(a)
+    b = _fit(b, a.dtype)
+    rows = a.shape[0]
+    rs = _small(rowscale, np.float64, rows)
+    dest, direct = _out_buffer(out_val, rows)
+    gdirect = (out_grad.dtype == a.dtype and out_grad.shape == a.shape
+               and out_grad.flags.c_contiguous and out_grad.flags.writeable)
+    gdest = out_grad if gdirect else np.empty(a.shape, dtype=a.dtype)
+    _k.run(_GRAD, a, b, float(inv_t), 0.5, False, None, None, 0, rs, dest, gdest)
+    if not direct:
+        out_val[...] = dest
+    if not gdirect:
+        out_grad[...] = gdest

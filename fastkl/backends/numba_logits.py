@@ -1,0 +1,685 @@
+"""Numba kernels of the logits ops (contract: bottom half of ``_contract``; spec:
+``numpy_ref.logits_rows`` / ``logits_token`` / ``logits_kl_grad``; algorithm:
+``docs/logits_math.md``).
+
+One row is computed by one thread, in chunks of ``CH`` consecutive vocabulary entries, in a
+fixed order, so the bits never depend on the thread count (``prange`` only spreads whole rows).
+Per chunk:
+
+1. load: ``x = float64(a) * inv_t`` into an L1 buffer, and the chunk max as an integer max
+   over order-preserving keys of the float bits (an integer max reduction vectorizes without
+   fastmath; a float ``max`` reduction does not);
+2. if the max grew: one scalar rescale of the running sums (``S' = e^-dA (S - (dA - dB) ZA)``);
+3. one branch-free loop (vectorized: zmm FMAs) computing ``e^(x - M)`` by the range-reduced
+   polynomial of ``docs/kernel_math.md`` and the terms, into buffers; lanes whose argument is
+   below -745.2 (``-inf`` included) are selected to exactly 0.0; the rare lanes of the
+   subnormal range (or above 700 with ``log_probs``) are redone by a scalar libm fix-up;
+4. each buffer summed by in-place halving (elementwise adds, vectorized; pairwise, hence
+   accurate), the chunk sums then added to the row sums in chunk order.
+
+Any NaN, or a ``+inf`` logit, makes the row NaN (as in the reference, where the max is NaN or
+``inf - inf`` appears); rows of all ``-inf`` are NaN. With ``log_probs`` at ``inv_t == 1`` the
+rows are used as log-probabilities directly (no max, no normaliser).
+
+Inputs reach the kernels as 1-D read-only buffers spanning their memory plus (offset, row
+stride, column stride) in elements, so one compiled specialization per dtype serves C-ordered,
+transposed and negative-stride views (no copies). Nothing is compiled at import; the kernels
+compile on first use (``cache=True``: later processes load them from ``__pycache__``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._numba_math import f64_as_i64, fma, i64_as_f64
+
+CH = 512  # vocabulary entries per chunk (a power of two >= 8): the buffers stay in L1
+NCHUNK = 256  # parallel groups of consecutive rows (any value gives the same bits)
+NBUF = 8  # float64 scratch buffers of CH entries per thread
+
+# exp: docs/kernel_math.md (same constants as numba_kernels)
+LOG2E = 1.4426950408889634
+SHIFT = 6755399441055744.0  # 1.5 * 2**52
+LN2_HI = 6.93147180369123816490e-01  # trailing zero bits: kf * LN2_HI is exact
+LN2_LO = 1.90821492927058770002e-10
+C2 = 1.0 / 2
+C3 = 1.0 / 6
+C4 = 1.0 / 24
+C5 = 1.0 / 120
+C6 = 1.0 / 720
+C7 = 1.0 / 5040
+C8 = 1.0 / 40320
+C9 = 1.0 / 362880
+C10 = 1.0 / 3628800
+C11 = 1.0 / 39916800
+C12 = 1.0 / 479001600
+C13 = 1.0 / 6227020800
+EXP_LO = -708.0  # x >= EXP_LO: 2**k is a normal double
+EXP_HI = 700.0  # x <= EXP_HI: no overflow
+EXP_ZERO = -745.2  # x < EXP_ZERO: e^x rounds to 0.0 (-inf included)
+
+# log: m = 2**k f, f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(s), s = (f - 1) / (f + 1)
+SQRTH_BITS = 0x3FE6A09E667F3BCD  # the bits of sqrt(1/2)
+MIN_NORMAL = 2.2250738585072014e-308
+MAX_FINITE = 1.7976931348623157e308
+ABS_BITS = 0x7FFFFFFFFFFFFFFF
+MIN_KEY = -0x8000000000000000
+# 2/(2n+1), n = 0..11: |s| <= 0.1716, s**24 / 25 < 1e-19
+L1 = 2.0
+L3 = 2.0 / 3
+L5 = 2.0 / 5
+L7 = 2.0 / 7
+L9 = 2.0 / 9
+L11 = 2.0 / 11
+L13 = 2.0 / 13
+L15 = 2.0 / 15
+L17 = 2.0 / 17
+L19 = 2.0 / 19
+L21 = 2.0 / 21
+L23 = 2.0 / 23
+
+INF = math.inf
+
+
+# --------------------------------------------------------------------------- lane math
+
+
+@njit(nogil=True, cache=True)
+def _exp_fast(x):
+    """e^x for EXP_LO <= x <= EXP_HI (NaN stays NaN); other lanes: see ``_exp_lane``."""
+    t = fma(x, LOG2E, SHIFT)
+    kf = t - SHIFT
+    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
+    p = fma(C13, r, C12)
+    p = fma(p, r, C11)
+    p = fma(p, r, C10)
+    p = fma(p, r, C9)
+    p = fma(p, r, C8)
+    p = fma(p, r, C7)
+    p = fma(p, r, C6)
+    p = fma(p, r, C5)
+    p = fma(p, r, C4)
+    p = fma(p, r, C3)
+    p = fma(p, r, C2)
+    q = (r * r) * p
+    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
+    return fma(s, r + q, s)
+
+
+@njit(nogil=True, cache=True)
+def _exp_lane(x):
+    """e^x, branch-free: exact 0.0 below EXP_ZERO (``-inf`` included)."""
+    e = _exp_fast(x)
+    return 0.0 if x < EXP_ZERO else e
+
+
+@njit(nogil=True, cache=True)
+def _exp_bad(x):
+    """1 where ``_exp_lane`` is not valid (subnormal result, or x > EXP_HI), else 0."""
+    return np.int64((x < EXP_LO) & (x >= EXP_ZERO)) | np.int64(x > EXP_HI)
+
+
+@njit(nogil=True, cache=True)
+def _exp_exact(x):
+    """Scalar e^x for every x (the fix-up)."""
+    if x < EXP_ZERO:
+        return 0.0
+    if (x < EXP_LO) | (x > EXP_HI):
+        return math.exp(x)
+    return _exp_fast(x)
+
+
+@njit(nogil=True, cache=True)
+def _log_lane(m):
+    """log m for normal finite m > 0, and -inf for m == 0; other lanes: ``_log_bad``."""
+    b = f64_as_i64(m)
+    k = (b - SQRTH_BITS) >> 52
+    f = i64_as_f64(b - (k << 52))
+    s = (f - 1.0) / (f + 1.0)
+    z = s * s
+    p = fma(L23, z, L21)
+    p = fma(p, z, L19)
+    p = fma(p, z, L17)
+    p = fma(p, z, L15)
+    p = fma(p, z, L13)
+    p = fma(p, z, L11)
+    p = fma(p, z, L9)
+    p = fma(p, z, L7)
+    p = fma(p, z, L5)
+    p = fma(p, z, L3)
+    kf = np.float64(k)
+    v = fma(kf, LN2_HI, fma(s * z, p, fma(kf, LN2_LO, L1 * s)))
+    return -INF if m == 0.0 else v
+
+
+@njit(nogil=True, cache=True)
+def _log_bad(m):
+    """1 where ``_log_lane`` is not valid (subnormal, > MAX_FINITE, negative, NaN)."""
+    return np.int64(not ((m >= MIN_NORMAL) & (m <= MAX_FINITE))) & np.int64(m != 0.0)
+
+
+@njit(nogil=True, cache=True)
+def _log_mix(beta, omb, p, q, lp, lq):
+    """log(beta p + omb q) by libm, in log space where the sum underflows."""
+    m = beta * p + omb * q
+    if (m >= MIN_NORMAL) | ((p == 0.0) & (q == 0.0)) | (m != m):
+        return _log_exact(m)
+    u = math.log(beta) + lp if (beta > 0.0) & (p > 0.0) else -INF
+    v = math.log(omb) + lq if (omb > 0.0) & (q > 0.0) else -INF
+    hi = max(u, v)
+    return hi + math.log1p(math.exp(min(u, v) - hi))
+
+
+@njit(nogil=True, cache=True)
+def _log_exact(m):
+    if m == 0.0:
+        return -INF
+    if m != m or m < 0.0:
+        return math.nan
+    return math.log(m)
+
+
+@njit(nogil=True, cache=True)
+def _key(x):
+    """An int64 that orders like the float64 x."""
+    b = f64_as_i64(x)
+    return b ^ ((b >> 63) & ABS_BITS)
+
+
+@njit(nogil=True, cache=True)
+def _unkey(k):
+    return i64_as_f64(k ^ ((k >> 63) & ABS_BITS))
+
+
+# --------------------------------------------------------------------------- chunk stages
+
+
+@njit(nogil=True, cache=True)
+def _load(buf, geo, k, row, j, mm, inv_t, dst):
+    """dst[:mm] = float64(array k)[row, j:j+mm] * inv_t; returns their max (NaN ignored
+    unless its sign bit is clear, in which case it may come back as NaN)."""
+    off = geo[k, 0] + row * geo[k, 1]
+    s1 = geo[k, 2]
+    o = off + j * s1
+    km = MIN_KEY
+    if s1 == 1:
+        v = buf[o : o + mm]
+        for i in range(mm):
+            x = np.float64(v[i]) * inv_t
+            dst[i] = x
+            km = max(km, _key(x))
+    else:
+        for i in range(mm):
+            x = np.float64(buf[o + i * s1]) * inv_t
+            dst[i] = x
+            km = max(km, _key(x))
+    return _unkey(km)
+
+
+@njit(nogil=True, cache=True)
+def _tsum(x, mm):
+    """Sum of x[:mm] by in-place halving (x has room for the next power of two >= 8)."""
+    n = 8
+    while n < mm:
+        n *= 2
+    for i in range(mm, n):
+        x[i] = 0.0
+    h = n // 2
+    while h >= 8:
+        for i in range(h):
+            x[i] += x[i + h]
+        h //= 2
+    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+
+
+@njit(nogil=True, cache=True)
+def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s):
+    """ea = e^(xa - ra), eb = e^(xb - rb), tt = ea * ((xa - ra) - (xb - rb)) (0 where ea
+    == 0) if want_s."""
+    bad = 0
+    if want_s:
+        for i in range(mm):
+            da = xa[i] - ra
+            db = xb[i] - rb
+            u = _exp_lane(da)
+            w = _exp_lane(db)
+            bad |= _exp_bad(da) | _exp_bad(db)
+            ea[i] = u
+            eb[i] = w
+            tt[i] = 0.0 if u == 0.0 else u * (da - db)
+    else:
+        for i in range(mm):
+            da = xa[i] - ra
+            db = xb[i] - rb
+            ea[i] = _exp_lane(da)
+            eb[i] = _exp_lane(db)
+            bad |= _exp_bad(da) | _exp_bad(db)
+    if bad:
+        for i in range(mm):
+            da = xa[i] - ra
+            db = xb[i] - rb
+            if _exp_bad(da) | _exp_bad(db):
+                u = _exp_exact(da)
+                ea[i] = u
+                eb[i] = _exp_exact(db)
+                if want_s:
+                    tt[i] = 0.0 if u == 0.0 else u * (da - db)
+
+
+@njit(nogil=True, cache=True)
+def _chunk_a(xa, ra, ea, tt, mm, want_h):
+    """ea = e^(xa - ra), tt = ea * (xa - ra) (0 where ea == 0) if want_h."""
+    bad = 0
+    if want_h:
+        for i in range(mm):
+            da = xa[i] - ra
+            u = _exp_lane(da)
+            bad |= _exp_bad(da)
+            ea[i] = u
+            tt[i] = 0.0 if u == 0.0 else u * da
+    else:
+        for i in range(mm):
+            da = xa[i] - ra
+            ea[i] = _exp_lane(da)
+            bad |= _exp_bad(da)
+    if bad:
+        for i in range(mm):
+            da = xa[i] - ra
+            if _exp_bad(da):
+                u = _exp_exact(da)
+                ea[i] = u
+                if want_h:
+                    tt[i] = 0.0 if u == 0.0 else u * da
+
+
+# --------------------------------------------------------------------------- row passes
+
+
+@njit(nogil=True, cache=True)
+def _ref(m):
+    """The shift actually used for a running max m: 0 while the row is all -inf so far."""
+    return m if m > -INF else 0.0
+
+
+@njit(nogil=True, cache=True)
+def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
+    """One pass over a row of a and b: (MA, ZA, MB, ZB, S) with ZA = sum e^(xa - MA),
+    S = sum e^(xa - MA) ((xa - MA) - (xb - MB)). NaN in MA when the row must be NaN."""
+    xa = bufs[0]
+    xb = bufs[1]
+    ea = bufs[2]
+    eb = bufs[3]
+    tt = bufs[4]
+    MA = -INF
+    MB = -INF
+    ZA = 0.0
+    ZB = 0.0
+    S = 0.0
+    for j in range(0, V, CH):
+        mm = min(CH, V - j)
+        ma = _load(ab, geo, 0, row, j, mm, inv_t, xa)
+        mb = _load(bb, geo, 1, row, j, mm, inv_t, xb)
+        if not ((ma < INF) & (mb < INF)):  # NaN or +inf: the row is NaN
+            return math.nan, 0.0, math.nan, 0.0, math.nan
+        if (ma > MA) | (mb > MB):
+            na = max(MA, ma)
+            nb = max(MB, mb)
+            da = _ref(na) - _ref(MA)
+            db = _ref(nb) - _ref(MB)
+            if ZA != 0.0:
+                sa = math.exp(-da)
+                S = 0.0 if sa == 0.0 else sa * (S - (da - db) * ZA)
+                ZA *= sa
+            if ZB != 0.0:
+                ZB *= math.exp(-db)
+            MA = na
+            MB = nb
+        _chunk_ab(xa, xb, _ref(MA), _ref(MB), ea, eb, tt, mm, want_s)
+        ZA += _tsum(ea, mm)
+        ZB += _tsum(eb, mm)
+        if want_s:
+            S += _tsum(tt, mm)
+    if (MA == -INF) | (MB == -INF):
+        return math.nan, 0.0, math.nan, 0.0, math.nan
+    return MA, ZA, MB, ZB, S
+
+
+@njit(nogil=True, cache=True)
+def _pass_a(ab, geo, k, row, V, inv_t, want_h, bufs):
+    """One pass over a row of array k: (MA, ZA, H) with H = sum e^(xa - MA) (xa - MA)."""
+    xa = bufs[0]
+    ea = bufs[2]
+    tt = bufs[4]
+    MA = -INF
+    ZA = 0.0
+    H = 0.0
+    for j in range(0, V, CH):
+        mm = min(CH, V - j)
+        ma = _load(ab, geo, k, row, j, mm, inv_t, xa)
+        if not (ma < INF):
+            return math.nan, 0.0, math.nan
+        if ma > MA:
+            da = _ref(ma) - _ref(MA)
+            if ZA != 0.0:
+                sa = math.exp(-da)
+                H = sa * (H - da * ZA)
+                ZA *= sa
+            MA = ma
+        _chunk_a(xa, _ref(MA), ea, tt, mm, want_h)
+        ZA += _tsum(ea, mm)
+        if want_h:
+            H += _tsum(tt, mm)
+    if MA == -INF:
+        return math.nan, 0.0, math.nan
+    return MA, ZA, H
+
+
+@njit(nogil=True, cache=True)
+def _jsd_pass2(ab, bb, geo, row, V, inv_t, ra, la, rb, lb, beta, bufs):
+    """(sum p (lp - lm), sum q (lq - lm), sum p, sum q) with lp = xa - ra - la, lq = xb - rb -
+    lb; elements with lp == lq add exactly 0 (identical rows give 0.0)."""
+    xa = bufs[0]
+    xb = bufs[1]
+    tp = bufs[2]
+    tq = bufs[3]
+    lpb = bufs[4]
+    lqb = bufs[5]
+    pb = bufs[6]
+    qb = bufs[7]
+    b1 = 1.0 - beta
+    SP = 0.0
+    SQ = 0.0
+    ZP = 0.0
+    ZQ = 0.0
+    for j in range(0, V, CH):
+        mm = min(CH, V - j)
+        _load(ab, geo, 0, row, j, mm, inv_t, xa)
+        _load(bb, geo, 1, row, j, mm, inv_t, xb)
+        bad = 0
+        for i in range(mm):
+            lp = (xa[i] - ra) - la
+            lq = (xb[i] - rb) - lb
+            p = _exp_lane(lp)
+            q = _exp_lane(lq)
+            bad |= _exp_bad(lp) | _exp_bad(lq)
+            lpb[i] = lp
+            lqb[i] = lq
+            pb[i] = p
+            qb[i] = q
+        if bad:
+            for i in range(mm):
+                if _exp_bad(lpb[i]) | _exp_bad(lqb[i]):
+                    pb[i] = _exp_exact(lpb[i])
+                    qb[i] = _exp_exact(lqb[i])
+        bad = 0
+        for i in range(mm):
+            p = pb[i]
+            q = qb[i]
+            m = beta * p + b1 * q
+            lm = _log_lane(m)
+            # m underflowed (a tiny beta or 1 - beta): log M is taken in log space
+            bad |= _log_bad(m) | np.int64((m < MIN_NORMAL) & ((p > 0.0) | (q > 0.0)))
+            same = lpb[i] == lqb[i]
+            tp[i] = 0.0 if (p == 0.0) | same else p * (lpb[i] - lm)
+            tq[i] = 0.0 if (q == 0.0) | same else q * (lqb[i] - lm)
+        if bad:
+            for i in range(mm):
+                p = pb[i]
+                q = qb[i]
+                m = beta * p + b1 * q
+                if _log_bad(m) | ((m < MIN_NORMAL) & ((p > 0.0) | (q > 0.0))):
+                    lm = _log_mix(beta, b1, p, q, lpb[i], lqb[i])
+                    same = lpb[i] == lqb[i]
+                    tp[i] = 0.0 if (p == 0.0) | same else p * (lpb[i] - lm)
+                    tq[i] = 0.0 if (q == 0.0) | same else q * (lqb[i] - lm)
+        SP += _tsum(tp, mm)
+        SQ += _tsum(tq, mm)
+        ZP += _tsum(pb, mm)
+        ZQ += _tsum(qb, mm)
+    return SP, SQ, ZP, ZQ
+
+
+@njit(nogil=True, cache=True)
+def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
+    """log_probs at inv_t == 1: rows are log P, log Q as given (no max, no normaliser).
+    Returns (S1, S2, sum P, sum Q): the op's sums and the rows' masses (0 for a row without
+    mass, which has no distribution)."""
+    if op == 1:
+        return _jsd_pass2(ab, bb, geo, row, V, 1.0, 0.0, 0.0, 0.0, 0.0, beta, bufs)
+    xa = bufs[0]
+    xb = bufs[1]
+    ea = bufs[2]
+    eb = bufs[3]
+    tt = bufs[4]
+    S = 0.0
+    ZA = 0.0
+    ZB = 0.0
+    for j in range(0, V, CH):
+        mm = min(CH, V - j)
+        _load(ab, geo, 0, row, j, mm, 1.0, xa)
+        if op == 2:
+            _chunk_a(xa, 0.0, ea, tt, mm, True)
+        else:
+            _load(bb, geo, 1, row, j, mm, 1.0, xb)
+            _chunk_ab(xa, xb, 0.0, 0.0, ea, eb, tt, mm, True)
+            ZB += _tsum(eb, mm)
+        ZA += _tsum(ea, mm)
+        S += _tsum(tt, mm)
+    return S, 0.0, ZA, (ZA if op == 2 else ZB)
+
+
+@njit(nogil=True, cache=True)
+def _jsd_value(beta, sp, sq):
+    """beta sp + (1 - beta) sq, a zero weight dropping its sum (sp may be +inf at beta 0)."""
+    return (0.0 if beta == 0.0 else beta * sp) + (0.0 if beta == 1.0 else (1.0 - beta) * sq)
+
+
+@njit(nogil=True, cache=True)
+def _row_value(ab, bb, geo, row, V, op, beta, inv_t, lpm, bufs):
+    if lpm:
+        s1, s2, za, zb = _row_logprobs(ab, bb, geo, row, V, op, beta, bufs)
+        if (za == 0.0) | (zb == 0.0):
+            return math.nan  # a row without probability mass
+        if op == 2:
+            return -s1
+        val = s1 if op == 0 else _jsd_value(beta, s1, s2)
+    elif op == 2:
+        MA, ZA, H = _pass_a(ab, geo, 0, row, V, inv_t, True, bufs)
+        return math.log(ZA) - H / ZA if MA == MA else math.nan
+    elif op == 0:
+        MA, ZA, MB, ZB, S = _pass_ab(ab, bb, geo, row, V, inv_t, True, bufs)
+        if MA != MA:
+            return math.nan
+        val = S / ZA - math.log1p((ZA - ZB) / ZB)
+    else:
+        MA, ZA, MB, ZB, _ = _pass_ab(ab, bb, geo, row, V, inv_t, False, bufs)
+        if MA != MA:
+            return math.nan
+        sp, sq, _, _ = _jsd_pass2(ab, bb, geo, row, V, inv_t, MA, math.log(ZA), MB,
+                                  math.log(ZB), beta, bufs)
+        val = _jsd_value(beta, sp, sq)
+    if val < 0.0:
+        val = 0.0  # rounding noise: KL, JSD >= 0 (NaN kept)
+    if op == 1 and (beta == 0.0 or beta == 1.0) and val == val:
+        val = 0.0
+    return val
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _rows_kernel(ab, bb, geo, rows, V, op, beta, inv_t, lpm, act, has_act, out):
+    nch = min(rows, NCHUNK)
+    for c in prange(nch):
+        bufs = np.empty((NBUF, CH))
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            if has_act and act[r] == 0:
+                out[r] = 0.0
+            else:
+                out[r] = _row_value(ab, bb, geo, r, V, op, beta, inv_t, lpm, bufs)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _token_kernel(bb, geo, rows, V, tokens, inv_t, ignore_index, out):
+    nch = min(rows, NCHUNK)
+    for c in prange(nch):
+        bufs = np.empty((NBUF, CH))
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            tok = tokens[r]
+            if tok == ignore_index:
+                out[r] = 0.0
+                continue
+            MB, ZB, _ = _pass_a(bb, geo, 0, r, V, inv_t, False, bufs)
+            if MB != MB:
+                out[r] = math.nan
+            else:
+                y = np.float64(bb[geo[0, 0] + r * geo[0, 1] + tok * geo[0, 2]]) * inv_t
+                out[r] = (y - MB) - math.log(ZB)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _grad_kernel(ab, bb, geo, rows, V, inv_t, rowscale, out_val, grad):
+    nch = min(rows, NCHUNK)
+    for c in prange(nch):
+        bufs = np.empty((NBUF, CH))
+        xa = bufs[0]
+        xb = bufs[1]
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            MA, ZA, MB, ZB, S = _pass_ab(ab, bb, geo, r, V, inv_t, True, bufs)
+            if MA != MA:
+                val = math.nan
+            else:
+                val = S / ZA - math.log1p((ZA - ZB) / ZB)
+                if val < 0.0:
+                    val = 0.0
+            out_val[r] = val
+            g = grad[r * V : (r + 1) * V]
+            rs = rowscale[r]
+            if rs == 0.0:
+                for i in range(V):
+                    g[i] = 0.0
+                continue
+            f = inv_t * rs
+            la = math.log(ZA) if MA == MA else math.nan
+            lb = math.log(ZB) if MA == MA else math.nan
+            for j in range(0, V, CH):
+                mm = min(CH, V - j)
+                _load(ab, geo, 0, r, j, mm, inv_t, xa)
+                _load(bb, geo, 1, r, j, mm, inv_t, xb)
+                gv = g[j : j + mm]
+                bad = 0
+                for i in range(mm):
+                    lp = (xa[i] - MA) - la
+                    lq = (xb[i] - MB) - lb
+                    bad |= _exp_bad(lp) | _exp_bad(lq)
+                    gv[i] = (_exp_lane(lq) - _exp_lane(lp)) * f
+                if bad:
+                    for i in range(mm):
+                        lp = (xa[i] - MA) - la
+                        lq = (xb[i] - MB) - lb
+                        if _exp_bad(lp) | _exp_bad(lq):
+                            gv[i] = (_exp_exact(lq) - _exp_exact(lp)) * f
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _buffer(a: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """A 1-D read-only view spanning ``a``'s memory, and (offset, row stride, col stride) of
+    ``a`` in elements within it. No copy unless a stride is not a multiple of the itemsize."""
+    rows, n = a.shape
+    if a.flags.c_contiguous:
+        flat = a.reshape(-1)
+        flat.flags.writeable = False
+        return flat, 0, n, 1
+    isz = a.itemsize
+    st0, st1 = a.strides
+    if st0 % isz or st1 % isz:
+        return _buffer(np.ascontiguousarray(a))
+    s0 = st0 // isz if rows > 1 else 0
+    s1 = st1 // isz if n > 1 else 0
+    lo = (rows - 1) * min(s0, 0) + (n - 1) * min(s1, 0)
+    span = 1 + (rows - 1) * abs(s0) + (n - 1) * abs(s1)
+    r0 = rows - 1 if s0 < 0 else 0
+    c0 = n - 1 if s1 < 0 else 0
+    corner = a[r0 : r0 + 1, c0 : c0 + 1]  # a view whose data pointer is the lowest address
+    flat = np.lib.stride_tricks.as_strided(corner, shape=(span,), strides=(isz,),
+                                           writeable=False)
+    return flat, -lo, s0, s1
+
+
+def _geometry(*arrays):
+    """Flat read-only buffers and their int64 [len(arrays), 3] (offset, row, col) strides."""
+    geo = np.zeros((len(arrays), 3), dtype=np.int64)
+    bufs = []
+    for k, a in enumerate(arrays):
+        flat, off, s0, s1 = _buffer(a)
+        geo[k] = (off, s0, s1)
+        bufs.append(flat)
+    return bufs, geo
+
+
+def _ro(x: np.ndarray, dtype) -> np.ndarray:
+    """A read-only contiguous 1-D view (a copy only if dtype or layout differ; O(rows))."""
+    v = np.ascontiguousarray(x, dtype=dtype).reshape(-1).view()
+    v.flags.writeable = False
+    return v
+
+
+_NO_ACTIVE = np.zeros(1, dtype=np.uint8)
+_NO_ACTIVE.flags.writeable = False
+
+
+def _out_buffer(out: np.ndarray) -> np.ndarray:
+    return out if out.flags.c_contiguous else np.empty(out.shape, np.float64)
+
+
+def logits_rows(a, b, op, beta, inv_t, log_probs, active, out):
+    """Per-row KL(P||Q) (op 0), JSD_beta (op 1) or entropy of P (op 2) into ``out``
+    (float64 [rows]); rows with ``active[r] == 0`` get 0.0."""
+    rows, V = a.shape
+    if rows == 0:
+        return
+    inv_t = float(inv_t)
+    (ab, bb), geo = _geometry(a, a if int(op) == 2 else b)
+    has_act = active is not None
+    act = _ro(active, np.uint8) if has_act else _NO_ACTIVE
+    o = _out_buffer(out)
+    lpm = bool(log_probs) and inv_t == 1.0
+    _rows_kernel(ab, bb, geo, rows, V, int(op), float(beta), inv_t, lpm, act, has_act, o)
+    if o is not out:
+        out[...] = o
+
+
+def logits_token(b, tokens, inv_t, ignore_index, out):
+    """out[r] = log softmax(b[r] * inv_t)[tokens[r]] (float64); 0.0 where tokens ==
+    ignore_index."""
+    rows, V = b.shape
+    if rows == 0:
+        return
+    (bb,), geo = _geometry(b)
+    o = _out_buffer(out)
+    _token_kernel(bb, geo, rows, V, _ro(tokens, np.int64), float(inv_t), int(ignore_index), o)
+    if o is not out:
+        out[...] = o
+
+
+def logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad):
+    """out_val[r] = KL(P||Q) (float64); out_grad = rowscale[r] * (Q - P) * inv_t (dtype of
+    the inputs; zeros where rowscale is 0)."""
+    rows, V = a.shape
+    if rows == 0:
+        return
+    (ab, bb), geo = _geometry(a, b)
+    o = _out_buffer(out_val)
+    flat = (out_grad.reshape(-1) if out_grad.flags.c_contiguous
+            else np.empty(rows * V, out_grad.dtype))
+    _grad_kernel(ab, bb, geo, rows, V, float(inv_t), _ro(rowscale, np.float64), o, flat)
+    if o is not out_val:
+        out_val[...] = o
+    if flat.base is not out_grad and not out_grad.flags.c_contiguous:
+        out_grad[...] = flat.reshape(rows, V)
