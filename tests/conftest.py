@@ -1,0 +1,53 @@
+"""Shared fixtures: the backends under test, the array-generator cases, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import fastkl
+
+import arrays
+
+BACKENDS = fastkl.available_backends()
+
+# modest example counts by default (the suite must run in minutes on 2 cores); CI can
+# ask for more with HYPOTHESIS_PROFILE=thorough
+settings.register_profile(
+    "default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_report_header(config):
+    return f"fastkl backends available: {BACKENDS}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory):
+    """Builds generator cases on demand (memmaps live in a session temp dir), cached."""
+    tmp = tmp_path_factory.mktemp("cases")
+    cache: dict[str, arrays.Case] = {}
+
+    def get(name: str) -> arrays.Case:
+        if name not in cache:
+            cache[name] = arrays.make_case(name, tmp)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
