@@ -5,11 +5,15 @@ numpy reference."""
 from .backends import available_backends
 from .logits import entropy_logits, jsd_logits, kl_logits, kl_logits_grad, token_logprobs
 from .mc import KLStats, kl_mc, kl_mc_grad, kl_mc_stats
+from .stream import LogitsAccumulator, LogitsReport, MCAccumulator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KLStats",
+    "LogitsAccumulator",
+    "LogitsReport",
+    "MCAccumulator",
     "__version__",
     "available_backends",
     "entropy_logits",

@@ -1,0 +1,678 @@
+"""Mergeable, pickleable accumulators: ``MCAccumulator`` (Monte Carlo KL estimates with error
+bars, chunk by chunk) and ``LogitsAccumulator`` (per-row KL / JSD / entropy between full
+distributions, with the statistics llama.cpp's ``--kl-divergence`` reports).
+
+Both keep only O(1) state (plus a fixed-size quantile sketch, and the per-row values when
+asked for). Partial results merge with the formulas of Chan, Golub & LeVeque (1979): for two
+parts with weights ``W_a, W_b``, weighted sums ``S_a, S_b`` and centred second moments
+``M2_a, M2_b``::
+
+    W = W_a + W_b,   S = S_a + S_b,
+    M2 = M2_a + M2_b + (S_b/W_b - S_a/W_a)**2 * W_a * W_b / W
+
+so any grouping of chunks gives the one-pass result up to rounding (a few ulp; the tests
+check 1e-12 relative), and a fixed chunking always gives the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _checks
+from .backends import get_backend
+from .backends._contract import LOGITS_OPS, N_PARTIALS
+from .mc import KLStats
+
+ArrayLike = Any
+
+_Z95 = 1.959963984540054
+
+# the percentiles llama.cpp prints, highest first (as fractions of 100)
+PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def merge_block_partials(part: np.ndarray) -> np.ndarray:
+    """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` (the kernel contract's
+    ``mc_partials``) in block order into ``[rows, N_PARTIALS]``: sums of W, S, sum w**2, NaN
+    count and n; ``M2 = sum_b M2_b + sum_b W_b (S_b/W_b - S/W)**2`` (Chan et al., all blocks
+    at once, as ``kl_mc_stats`` does)."""
+    if part.shape[1] == 1:
+        return part[:, 0, :].copy()
+    tot = part.sum(axis=1)
+    W = tot[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(W > 0, tot[:, 1] / W, 0.0)
+        bmean = np.where(part[..., 0] > 0, part[..., 1] / part[..., 0], 0.0)
+        spread = (part[..., 0] * (bmean - mean[:, None]) ** 2).sum(axis=1)
+    tot[:, 2] = tot[:, 2] + spread
+    return tot
+
+
+def chan_merge(Wa: float, Sa: float, M2a: float, Wb: float, Sb: float, M2b: float
+               ) -> tuple[float, float, float]:
+    """(W, S, M2) of the union of two weighted parts (Chan et al.)."""
+    if Wb <= 0:
+        return Wa + Wb, Sa + Sb, M2a + M2b
+    if Wa <= 0:
+        return Wa + Wb, Sa + Sb, M2a + M2b
+    W = Wa + Wb
+    d = Sb / Wb - Sa / Wa
+    return W, Sa + Sb, M2a + M2b + d * d * (Wa * Wb / W)
+
+
+def _flat_memory_order(a: np.ndarray | None, perm) -> np.ndarray | None:
+    if a is None:
+        return None
+    return a.transpose(perm).reshape(1, -1)
+
+
+# --------------------------------------------------------------------------- MC
+
+
+class MCAccumulator:
+    """Running Monte Carlo KL estimate with its error bar, fed chunk by chunk.
+
+    ``update(logq, logp, mask=None, log_iw=None)`` adds samples (any shape; the same options
+    as ``kl_mc_stats``), ``merge(other)`` adds another accumulator's samples (same estimator
+    and options), ``result()`` returns the ``KLStats`` that ``kl_mc_stats`` returns for all the
+    samples at once: ``mean = S/W``, ``std = sqrt(M2 / (W - sum w**2 / W))``, ``sem = std /
+    sqrt(W**2 / sum w**2)``, ``ci95 = mean -+ 1.96 sem``.
+
+    State: ``W = sum w``, ``S = sum w t``, ``M2 = sum w (t - S/W)**2``, ``sum w**2``, the number
+    of NaN terms and of included samples, merged with Chan's formulas (module docstring).
+
+    >>> acc = MCAccumulator("k3")
+    >>> for q, p in chunks:                       # doctest: +SKIP
+    ...     acc.update(q, p)
+    >>> acc.result().mean                         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        estimator: str = "k3",
+        *,
+        reverse: bool = False,
+        clamp_log_ratio: tuple[float, float] | None = None,
+        clamp_value: tuple[float, float] | None = None,
+        nan_policy: str = "propagate",
+        backend: str | None = None,
+    ) -> None:
+        self._est = _checks.estimator_code(estimator, reverse)
+        self.estimator = estimator
+        self.reverse = bool(reverse)
+        self._clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + \
+            _checks.clamp_pair(clamp_value, "clamp_value")
+        self.nan_policy = _checks.nan_policy(nan_policy)
+        get_backend(backend)  # fail early on an unknown backend
+        self.backend = backend
+        self._tot = np.zeros(N_PARTIALS)  # W, S, M2, sum w**2, NaN count, n
+        self.n_updates = 0
+
+    # options that must agree for a merge
+    def _key(self) -> tuple:
+        return (self._est, self._clamp, self.nan_policy)
+
+    def partials(self, logq: ArrayLike, logp: ArrayLike, mask: ArrayLike | None = None,
+                 log_iw: ArrayLike | None = None) -> np.ndarray:
+        """Merged partials ``[W, S, M2, sum w**2, NaN count, n]`` of one chunk (validated
+        like ``kl_mc_stats``), without adding them."""
+        q = _checks.float_array(logq, "logq")
+        p = _checks.float_array(logp, "logp")
+        _checks.same_shape(p, q.shape, "logp")
+        dtype = _checks.compute_dtype(q, p)
+        q = _checks.as_kernel_dtype(q, dtype)
+        p = _checks.as_kernel_dtype(p, dtype)
+        m = _checks.mask_array(mask, q.shape)
+        iw = _checks.log_iw_array(log_iw, q.shape, dtype)
+        if q.size == 0:
+            return np.zeros(N_PARTIALS)
+        # memory order of logq, as kl_mc_stats reads a full reduction (no copy for views)
+        perm = sorted(range(q.ndim), key=lambda i: -abs(q.strides[i]))
+        views = [_flat_memory_order(a, perm) for a in (q, p, m, iw)]
+        be = get_backend(self.backend)
+        part = be.mc_partials(*views, self._est, self._clamp, True)
+        tot = merge_block_partials(part)[0]
+        if self.nan_policy == "raise" and tot[4] > 0:
+            out = np.empty(views[0].shape, dtype=dtype)
+            be.mc_terms(*views, self._est, self._clamp, out)
+            bad = np.isnan(out[0])
+            if views[2] is not None:
+                bad &= views[2][0] != 0
+            k = int(np.flatnonzero(bad)[0])
+            # position k of the memory-order flattening, back to an index of logq
+            shp = tuple(q.shape[i] for i in perm)
+            sub = np.unravel_index(k, shp)
+            idx = [0] * q.ndim
+            for ax, v in zip(perm, sub, strict=True):
+                idx[ax] = int(v)
+            raise ValueError(
+                f"nan_policy='raise': the term at index {tuple(idx)} of update "
+                f"{self.n_updates} is NaN (logq={float(q[tuple(idx)])!r}, "
+                f"logp={float(p[tuple(idx)])!r})"
+            )
+        return tot
+
+    def add_partials(self, tot: np.ndarray) -> MCAccumulator:
+        """Add merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (from ``partials`` or
+        a kernel's ``mc_partials`` merged in block order)."""
+        a = self._tot
+        W, S, M2 = chan_merge(a[0], a[1], a[2], float(tot[0]), float(tot[1]), float(tot[2]))
+        self._tot = np.array([W, S, M2, a[3] + tot[3], a[4] + tot[4], a[5] + tot[5]])
+        self.n_updates += 1
+        return self
+
+    def update(self, logq: ArrayLike, logp: ArrayLike, mask: ArrayLike | None = None,
+               log_iw: ArrayLike | None = None) -> MCAccumulator:
+        """Add the samples of one chunk (any shape; ``mask``, ``log_iw`` of the same shape).
+        With ``nan_policy="raise"`` a NaN term raises and leaves the state unchanged."""
+        return self.add_partials(self.partials(logq, logp, mask, log_iw))
+
+    def merge(self, other: MCAccumulator) -> MCAccumulator:
+        """Add the samples another accumulator (same estimator, clamps and NaN policy) saw."""
+        if not isinstance(other, MCAccumulator):
+            raise TypeError(f"other must be an MCAccumulator, got {type(other).__name__}")
+        if other._key() != self._key():
+            raise ValueError("other was made with a different estimator, clamps or nan_policy")
+        n = self.n_updates + other.n_updates
+        self.add_partials(other._tot)
+        self.n_updates = n
+        return self
+
+    @property
+    def n(self) -> int:
+        """Samples included so far (mask != 0, term not NaN)."""
+        return int(self._tot[5])
+
+    @property
+    def total(self) -> tuple[float, float]:
+        """``(sum w t, sum w)`` so far: ``kl_mc(..., reduction="sum")`` and its weight."""
+        return float(self._tot[1]), float(self._tot[0])
+
+    def result(self) -> KLStats:
+        """The ``KLStats`` of every sample seen (NaN fields when there is none, or a NaN term
+        under ``nan_policy="propagate"``)."""
+        return stats_from_partials(self._tot, self.nan_policy)
+
+    def __repr__(self) -> str:
+        return (f"MCAccumulator({self.estimator!r}, reverse={self.reverse}, n={self.n}, "
+                f"updates={self.n_updates})")
+
+
+def stats_from_partials(tot: np.ndarray, policy: str = "propagate") -> KLStats:
+    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (the formulas
+    of ``kl_mc_stats``)."""
+    W, S, M2, W2, nbad, cnt = (float(v) for v in tot)
+    n = int(cnt)
+    if (policy == "propagate" and nbad > 0) or W <= 0:
+        nan = math.nan
+        return KLStats(nan, nan, nan, n, (nan, nan))
+    mean = S / W
+    denom = W - W2 / W
+    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
+    sem = std / math.sqrt(W * W / W2)
+    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
+
+
+# --------------------------------------------------------------------------- sketch
+
+
+class QuantileSketch:
+    """A mergeable quantile sketch with relative accuracy ``alpha`` (DDSketch-style
+    logarithmic buckets: Masson, Rim & Lee, VLDB 2019).
+
+    A value x with ``|x|`` in ``[1e-12, 1e12]`` goes to bucket ``i = ceil(log|x| / log g)``,
+    ``g = (1 + alpha) / (1 - alpha)``, one array per sign; the bucket's representative
+    ``2 g**i / (g + 1)`` is within ``alpha`` relative of every value in it. ``|x| < 1e-12``
+    counts as 0, larger magnitudes (and infinities) go to an overflow bucket read back as the
+    exact minimum / maximum. Merging adds the counts, so it is exact and order-free.
+    A percentile (linear interpolation between order statistics, like numpy's default) is
+    within ``alpha`` relative of the exact one when both neighbouring order statistics have
+    the same sign, within ``alpha * max|neighbour|`` otherwise.
+    """
+
+    LO, HI = 1e-12, 1e12
+
+    def __init__(self, alpha: float = 1e-3) -> None:
+        if not 0 < alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}")
+        self.alpha = float(alpha)
+        self._lng = math.log((1 + alpha) / (1 - alpha))
+        self._i0 = math.floor(math.log(self.LO) / self._lng)  # index of bucket 0
+        self._nb = math.ceil(math.log(self.HI) / self._lng) - self._i0 + 2  # + overflow
+        self.pos = np.zeros(self._nb, dtype=np.int64)
+        self.neg = np.zeros(self._nb, dtype=np.int64)
+        self.zero = 0
+        self.count = 0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def update(self, x: np.ndarray) -> None:
+        """Add the non-NaN values of ``x``."""
+        x = np.asarray(x, dtype=np.float64).ravel()
+        x = x[~np.isnan(x)]
+        if x.size == 0:
+            return
+        self.count += x.size
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        ax = np.abs(x)
+        small = ax < self.LO
+        self.zero += int(small.sum())
+        big = ax > self.HI
+        with np.errstate(divide="ignore", invalid="ignore"):
+            idx = np.ceil(np.log(np.where(small | big, 1.0, ax)) / self._lng) - self._i0
+        idx = np.clip(idx, 0, self._nb - 2).astype(np.int64)
+        idx[big] = self._nb - 1
+        for sign, arr in ((x > 0, self.pos), (x < 0, self.neg)):
+            keep = sign & ~small
+            if keep.any():
+                arr += np.bincount(idx[keep], minlength=self._nb)
+
+    def merge(self, other: QuantileSketch) -> None:
+        if other.alpha != self.alpha:
+            raise ValueError("cannot merge sketches of different accuracy")
+        self.pos += other.pos
+        self.neg += other.neg
+        self.zero += other.zero
+        self.count += other.count
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+    def _rep(self, idx: np.ndarray) -> np.ndarray:
+        g = math.exp(self._lng)
+        return 2.0 * np.exp((idx + self._i0) * self._lng) / (g + 1.0)
+
+    def buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(representative values ascending, counts) of the non-empty buckets; overflow
+        buckets are represented by the exact min / max."""
+        ip, ineg = np.flatnonzero(self.pos), np.flatnonzero(self.neg)
+        vp, vn = self._rep(ip.astype(float)), -self._rep(ineg.astype(float))
+        vp[ip == self._nb - 1] = self.max
+        vn[ineg == self._nb - 1] = self.min
+        vals = np.concatenate([vn[::-1], [0.0] if self.zero else [], vp])
+        cnts = np.concatenate([self.neg[ineg][::-1], [self.zero] if self.zero else [],
+                               self.pos[ip]]).astype(np.int64)
+        return np.clip(vals, self.min, self.max), cnts
+
+    def quantiles(self, qs: Iterable[float]) -> list[float]:
+        """Approximate quantiles (fractions in [0, 1])."""
+        qs = list(qs)
+        if self.count == 0:
+            return [math.nan] * len(qs)
+        vals, cnts = self.buckets()
+        cum = np.cumsum(cnts)
+        out = []
+        for q in qs:
+            k = q * (self.count - 1)
+            lo, hi = math.floor(k), math.ceil(k)
+            vlo = vals[np.searchsorted(cum, lo, side="right")]
+            vhi = vals[np.searchsorted(cum, hi, side="right")]
+            if lo == 0:
+                vlo = self.min
+            if hi == self.count - 1:
+                vhi = self.max
+            out.append(float(vlo + (vhi - vlo) * (k - lo)))
+        return out
+
+
+# --------------------------------------------------------------------------- moments
+
+
+@dataclass
+class _Moments:
+    """Count, sum and centred second moment of a stream of values (unweighted), plus NaN
+    count, min and max; a quantile sketch and optionally the values themselves."""
+
+    keep: bool = False
+    n: int = 0
+    s: float = 0.0
+    m2: float = 0.0
+    nan: int = 0
+    lo: float = math.inf
+    hi: float = -math.inf
+    sketch: QuantileSketch = field(default_factory=QuantileSketch)
+    values: list = field(default_factory=list)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).ravel()
+        bad = np.isnan(x)
+        nbad = int(bad.sum())
+        if nbad:
+            x = x[~bad]
+            self.nan += nbad
+        if x.size:
+            s = float(x.sum())
+            with np.errstate(invalid="ignore"):
+                m2 = float(((x - s / x.size) ** 2).sum())
+            _, self.s, self.m2 = chan_merge(self.n, self.s, self.m2, x.size, s, m2)
+            self.n += x.size
+            self.lo = min(self.lo, float(x.min()))
+            self.hi = max(self.hi, float(x.max()))
+            self.sketch.update(x)
+            if self.keep:
+                self.values.append(x.copy())
+
+    def merge(self, o: _Moments) -> None:
+        _, self.s, self.m2 = chan_merge(self.n, self.s, self.m2, o.n, o.s, o.m2)
+        self.n += o.n
+        self.nan += o.nan
+        self.lo, self.hi = min(self.lo, o.lo), max(self.hi, o.hi)
+        self.sketch.merge(o.sketch)
+        if self.keep:
+            if o.keep:
+                self.values.extend(v.copy() for v in o.values)
+            else:  # the merged result can no longer give exact percentiles
+                self.keep = False
+                self.values = []
+
+    def mean(self, policy: str) -> float:
+        if self.n == 0 or (policy == "propagate" and self.nan):
+            return math.nan
+        return self.s / self.n
+
+    def std(self, policy: str) -> float:
+        if self.n < 2 or (policy == "propagate" and self.nan):
+            return math.nan
+        return math.sqrt(self.m2 / (self.n - 1))
+
+    def sem(self, policy: str) -> float:
+        return self.std(policy) / math.sqrt(self.n) if self.n else math.nan
+
+    def percentiles(self, policy: str) -> tuple[dict[float, float], bool]:
+        """({percent: value}, exact?)."""
+        if self.n == 0 or (policy == "propagate" and self.nan):
+            return {q: math.nan for q in PERCENTILES}, self.keep
+        if self.keep:
+            v = np.concatenate(self.values)
+            return dict(zip(PERCENTILES, (float(x) for x in np.percentile(v, PERCENTILES)),
+                            strict=True)), True
+        qs = self.sketch.quantiles(p / 100.0 for p in PERCENTILES)
+        return dict(zip(PERCENTILES, qs, strict=True)), False
+
+
+# --------------------------------------------------------------------------- logits
+
+
+@dataclass(frozen=True)
+class LogitsReport:
+    """Statistics of a per-row divergence between two sets of next-token distributions
+    (``LogitsAccumulator.result()``, ``compare_logits``), llama.cpp ``--kl-divergence`` style.
+
+    ``mean``, ``std``, ``sem = std / sqrt(n)`` of the per-row values (KL(P_base || P_test)
+    for ``op="kl"``), ``minimum``, ``maximum``, ``percentiles`` ({99.9: ..., 50.0: ...,
+    0.1: ...}; exact when ``percentiles_exact``, else from a quantile sketch within 0.1%
+    relative), ``same_top`` = fraction of rows where argmax P_base = argmax P_test with
+    ``same_top_sem = sqrt(f (1 - f) / (n - 1))``.
+
+    With tokens (``n_tokens > 0``): ``dp_*`` the statistics of ``Δp = p_test(token) -
+    p_base(token)``; ``rms_dp = sqrt(mean Δp²)`` with ``rms_dp_sem = sem(Δp²) / (2 rms_dp)``;
+    ``ppl_test = exp(mean NLL_test)``, ``ppl_base`` (``sem`` = ppl * sem(NLL)),
+    ``ln_ppl_ratio = mean(NLL_test - NLL_base)`` with its sem, ``ppl_ratio = exp(ln_ppl_ratio)``
+    and ``cor_ln_ppl`` the correlation of the per-token NLLs.
+    """
+
+    op: str
+    n: int
+    n_nan: int
+    mean: float
+    std: float
+    sem: float
+    minimum: float
+    maximum: float
+    percentiles: dict
+    percentiles_exact: bool
+    same_top: float
+    same_top_sem: float
+    n_tokens: int = 0
+    dp_mean: float = math.nan
+    dp_std: float = math.nan
+    dp_sem: float = math.nan
+    dp_minimum: float = math.nan
+    dp_maximum: float = math.nan
+    dp_percentiles: dict = field(default_factory=dict)
+    rms_dp: float = math.nan
+    rms_dp_sem: float = math.nan
+    ppl_test: float = math.nan
+    ppl_test_sem: float = math.nan
+    ppl_base: float = math.nan
+    ppl_base_sem: float = math.nan
+    ln_ppl_ratio: float = math.nan
+    ln_ppl_ratio_sem: float = math.nan
+    ppl_ratio: float = math.nan
+    ppl_ratio_sem: float = math.nan
+    cor_ln_ppl: float = math.nan
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-ready apart from NaN/inf floats); percentile keys are strings
+        such as ``"99.9"``."""
+        d = {}
+        for k in self.__dataclass_fields__:
+            v = getattr(self, k)
+            if k in ("percentiles", "dp_percentiles"):
+                v = {f"{p:g}": float(x) for p, x in v.items()}
+            elif k == "extra":
+                v = dict(v)
+            d[k] = v
+        return d
+
+
+def _rows_2d(x: np.ndarray, axis: int) -> np.ndarray:
+    x = np.moveaxis(x, axis, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+class LogitsAccumulator:
+    """Per-row divergences between two sets of logits, accumulated chunk by chunk.
+
+    ``update(logits_p, logits_q, tokens=None, mask=None)`` with ``P = softmax(logits_p / T)``
+    (the base) and ``Q = softmax(logits_q / T)`` (the test), vocabulary along ``axis``: per row
+    ``op="kl"``: KL(P||Q); ``"jsd"``: JSD_beta(P, Q); ``"entropy"``: H(P) (``logits_q`` may be
+    omitted). Keeps count, sum, M2 (mean, std, sem), min, max, NaN count, a quantile sketch
+    (or every value with ``keep_values=True``: exact percentiles, 8 bytes per row), and the
+    rate of rows where argmax P = argmax Q. With ``tokens`` (the observed next token per row;
+    ``ignore_index`` rows skipped): ``Δp = Q(token) - P(token)``, its square, the per-token
+    NLLs ``-log Q(token)``, ``-log P(token)`` and their difference (for PPL(Q)/PPL(base)).
+
+    ``mask`` (bool per row) drops rows entirely. ``nan_policy``: "propagate" (a NaN row value
+    makes the mean, std and percentiles NaN) or "omit". ``merge`` combines accumulators made
+    with the same options; ``result()`` gives a ``LogitsReport``.
+    """
+
+    def __init__(
+        self,
+        op: str = "kl",
+        *,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        keep_values: bool = False,
+        nan_policy: str = "propagate",
+        ignore_index: int = -100,
+        backend: str | None = None,
+    ) -> None:
+        if op not in LOGITS_OPS:
+            raise ValueError(f"op must be one of {list(LOGITS_OPS)}, got {op!r}")
+        self.op = op
+        self.temperature = _checks.temperature(temperature)
+        self.beta = _checks.beta(beta)
+        if not isinstance(keep_values, (bool, np.bool_)):
+            raise TypeError(f"keep_values must be a bool, got {type(keep_values).__name__}")
+        policy = _checks.nan_policy(nan_policy)
+        if policy == "raise":
+            raise ValueError("nan_policy must be 'propagate' or 'omit' for LogitsAccumulator")
+        self.nan_policy = policy
+        self.ignore_index = int(ignore_index)
+        get_backend(backend)
+        self.backend = backend
+        self.keep_values = bool(keep_values)
+        self.values = _Moments(keep=self.keep_values)
+        self.dp = _Moments(keep=self.keep_values)
+        self.dp2 = _Moments()
+        self.nll_test = _Moments()
+        self.nll_base = _Moments()
+        self.nll_diff = _Moments()
+        self.n_rows = 0
+        self.n_top = 0
+        self.n_same_top = 0
+
+    def _key(self) -> tuple:
+        return (self.op, self.temperature, self.beta, self.nan_policy, self.ignore_index)
+
+    # ---------------------------------------------------------------- feeding
+
+    def update(self, logits_p: ArrayLike, logits_q: ArrayLike | None = None, *,
+               tokens: ArrayLike | None = None, mask: ArrayLike | None = None,
+               axis: int = -1) -> LogitsAccumulator:
+        """Add the rows of one chunk (``[..., vocab]`` along ``axis``)."""
+        a = _checks.float_array(logits_p, "logits_p")
+        if logits_q is None:
+            if self.op != "entropy":
+                raise TypeError(f"op={self.op!r} needs logits_q")
+            b = None
+        else:
+            b = _checks.float_array(logits_q, "logits_q")
+            _checks.same_shape(b, a.shape, "logits_q", "logits_p")
+        if a.ndim == 0:
+            raise ValueError("logits_p must have at least 1 dimension (the vocabulary)")
+        ax = _checks.single_axis(axis, a.ndim)
+        lead = np.moveaxis(a, ax, -1).shape[:-1]
+        vocab = a.shape[ax]
+        if vocab == 0:
+            raise ValueError("logits_p has an empty vocabulary axis: softmax undefined")
+        keep = None
+        if mask is not None:
+            m = _checks.mask_array(mask, lead, f"logits_p without axis {ax}")
+            keep = (m != 0).reshape(-1)
+        tok = None
+        if tokens is not None:
+            if b is None:
+                raise TypeError("tokens need logits_q (Δp and perplexities compare two models)")
+            tok = _checks.tokens_array(tokens, lead, vocab, self.ignore_index).reshape(-1)
+        dtype = _checks.compute_dtype(a) if b is None else _checks.compute_dtype(a, b)
+        a2 = _rows_2d(a, ax)
+        b2 = None if b is None else _rows_2d(b, ax)
+        # convert at most ~32 MB of rows at a time (float16, byte-swapped inputs)
+        step = max(1, (32 << 20) // max(1, vocab * dtype.itemsize))
+        for r0 in range(0, a2.shape[0], step):
+            sl = slice(r0, min(a2.shape[0], r0 + step))
+            aa = _checks.as_kernel_dtype(a2[sl], dtype)
+            bb = None if b2 is None else _checks.as_kernel_dtype(b2[sl], dtype)
+            self._add_block(aa, bb, None if tok is None else tok[sl],
+                            None if keep is None else keep[sl])
+        return self
+
+    def _add_block(self, a: np.ndarray, b: np.ndarray | None, tok: np.ndarray | None,
+                   keep: np.ndarray | None, *, token_logp_base: np.ndarray | None = None
+                   ) -> None:
+        """Native float32/64 ``[rows, V]`` blocks -> statistics. ``token_logp_base``
+        overrides log P(token) (llama.cpp base files store it directly)."""
+        if keep is not None:
+            if not keep.all():
+                a = a[keep]
+                b = None if b is None else b[keep]
+                tok = None if tok is None else tok[keep]
+                if token_logp_base is not None:
+                    token_logp_base = token_logp_base[keep]
+        rows = a.shape[0]
+        if rows == 0:
+            return
+        be = get_backend(self.backend)
+        inv_t = 1.0 / self.temperature
+        vals = np.empty(rows, dtype=np.float64)
+        be.logits_rows(a, a if b is None else b, LOGITS_OPS[self.op], self.beta, inv_t, False,
+                       None, vals)
+        self.values.update(vals)
+        self.n_rows += rows
+        if b is not None:
+            self.n_top += rows
+            self.n_same_top += int((np.argmax(a, axis=1) == np.argmax(b, axis=1)).sum())
+        if tok is not None:
+            sel = tok != self.ignore_index
+            if not sel.all():
+                a, b, tok = a[sel], b[sel], tok[sel]
+                if token_logp_base is not None:
+                    token_logp_base = token_logp_base[sel]
+            if tok.size:
+                lp = np.empty(tok.size)
+                lq = np.empty(tok.size)
+                if token_logp_base is None:
+                    be.logits_token(a, tok, inv_t, self.ignore_index, lp)
+                else:
+                    lp[:] = token_logp_base
+                be.logits_token(b, tok, inv_t, self.ignore_index, lq)
+                dp = np.exp(lq) - np.exp(lp)
+                self.dp.update(dp)
+                self.dp2.update(dp * dp)
+                self.nll_test.update(-lq)
+                self.nll_base.update(-lp)
+                with np.errstate(invalid="ignore"):
+                    self.nll_diff.update(lp - lq)
+
+    def merge(self, other: LogitsAccumulator) -> LogitsAccumulator:
+        """Add the rows another accumulator (same op, temperature, beta, NaN policy) saw."""
+        if not isinstance(other, LogitsAccumulator):
+            raise TypeError(f"other must be a LogitsAccumulator, got {type(other).__name__}")
+        if other._key() != self._key():
+            raise ValueError("other was made with a different op, temperature, beta, "
+                             "nan_policy or ignore_index")
+        for name in ("values", "dp", "dp2", "nll_test", "nll_base", "nll_diff"):
+            getattr(self, name).merge(getattr(other, name))
+        self.n_rows += other.n_rows
+        self.n_top += other.n_top
+        self.n_same_top += other.n_same_top
+        return self
+
+    # ---------------------------------------------------------------- results
+
+    def result(self) -> LogitsReport:
+        pol = self.nan_policy
+        v = self.values
+        pct, exact = v.percentiles(pol)
+        if self.n_top:
+            f = self.n_same_top / self.n_top
+            f_sem = math.sqrt(f * (1 - f) / (self.n_top - 1)) if self.n_top > 1 else math.nan
+        else:
+            f = f_sem = math.nan
+        prop = pol == "propagate" and v.nan > 0
+        kw: dict[str, Any] = dict(
+            op=self.op, n=v.n + v.nan, n_nan=v.nan, mean=v.mean(pol), std=v.std(pol),
+            sem=v.sem(pol), minimum=math.nan if prop or not v.n else v.lo,
+            maximum=math.nan if prop or not v.n else v.hi, percentiles=pct,
+            percentiles_exact=exact, same_top=f, same_top_sem=f_sem,
+        )
+        nt = self.dp.n + self.dp.nan
+        if nt:
+            d, d2 = self.dp, self.dp2
+            dprop = pol == "propagate" and d.nan > 0
+            ms = d2.mean(pol)
+            rms = math.sqrt(ms) if ms == ms else math.nan
+            rms_sem = d2.sem(pol) / (2 * rms) if rms > 0 else math.nan
+            lt, lb, ld = (m.mean(pol) for m in (self.nll_test, self.nll_base, self.nll_diff))
+            st, sb, sd = (m.sem(pol) for m in (self.nll_test, self.nll_base, self.nll_diff))
+            vt, vb, vd = (m.std(pol) ** 2 for m in (self.nll_test, self.nll_base,
+                                                     self.nll_diff))
+            cov = 0.5 * (vt + vb - vd)
+            cor = cov / math.sqrt(vt * vb) if vt > 0 and vb > 0 else math.nan
+            dpct, _ = d.percentiles(pol)
+            with np.errstate(over="ignore"):
+                ppl_t, ppl_b, ratio = (float(np.exp(x)) for x in (lt, lb, ld))
+            kw.update(
+                n_tokens=nt, dp_mean=d.mean(pol), dp_std=d.std(pol), dp_sem=d.sem(pol),
+                dp_minimum=math.nan if dprop or not d.n else d.lo,
+                dp_maximum=math.nan if dprop or not d.n else d.hi, dp_percentiles=dpct,
+                rms_dp=rms, rms_dp_sem=rms_sem, ppl_test=ppl_t, ppl_test_sem=ppl_t * st,
+                ppl_base=ppl_b, ppl_base_sem=ppl_b * sb, ln_ppl_ratio=ld, ln_ppl_ratio_sem=sd,
+                ppl_ratio=ratio, ppl_ratio_sem=ratio * sd, cor_ln_ppl=cor,
+            )
+        return LogitsReport(**kw)
+
+    def __repr__(self) -> str:
+        return f"LogitsAccumulator({self.op!r}, rows={self.n_rows}, tokens={self.dp.n})"
