@@ -11,6 +11,8 @@ Ops (samples x ~ q, ``l = logp - logq``):
 * ``stats k3``: (mean, sample std) of the k3 terms (``fastkl.kl_mc_stats``).
 * ``seq-mean-token-mean k3``: on a 2-D ``[rows, cols]`` reshape with a padding mask, the
   masked mean of the k3 terms per row, then the mean over rows with at least one token.
+* ``none k3``: the per-sample k3 terms (an array in the input precision).
+* ``grad k3``: the k3 mean and its gradient with respect to ``logq``, ``(1 - r) / n``.
 
 Peers: the numpy textbook formulas (what users write today) and the same formulas in torch
 (CPU) when torch is importable. scipy has no Monte Carlo KL estimator (``rel_entr`` computes
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-OPS = ("k1", "k2", "k3", "stats k3", "seq-mean-token-mean k3")
+OPS = ("k1", "k2", "k3", "stats k3", "seq-mean-token-mean k3", "none k3", "grad k3")
 _EST = {"k1": 0, "k2": 1, "k3": 2}  # fastkl.backends._contract.EST_CODES (forward)
 SEQ_COLS = 500  # tokens per row of the 2-D reshape
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -110,6 +112,15 @@ def reference(op: str, case: Case):
             t = _ref_terms(case.logq[i:i + _CHUNK], case.logp[i:i + _CHUNK], 2)
             m2 += float(np.sum((t - mean) ** 2))
         return mean, math.sqrt(m2 / (case.n - 1)) if case.n > 1 else math.nan
+    if op in ("none k3", "grad k3"):
+        t = np.empty(case.n)
+        g = np.empty(case.n)
+        for i in range(0, case.n, _CHUNK):
+            sl = slice(i, i + _CHUNK)
+            l = case.logp[sl].astype(np.float64) - case.logq[sl].astype(np.float64)
+            t[sl] = _ref_terms(case.logq[sl], case.logp[sl], 2)
+            g[sl] = -np.expm1(l) / case.n
+        return t if op == "none k3" else (float(np.mean(t)), g)
     if op == "seq-mean-token-mean k3":
         rows = case.logq2.shape[0]
         step = max(1, _CHUNK // max(case.logq2.shape[1], 1))
@@ -129,6 +140,24 @@ def matches(result, ref, rtol: float = 1e-5) -> bool:
     a = np.atleast_1d(np.asarray(result, dtype=np.float64))
     b = np.atleast_1d(np.asarray(ref, dtype=np.float64))
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=rtol, atol=0.0, equal_nan=True))
+
+
+def _close_arrays(got, ref) -> bool:
+    """Per-element: rtol 1e-5, or 1e-6 of the largest |ref| (the float32 textbook formula
+    loses all digits of the tiniest terms, which is the point of fastkl, not a mismatch)."""
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return got.shape == ref.shape and bool(np.allclose(got, ref, rtol=1e-5, atol=1e-6 * scale))
+
+
+def matches_op(op: str, result, ref) -> bool:
+    """``matches`` for the scalar ops; arrays (``none k3``) and (value, gradient) pairs
+    (``grad k3``) element by element."""
+    if op == "none k3":
+        return _close_arrays(result, ref)
+    if op == "grad k3":
+        return matches(result[0], ref[0]) and _close_arrays(result[1], ref[1])
+    return matches(result, ref)
 
 
 # --------------------------------------------------------------------------- implementations
@@ -171,8 +200,17 @@ def _numpy_textbook() -> dict[str, Callable[[Case], object]]:
         per_row = (t * m).sum(axis=1)[cnt > 0] / cnt[cnt > 0]
         return float(per_row.mean())
 
+    def none_k3(c):
+        l = c.logp - c.logq
+        return np.exp(l) - 1 - l
+
+    def grad_k3(c):
+        l = c.logp - c.logq
+        r = np.exp(l)
+        return float(np.mean(r - 1 - l)), (1 - r) / c.n
+
     return {"k1": k1, "k2": k2, "k3": k3, "stats k3": stats_k3,
-            "seq-mean-token-mean k3": seq_k3}
+            "seq-mean-token-mean k3": seq_k3, "none k3": none_k3, "grad k3": grad_k3}
 
 
 def _torch_textbook(torch) -> dict[str, Callable[[Case], object]]:
@@ -203,8 +241,19 @@ def _torch_textbook(torch) -> dict[str, Callable[[Case], object]]:
         per_row = (t * m).sum(dim=1)[has] / cnt[has]
         return float(per_row.mean())
 
+    def none_k3(c):
+        l = t_(c.logp) - t_(c.logq)
+        return (torch.exp(l) - 1 - l).numpy()
+
+    def grad_k3(c):  # autograd, as a training loop gets it
+        lq = t_(c.logq).clone().requires_grad_(True)
+        l = t_(c.logp) - lq
+        v = torch.mean(torch.exp(l) - 1 - l)
+        v.backward()
+        return float(v.detach()), lq.grad.numpy()
+
     return {"k1": k1, "k2": k2, "k3": k3, "stats k3": stats_k3,
-            "seq-mean-token-mean k3": seq_k3}
+            "seq-mean-token-mean k3": seq_k3, "none k3": none_k3, "grad k3": grad_k3}
 
 
 def _fastkl(backend: str) -> dict[str, Callable[[Case], object]]:
@@ -223,8 +272,15 @@ def _fastkl(backend: str) -> dict[str, Callable[[Case], object]]:
         return fastkl.kl_mc(c.logq2, c.logp2, "k3", reduction="seq-mean-token-mean",
                             mask=c.mask2, backend=backend)
 
+    def none_k3(c):
+        return fastkl.kl_mc(c.logq, c.logp, "k3", reduction="none", backend=backend)
+
+    def grad_k3(c):
+        return fastkl.kl_mc_grad(c.logq, c.logp, "k3", backend=backend)
+
     return {"k1": mean_of("k1"), "k2": mean_of("k2"), "k3": mean_of("k3"),
-            "stats k3": stats_k3, "seq-mean-token-mean k3": seq_k3}
+            "stats k3": stats_k3, "seq-mean-token-mean k3": seq_k3, "none k3": none_k3,
+            "grad k3": grad_k3}
 
 
 def torch_module():
