@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 
+import arrays
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 import fastkl
-
-import arrays
 
 BACKENDS = fastkl.available_backends()
 

@@ -10,12 +10,11 @@ modified (values, dtype, strides, writeable flag).
 
 from __future__ import annotations
 
+import arrays
 import numpy as np
 import pytest
 
 import fastkl
-
-import arrays
 
 CASES = arrays.case_names()
 

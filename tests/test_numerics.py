@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 
+import arrays
 import mpmath
 import numpy as np
 import pytest
 
 import fastkl
-
-import arrays
 
 mpmath.mp.dps = 60
 
