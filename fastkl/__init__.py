@@ -5,6 +5,7 @@ numpy reference."""
 from .backends import available_backends
 from .logits import entropy_logits, jsd_logits, kl_logits, kl_logits_grad, token_logprobs
 from .mc import KLStats, kl_mc, kl_mc_grad, kl_mc_stats
+from .outofcore import MCFileReport, compare_logits, kl_mc_file
 from .stream import LogitsAccumulator, LogitsReport, MCAccumulator
 
 __version__ = "0.1.0"
@@ -14,13 +15,16 @@ __all__ = [
     "LogitsAccumulator",
     "LogitsReport",
     "MCAccumulator",
+    "MCFileReport",
     "__version__",
     "available_backends",
+    "compare_logits",
     "entropy_logits",
     "jsd_logits",
     "kl_logits",
     "kl_logits_grad",
     "kl_mc",
+    "kl_mc_file",
     "kl_mc_grad",
     "kl_mc_stats",
     "token_logprobs",

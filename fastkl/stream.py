@@ -570,17 +570,19 @@ class LogitsAccumulator:
         return self
 
     def _add_block(self, a: np.ndarray, b: np.ndarray | None, tok: np.ndarray | None,
-                   keep: np.ndarray | None, *, token_logp_base: np.ndarray | None = None
-                   ) -> None:
-        """Native float32/64 ``[rows, V]`` blocks -> statistics. ``token_logp_base``
-        overrides log P(token) (llama.cpp base files store it directly)."""
-        if keep is not None:
-            if not keep.all():
-                a = a[keep]
-                b = None if b is None else b[keep]
-                tok = None if tok is None else tok[keep]
-                if token_logp_base is not None:
-                    token_logp_base = token_logp_base[keep]
+                   keep: np.ndarray | None, *, token_logp_base: np.ndarray | None = None,
+                   token_logp_test: np.ndarray | None = None) -> None:
+        """Native float32/64 ``[rows, V]`` blocks -> statistics. ``token_logp_base`` /
+        ``token_logp_test`` override log P(token) / log Q(token) (llama.cpp files store
+        them directly)."""
+        if keep is not None and not keep.all():
+            a = a[keep]
+            b = None if b is None else b[keep]
+            tok = None if tok is None else tok[keep]
+            if token_logp_base is not None:
+                token_logp_base = token_logp_base[keep]
+            if token_logp_test is not None:
+                token_logp_test = token_logp_test[keep]
         rows = a.shape[0]
         if rows == 0:
             return
@@ -600,6 +602,8 @@ class LogitsAccumulator:
                 a, b, tok = a[sel], b[sel], tok[sel]
                 if token_logp_base is not None:
                     token_logp_base = token_logp_base[sel]
+                if token_logp_test is not None:
+                    token_logp_test = token_logp_test[sel]
             if tok.size:
                 lp = np.empty(tok.size)
                 lq = np.empty(tok.size)
@@ -607,7 +611,10 @@ class LogitsAccumulator:
                     be.logits_token(a, tok, inv_t, self.ignore_index, lp)
                 else:
                     lp[:] = token_logp_base
-                be.logits_token(b, tok, inv_t, self.ignore_index, lq)
+                if token_logp_test is None:
+                    be.logits_token(b, tok, inv_t, self.ignore_index, lq)
+                else:
+                    lq[:] = token_logp_test
                 dp = np.exp(lq) - np.exp(lp)
                 self.dp.update(dp)
                 self.dp2.update(dp * dp)
