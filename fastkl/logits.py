@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _checks
+from . import _checks, _dask
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS
 
@@ -172,7 +172,12 @@ def kl_logits(
     log_probs : bool
         Inputs are already normalized log-probabilities (the log-sum-exp is skipped at
         T == 1; at other temperatures the tempered rows are renormalized).
+
+    Dask array inputs (the vocabulary axis in one chunk) give a lazy dask array.
     """
+    if _dask.is_dask(logits_p, logits_q, mask):
+        return _dask.logits_op("kl", [logits_p, logits_q], ["logits_p", "logits_q"], 0.5,
+                               temperature, axis, mask, reduction, log_probs, backend)
     arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
     return _row_op("kl", arrays, ["logits_p", "logits_q"], 0.5, temperature, axis, mask,
                    reduction, log_probs, backend)
@@ -197,6 +202,9 @@ def jsd_logits(
     log 2. Other parameters as ``kl_logits``.
     """
     b = _checks.beta(beta)
+    if _dask.is_dask(logits_p, logits_q, mask):
+        return _dask.logits_op("jsd", [logits_p, logits_q], ["logits_p", "logits_q"], b,
+                               temperature, axis, mask, reduction, log_probs, backend)
     arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
     return _row_op("jsd", arrays, ["logits_p", "logits_q"], b, temperature, axis, mask,
                    reduction, log_probs, backend)
@@ -215,6 +223,9 @@ def entropy_logits(
     """Entropy ``H(P) = -sum_v P_v log P_v`` per row, ``P = softmax(logits / T)``;
     computed as ``log ZA - sum e^x x / ZA`` (two non-negative parts, no cancellation).
     Parameters as ``kl_logits``."""
+    if _dask.is_dask(logits, mask):
+        return _dask.logits_op("entropy", [logits], ["logits"], 0.5, temperature, axis, mask,
+                               reduction, log_probs, backend)
     arrays = _float_arrays((logits, "logits"))
     return _row_op("entropy", arrays, ["logits"], 0.5, temperature, axis, mask, reduction,
                    log_probs, backend)
@@ -236,6 +247,8 @@ def token_logprobs(
     ``ignore_index`` (those rows give 0.0; exclude them with a mask). Returns float32 for
     float16/32 logits, float64 for float64.
     """
+    if _dask.is_dask(logits, tokens):
+        _dask.unsupported("token_logprobs")
     (b,) = _float_arrays((logits, "logits"))
     inv_t = 1.0 / _checks.temperature(temperature)
     rows = _Rows([b], ["logits"], axis, None)
@@ -269,6 +282,8 @@ def kl_logits_grad(
     Returns ``(value, grad)``; ``grad`` has the shape of ``logits_q`` (float32 for
     float16/32 inputs, float64 for float64).
     """
+    if _dask.is_dask(logits_p, logits_q, mask):
+        _dask.unsupported("kl_logits_grad")
     arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
     reduction = _checks.reduction(reduction, 0, allow_rl=False)
     inv_t = 1.0 / _checks.temperature(temperature)

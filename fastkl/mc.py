@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _dask
 from .backends import get_backend
 from .backends._contract import N_PARTIALS
 
@@ -242,7 +242,13 @@ def kl_mc(
     Returns
     -------
     float or ndarray
+        A lazy dask array (0-d for a full reduction) when an input is a dask array.
     """
+    if _dask.is_dask(logq, logp, mask, log_iw):
+        return _dask.kl_mc(logq, logp, estimator, reverse=reverse, reduction=reduction,
+                           axis=axis, mask=mask, log_iw=log_iw,
+                           clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
+                           nan_policy=nan_policy, backend=backend)
     inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
@@ -298,7 +304,13 @@ def kl_mc_stats(
     blocks merge in order (Chan et al.), so the result is identical for any thread count.
     ``std = sqrt(M2 / (W - sum w**2 / W))`` (reliability weights; ``M2 / (n - 1)`` without
     weights), ``sem = std / sqrt(n_eff)``, ``ci95 = mean -+ 1.96 * sem``.
+    With dask array inputs: a ``dask.delayed`` object whose ``.compute()`` is the KLStats.
     """
+    if _dask.is_dask(logq, logp, mask, log_iw):
+        return _dask.kl_mc_stats(logq, logp, estimator, reverse=reverse, mask=mask,
+                                 log_iw=log_iw, clamp_log_ratio=clamp_log_ratio,
+                                 clamp_value=clamp_value, nan_policy=nan_policy,
+                                 backend=backend)
     inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
     policy = _checks.nan_policy(nan_policy)
     be = get_backend(backend)
@@ -339,6 +351,8 @@ def kl_mc_grad(
     w_bj)`` for "seq-mean-token-mean", ``1 / B`` for "seq-mean-token-sum", B the number of
     rows with a token). Returns ``(value, grad)`` with ``grad.shape == logq.shape``.
     """
+    if _dask.is_dask(logq, logp, mask, log_iw):
+        _dask.unsupported("kl_mc_grad")
     inp = _validate(logq, logp, estimator, reverse, mask, log_iw)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))

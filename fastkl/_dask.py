@@ -1,0 +1,509 @@
+"""Dask arrays in, lazy dask results out: ``kl_mc``, ``kl_mc_stats`` and the logits ops.
+
+``fastkl.mc`` and ``fastkl.logits`` call ``is_dask`` first; it costs a dict look-up when dask
+was never imported, and this module imports dask only when a dask array actually arrives, so
+``import fastkl`` never pays for it.
+
+The graph follows the in-memory code path step for step, so the numbers are the same:
+
+* Monte Carlo reductions: each dask chunk runs the backend's ``mc_partials`` on its
+  ``[rows, n]`` view (reduced axes last, exactly the in-memory ``_as_rows`` layout) and keeps
+  its per-``BLOCK`` partials (a ``[1, ...]`` object array per chunk: 6 float64 per 4096
+  elements, ~0.3% of float32 input). The ordered merge concatenates the partials of every
+  chunk along the reduced axes in chunk order (row-major over the chunk grid) and runs the
+  in-memory merge (``mc._merge``, Chan et al.) and finish. Same chunking -> same bits on every
+  run, any scheduler. When only the first reduced axis is chunked, at offsets that are
+  multiples of ``BLOCK`` elements of the flattened reduced axes, the partials are the
+  in-memory ones and so are the bits; otherwise the merge groups blocks differently and the
+  result agrees to rounding (~1e-16 relative).
+* Logits ops: each chunk computes one float64 value per row (a row is always whole: the
+  vocabulary axis must be one chunk), exactly the in-memory per-row values. ``"none"`` weighs
+  them per chunk; ``"mean"``/``"sum"`` gather the per-row values (8 bytes a row, 1/vocab of
+  the input) into one task and reduce them with the in-memory code: the same bits as
+  in-memory for every chunking.
+
+Every kernel releases the GIL, so the threaded scheduler runs chunks in parallel. Errors that
+depend on values (mask weights that are negative or not finite, ``nan_policy="raise"``) are
+raised when the result is computed; everything else is checked when the graph is built.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+from . import _checks
+from .backends._contract import LOGITS_OPS, N_PARTIALS
+
+ArrayLike = Any
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def is_dask(*xs: Any) -> bool:
+    """True if any argument is a dask collection (no import of dask, ever)."""
+    if "dask" not in sys.modules:
+        return False
+    return any(type(x).__module__.startswith("dask") for x in xs if x is not None)
+
+
+def unsupported(func: str) -> None:
+    """Raise the TypeError for public functions that take no dask arrays (their output has
+    the size of the input, so there is no reduction to distribute)."""
+    raise TypeError(
+        f"{func} does not take dask arrays; call .compute() on the inputs first, or apply "
+        f"{func} per chunk with dask.array.map_blocks"
+    )
+
+
+def _da():
+    try:
+        import dask.array as da
+    except ImportError as exc:  # pragma: no cover - a dask array implies dask is importable
+        raise ImportError(
+            "dask inputs need dask[array]: pip install 'fastkl[dask]'"
+        ) from exc
+    return da
+
+
+def _backend_name(backend: str | None) -> str:
+    """The registry name of the backend ``backend`` resolves to here; tasks carry the name
+    (modules do not pickle) and look the module up where they run."""
+    from .backends import _MODULES, get_backend
+
+    mod = get_backend(backend)  # validates the name and availability now, not at compute
+    if backend is not None:
+        return backend
+    return next(n for n, path in _MODULES.items() if path == mod.__name__)
+
+
+def _get_backend(name: str):
+    from .backends import get_backend
+
+    return get_backend(name)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _known_shape(x, name: str) -> None:
+    if any(isinstance(s, float) and math.isnan(s) for s in x.shape):
+        raise ValueError(
+            f"{name} has unknown chunk sizes (shape {x.shape}); call "
+            f"{name}.compute_chunk_sizes() first"
+        )
+
+
+def _dask_or_numpy(x, name: str, da):
+    """A dask array as is (its collection type checked), anything else through numpy."""
+    if type(x).__module__.startswith("dask"):
+        if not isinstance(x, da.Array):
+            raise TypeError(
+                f"{name} is a {type(x).__name__}; fastkl takes dask.array.Array, not other "
+                "dask collections (use .to_dask_array())"
+            )
+        _known_shape(x, name)
+        return x
+    try:
+        return _checks._to_numpy(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def _empty_like_dtype(x) -> np.ndarray:
+    """A zero-size numpy array of ``x``'s dtype and rank: runs the in-memory dtype checks
+    on a dask array without computing it."""
+    return np.empty((0,) * x.ndim, dtype=x.dtype)
+
+
+def _float_input(x, name: str, da):
+    """(array, dtype after the in-memory conversion); the dtype checked like ``float_array``."""
+    if x is None:
+        raise TypeError(f"{name} must be a float array, got None")
+    a = _dask_or_numpy(x, name, da)
+    meta = _checks.float_array(_empty_like_dtype(a), name)
+    return a, meta.dtype
+
+
+def _aligned(a, chunks, da):
+    """``a`` as a dask array with exactly ``chunks`` (the first dask input's chunking)."""
+    if isinstance(a, da.Array):
+        return a if a.chunks == chunks else a.rechunk(chunks)
+    return da.from_array(a, chunks=chunks)
+
+
+def _first_chunks(arrays, da):
+    return next(a.chunks for a in arrays if isinstance(a, da.Array))
+
+
+def _check_mask_dtype(m, shape: tuple, ref: str) -> None:
+    _checks.same_shape(m, shape, "mask", ref)
+    _checks.mask_array(_empty_like_dtype(m), (0,) * m.ndim)
+
+
+# --------------------------------------------------------------------------- MC: blocks
+
+
+def _block_inputs(q, p, m, iw, dtype):
+    """A chunk converted like ``mc._validate`` converts whole arrays."""
+    dtype = np.dtype(dtype)
+    q = _checks.as_kernel_dtype(_checks.float_array(q, "logq"), dtype)
+    p = _checks.as_kernel_dtype(_checks.float_array(p, "logp"), dtype)
+    m = _checks.mask_array(m, q.shape)
+    iw = _checks.log_iw_array(iw, q.shape, dtype)
+    return [q, p, m, iw]
+
+
+def _raise_block_nan(be, arrays, est, clamp, dtype, offsets, perm, ndim) -> None:
+    """nan_policy='raise': name the first NaN term of this chunk by its index in the
+    caller's (untransposed) array, with the message of the in-memory path."""
+    from . import mc
+
+    shape = arrays[0].shape
+    views = mc._natural_rows(arrays, shape)
+    out = np.empty(views[0].shape, dtype=dtype)
+    be.mc_terms(*views, est, clamp, out)
+    bad = np.isnan(out)
+    if arrays[2] is not None:
+        bad &= views[2] != 0
+    hits = np.flatnonzero(bad.ravel())
+    if hits.size == 0:  # pragma: no cover - only called when the partials counted a NaN
+        return
+    local = np.unravel_index(int(hits[0]), shape) if shape else ()
+    glob = [int(i) + off for i, off in zip(local, offsets, strict=False)]
+    idx = [0] * ndim
+    for k in range(ndim):
+        idx[perm[k]] = glob[k]
+    q, p = arrays[0][tuple(local)], arrays[1][tuple(local)]
+    raise ValueError(
+        f"nan_policy='raise': the term at index {tuple(idx)} is NaN "
+        f"(logq={float(q)!r}, logp={float(p)!r})"
+    )
+
+
+def _offsets(block_info, ndim: int) -> list[int]:
+    if not block_info or 0 not in block_info:
+        return [0] * ndim
+    return [int(lo) for lo, _ in block_info[0]["array-location"]]
+
+
+def _mc_terms_block(q, p, m, iw, *, est, clamp, kdtype, policy, bname, block_info=None):
+    """``reduction="none"`` for one chunk: the weighted terms, like the in-memory path."""
+    from . import mc
+
+    dtype = np.dtype(kdtype)
+    arrays = _block_inputs(q, p, m, iw, dtype)
+    shape = arrays[0].shape
+    out = np.empty(shape, dtype=dtype)
+    if out.size:
+        be = _get_backend(bname)
+        views = mc._natural_rows(arrays, shape)
+        be.mc_terms(*views, est, clamp, out.reshape(views[0].shape))
+        if policy == "raise":
+            bad = np.isnan(out)
+            if arrays[2] is not None:
+                bad &= arrays[2] != 0
+            if bad.any():
+                ndim = len(shape)
+                _raise_block_nan(be, arrays, est, clamp, dtype, _offsets(block_info, ndim),
+                                 list(range(ndim)), ndim)
+    return out
+
+
+def _mc_partials_block(q, p, m, iw, *, est, clamp, kdtype, want_m2, nred, policy, bname,
+                       perm, ndim, block_info=None):
+    """Per-BLOCK partials of one chunk (reduced axes last), wrapped in a ``[1, ...]`` object
+    array so that dask keeps one grid cell per chunk."""
+    dtype = np.dtype(kdtype)
+    arrays = _block_inputs(q, p, m, iw, dtype)
+    shape = arrays[0].shape
+    nk = len(shape) - nred
+    rows, n = math.prod(shape[:nk]), math.prod(shape[nk:])
+    views = [None if a is None else a.reshape(rows, n) for a in arrays]
+    be = _get_backend(bname)
+    if rows * n == 0:
+        part = np.zeros((rows, 1, N_PARTIALS))
+    else:
+        part = be.mc_partials(*views, est, clamp, want_m2)
+    if policy == "raise" and (part[..., 4] > 0).any():
+        _raise_block_nan(be, arrays, est, clamp, dtype, _offsets(block_info, len(shape)),
+                         perm, ndim)
+    cell = np.empty((1,) * len(shape), dtype=object)
+    cell[(0,) * len(shape)] = part
+    return cell
+
+
+def _merged(cells: np.ndarray) -> np.ndarray:
+    """The merged partials ``[rows, N_PARTIALS]`` of a grid of chunk cells that share their
+    rows: blocks concatenated in row-major chunk order, then the in-memory merge."""
+    from . import mc
+
+    parts = list(cells.reshape(-1))
+    part = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    return mc._merge(part)
+
+
+def _mc_finish_block(cells, *, how, policy, nk, block_info=None):
+    """Mean or sum per output row of one output chunk (``cells``: its kept axes, of size 1,
+    then the chunk grid of the reduced axes)."""
+    from . import mc
+
+    tot = _merged(cells)
+    if nk == 0:
+        return np.asarray(mc._finish_scalar(tot[0], how, policy), dtype=np.float64)
+    shape = tuple(block_info[None]["chunk-shape"])
+    return mc._finish(tot, how, policy).reshape(shape)
+
+
+def _mc_rl_block(cells, *, reduction, policy):
+    """seq-mean-*: merge each row chunk across the token chunks, then the in-memory mean
+    over rows (which needs every row, so this is one task)."""
+    from . import mc
+
+    tot = np.concatenate([_merged(cells[i]) for i in range(cells.shape[0])], axis=0)
+    return np.asarray(mc._rl_reduce(tot, reduction, policy), dtype=np.float64)
+
+
+def _stats_finish(cells, policy):
+    """``kl_mc_stats`` from the merged partials: the in-memory formulas."""
+    from . import mc
+
+    tot = _merged(cells)
+    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[0])
+    n = int(cnt)
+    if (policy == "propagate" and nbad > 0) or W <= 0:
+        nan = math.nan
+        return mc.KLStats(nan, nan, nan, n, (nan, nan))
+    mean = S / W
+    denom = W - W2 / W
+    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
+    n_eff = W * W / W2
+    sem = std / math.sqrt(n_eff)
+    return mc.KLStats(mean, std, sem, n, (mean - mc._Z95 * sem, mean + mc._Z95 * sem))
+
+
+# --------------------------------------------------------------------------- MC: graph
+
+
+class _MCInputs:
+    __slots__ = ("arrays", "est", "clamp", "dtype", "ndim")
+
+
+def _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
+               clamp_value) -> _MCInputs:
+    """The checks of ``mc._validate`` in the same order, on dtypes and shapes only; every
+    input becomes a dask array with the chunks of the first dask input."""
+    da = _da()
+    q, qdt = _float_input(logq, "logq", da)
+    p, pdt = _float_input(logp, "logp", da)
+    _checks.same_shape(p, q.shape, "logp")
+    inp = _MCInputs()
+    inp.est = _checks.estimator_code(estimator, reverse)
+    inp.dtype = _checks.compute_dtype(np.empty(0, qdt), np.empty(0, pdt))
+    m = iw = None
+    if mask is not None:
+        m = _dask_or_numpy(mask, "mask", da)
+        _check_mask_dtype(m, q.shape, "logq")
+    if log_iw is not None:
+        iw, _ = _float_input(log_iw, "log_iw", da)
+        _checks.same_shape(iw, q.shape, "log_iw")
+    inp.clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
+        clamp_value, "clamp_value"
+    )
+    chunks = _first_chunks([q, p, m, iw], da)
+    inp.arrays = [None if a is None else _aligned(a, chunks, da) for a in (q, p, m, iw)]
+    inp.ndim = len(q.shape)
+    return inp
+
+
+def _partials_grid(inp: _MCInputs, red_axes, want_m2: bool, policy: str, bname: str):
+    """A dask object array with one cell per chunk of the (transposed) inputs, each holding
+    that chunk's per-BLOCK partials; returns it with the number of kept axes."""
+    da = _da()
+    nd = inp.ndim
+    red = tuple(range(nd)) if red_axes is None else tuple(red_axes)
+    kept = tuple(i for i in range(nd) if i not in red)
+    perm = kept + red
+    arrays = inp.arrays
+    if perm != tuple(range(nd)):
+        arrays = [None if a is None else a.transpose(perm) for a in arrays]
+    nred = len(red)
+    if nred == 0:  # reduce over nothing: one-element rows, as the in-memory path does
+        arrays = [None if a is None else a[..., None] for a in arrays]
+        nred = 1
+    ref = arrays[0]
+    grid_chunks = tuple((1,) * len(c) for c in ref.chunks)
+    cells = da.map_blocks(
+        _mc_partials_block, *arrays,
+        est=inp.est, clamp=inp.clamp, kdtype=inp.dtype.str, want_m2=want_m2, nred=nred,
+        policy=policy, bname=bname, perm=perm, ndim=nd,
+        chunks=grid_chunks, dtype=object, meta=np.empty((0,) * ref.ndim, dtype=object),
+        token="fastkl-mc-partials",
+    )
+    return cells, ref.chunks[: ref.ndim - nred], nred
+
+
+def kl_mc(logq, logp, estimator="k3", *, reverse=False, reduction="mean", axis=None,
+          mask=None, log_iw=None, clamp_log_ratio=None, clamp_value=None,
+          nan_policy="propagate", backend=None):
+    """``fastkl.kl_mc`` on dask arrays: a lazy dask array (0-d for full reductions)."""
+    da = _da()
+    inp = _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
+                     clamp_value)
+    reduction = _checks.reduction(reduction, inp.ndim)
+    red_axes = _checks.axes(axis, inp.ndim)
+    policy = _checks.nan_policy(nan_policy)
+    bname = _backend_name(backend)
+
+    if reduction == "none":
+        q = inp.arrays[0]
+        return da.map_blocks(
+            _mc_terms_block, *inp.arrays, est=inp.est, clamp=inp.clamp, kdtype=inp.dtype.str,
+            dtype=inp.dtype, policy=policy, bname=bname,
+            meta=np.empty((0,) * q.ndim, dtype=inp.dtype), token="fastkl-mc-terms",
+        )
+
+    if reduction == "token-mean":
+        red_axes, how = None, "mean"
+    elif reduction in _checks.RL_REDUCTIONS:
+        red_axes, how = (1,), None
+    else:
+        how = reduction
+    cells, kept_chunks, nred = _partials_grid(inp, red_axes, False, policy, bname)
+    nk = len(kept_chunks)
+    red_pos = list(range(nk, cells.ndim))
+    if how is None:
+        cells = cells.rechunk({0: -1, 1: -1})
+        return da.map_blocks(
+            _mc_rl_block, cells, reduction=reduction, policy=policy, drop_axis=[0, 1],
+            chunks=(), dtype=np.float64, meta=np.empty((), dtype=np.float64),
+            token="fastkl-mc-rl",
+        )
+    cells = cells.rechunk({ax: -1 for ax in red_pos})
+    return da.map_blocks(
+        _mc_finish_block, cells, how=how, policy=policy, nk=nk, drop_axis=red_pos,
+        chunks=kept_chunks, dtype=np.float64, meta=np.empty((0,) * nk, dtype=np.float64),
+        token="fastkl-mc-" + how,
+    )
+
+
+def kl_mc_stats(logq, logp, estimator="k3", *, reverse=False, mask=None, log_iw=None,
+                clamp_log_ratio=None, clamp_value=None, nan_policy="propagate", backend=None):
+    """``fastkl.kl_mc_stats`` on dask arrays: a ``dask.delayed`` object whose ``.compute()``
+    is the ``KLStats``."""
+    import dask
+
+    inp = _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
+                     clamp_value)
+    policy = _checks.nan_policy(nan_policy)
+    bname = _backend_name(backend)
+    cells, _, _ = _partials_grid(inp, None, True, policy, bname)
+    whole = cells.rechunk(-1).to_delayed().reshape(-1)[0]
+    return dask.delayed(_stats_finish, pure=True)(whole, policy)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+def _logits_block(a, b, m, *, op, names, beta, inv_t, log_probs, bname, reduction, kdtype):
+    """One chunk of rows (vocabulary last and whole): float64 value per row, computed as in
+    ``logits._row_op``; with ``reduction="none"`` also weighted and cast as there."""
+    from . import logits
+
+    arrays = [a] if b is None else [a, b]
+    dtype = np.dtype(kdtype)
+    arrays = [_checks.float_array(x, nm) for x, nm in zip(arrays, names, strict=True)]
+    rows = logits._Rows(arrays, names, -1, m)
+    vals = np.zeros(rows.lead, dtype=np.float64)
+    active = None if rows.mask is None else (rows.mask != 0).astype(np.uint8)
+    be = _get_backend(bname)
+    for prefix, sl, views in rows.pieces():
+        out = logits._rows_of(vals, prefix, sl)
+        act = None if active is None else logits._rows_of(active, prefix, sl)
+        second = views[1] if len(views) > 1 else views[0]
+        if out.size:
+            be.logits_rows(views[0], second, op, beta, inv_t, log_probs, act, out)
+    if reduction == "none":
+        return np.asarray(logits._reduce(vals, rows.mask, "none", dtype))
+    return vals
+
+
+def _logits_total(vals, m, *, reduction, kdtype):
+    """"mean"/"sum" over every row: the in-memory reduction of the gathered values."""
+    from . import logits
+
+    mask = _checks.mask_array(m, vals.shape)
+    return np.asarray(logits._reduce(vals, mask, reduction, np.dtype(kdtype)), dtype=np.float64)
+
+
+def logits_op(op: str, arrays: list, names: list[str], beta: float, temperature, axis, mask,
+              reduction, log_probs, backend):
+    """``kl_logits`` / ``jsd_logits`` / ``entropy_logits`` on dask arrays (``op`` as in
+    ``LOGITS_OPS``): a lazy dask array of per-row values for ``reduction="none"``, a 0-d
+    one for "mean"/"sum"."""
+    da = _da()
+    conv, dtypes = [], []
+    for x, nm in zip(arrays, names, strict=True):
+        a, dt = _float_input(x, nm, da)
+        conv.append(a)
+        dtypes.append(dt)
+    reduction = _checks.reduction(reduction, 0, allow_rl=False)
+    inv_t = 1.0 / _checks.temperature(temperature)
+    if not isinstance(log_probs, (bool, np.bool_)):
+        raise TypeError(f"log_probs must be a bool, got {type(log_probs).__name__}")
+    ref = conv[0]
+    for a, nm in zip(conv[1:], names[1:], strict=True):
+        _checks.same_shape(a, ref.shape, nm, names[0])
+    if ref.ndim == 0:
+        raise ValueError(f"{names[0]} must have at least 1 dimension (the vocabulary)")
+    ax = _checks.single_axis(axis, ref.ndim)
+    if ref.shape[ax] == 0:
+        raise ValueError(f"{names[0]} has an empty vocabulary axis ({ax}): softmax undefined")
+    dtype = _checks.compute_dtype(*(np.empty(0, dt) for dt in dtypes))
+    lead_shape = ref.shape[:ax] + ref.shape[ax + 1:]
+    m = None
+    if mask is not None:
+        m = _dask_or_numpy(mask, "mask", da)
+        _check_mask_dtype(m, lead_shape, f"{names[0]} without axis {ax}")
+    for a, nm in zip(conv, names, strict=True):
+        if isinstance(a, da.Array) and len(a.chunks[ax]) > 1:
+            raise ValueError(
+                f"{nm} is split into {len(a.chunks[ax])} chunks along the vocabulary axis "
+                f"({ax}); each row must be one chunk: use {nm}.rechunk({{{ax}: -1}})"
+            )
+    bname = _backend_name(backend)
+
+    chunks = _first_chunks(conv + [m], da)
+    if not any(isinstance(a, da.Array) for a in conv):  # only the mask is a dask array
+        chunks = chunks[:ax] + ((ref.shape[ax],),) + chunks[ax:]
+    conv = [_aligned(a, chunks, da) for a in conv]
+    moved = [da.moveaxis(a, ax, -1) if ax != ref.ndim - 1 else a for a in conv]
+    lead_chunks = moved[0].chunks[:-1]
+    if m is not None:
+        m = _aligned(m, lead_chunks, da)
+
+    nl = len(lead_chunks)
+    lead = tuple(range(nl))
+    full = lead + (nl,)
+    args: list = [moved[0], full, moved[1] if len(moved) > 1 else None,
+                  full if len(moved) > 1 else None, m, lead if m is not None else None]
+    out_dtype = dtype if reduction == "none" else np.dtype(np.float64)
+    vals = da.blockwise(
+        _logits_block, lead, *args,
+        op=LOGITS_OPS[op], names=names, beta=beta, inv_t=inv_t, log_probs=bool(log_probs),
+        bname=bname, reduction=reduction, kdtype=dtype.str, dtype=out_dtype, concatenate=True,
+        meta=np.empty((0,) * nl, dtype=out_dtype), token=f"fastkl-{op}-rows",
+    )
+    if reduction == "none":
+        return vals
+    whole = vals.rechunk(-1) if nl else vals
+    mwhole = None if m is None else (m.rechunk(-1) if nl else m)
+    return da.blockwise(
+        _logits_total, (), whole, lead, mwhole, lead if mwhole is not None else None,
+        reduction=reduction, kdtype=dtype.str, dtype=np.float64, concatenate=True,
+        meta=np.empty((), dtype=np.float64), token=f"fastkl-{op}-{reduction}",
+    )
