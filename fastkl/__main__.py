@@ -1,4 +1,6 @@
-"""Command line: ``fastkl demo`` (also ``python -m fastkl demo``) and ``fastkl backends``.
+"""Command line: ``fastkl demo`` (also ``python -m fastkl demo``), ``fastkl backends``,
+``fastkl mc LOGQ LOGP`` (Monte Carlo KL from files) and ``fastkl compare BASE TEST``
+(llama.cpp-style report between two logit files).
 
 ``fastkl demo`` reproduces J. Schulman's "Approximating KL Divergence" (2020) experiment:
 x ~ q = N(0, 1), p = N(mu, 1) for mu = 0.1 and 1, and reports bias/true and stdev/true of
@@ -254,12 +256,217 @@ def cmd_backends(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- mc / compare
+
+_MC_EXAMPLES = """examples:
+  fastkl mc logq.npy logp.npy                      # k3 estimate of KL(q||p) with its error bar
+  fastkl mc logq.npy logp.npy --estimator k1 --reverse --json
+  fastkl mc policy.npy ref.npy --mask mask.npy --reduction seq-mean-token-mean \\
+      --clamp-log-ratio -20 20 --clamp-value -10 10
+
+LOGQ and LOGP are .npy files of the same shape (log q(x), log p(x) of samples x ~ q; also
+.npz / .safetensors, FILE::NAME picks an array); streamed in blocks, so they may be larger
+than memory. JSON keys: mean, sem, n, ci95 (and std, value, sum, weight, n_nan)."""
+
+_COMPARE_EXAMPLES = """examples:
+  fastkl compare base.npy quant.npy                 # KLD statistics, same top-1 rate
+  fastkl compare base.npy quant.npy --tokens tokens.npy --plot kld.png
+  fastkl compare wiki.kld quant_logits.npy          # a llama.cpp --kl-divergence-base file
+  fastkl compare base.safetensors test.npz --temperature 2 --json
+
+BASE and TEST hold logits [rows, vocab] (any leading shape, vocabulary last): .npy, .npz,
+.safetensors (FILE::NAME picks a tensor) or llama.cpp --kl-divergence-base files. Prints the
+statistics of llama-perplexity --kl-divergence with its labels; with tokens (--tokens, or
+those of a llama.cpp base file) also perplexities and the probability of the observed token."""
+
+
+def _json_ready(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, np.generic):
+        return _json_ready(x.item())
+    return x
+
+
+def _fail(cmd: str, exc: BaseException) -> int:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"fastkl {cmd}: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def cmd_mc(args) -> int:
+    import json
+
+    import fastkl
+
+    try:
+        rep = fastkl.kl_mc_file(
+            args.logq, args.logp, args.estimator, reverse=args.reverse,
+            reduction=args.reduction, mask=args.mask, log_iw=args.log_iw,
+            clamp_log_ratio=args.clamp_log_ratio, clamp_value=args.clamp_value,
+            nan_policy=args.nan_policy, backend=args.backend,
+            memory_limit=args.memory_limit * 2**20,
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        return _fail("mc", exc)
+    if args.json:
+        print(json.dumps(_json_ready(rep.to_dict())))
+        return 0
+    target = "KL(p||q)" if args.reverse else "KL(q||p)"
+    print(f"fastkl mc: {args.estimator} estimate of {target} from {rep.n:,} samples "
+          f"({args.logq}, {args.logp})")
+    print(f"Mean    KL: {rep.mean:10.6f} ± {rep.sem:10.6f}")
+    print(f"95% CI    : [{rep.ci95[0]:.6f}, {rep.ci95[1]:.6f}]")
+    print(f"Std dev   : {rep.std:10.6f}")
+    print(f"n         : {rep.n}")
+    if args.reduction not in ("mean", "token-mean"):
+        print(f"{args.reduction}: {rep.value:.6f}")
+    if rep.n_nan:
+        print(f"NaN terms : {rep.n_nan} ({args.nan_policy})")
+    return 0
+
+
+def _compare_lines(rep, label: str) -> list[str]:
+    out = [f"fastkl compare: {rep.extra.get('base')} vs {rep.extra.get('test')}: "
+           f"{rep.n:,} rows x {rep.extra.get('vocab')} vocab, temperature "
+           f"{rep.extra.get('temperature'):g}; percentiles "
+           f"{'exact' if rep.percentiles_exact else 'from a sketch (within 0.1%)'}", ""]
+    if rep.n_tokens:
+        out += [
+            "====== Perplexity statistics ======",
+            f"Mean PPL(Q)                   : {rep.ppl_test:10.6f} ± {rep.ppl_test_sem:10.6f}",
+            f"Mean PPL(base)                : {rep.ppl_base:10.6f} ± {rep.ppl_base_sem:10.6f}",
+            f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * rep.cor_ln_ppl:6.2f}%",
+            f"Mean ln(PPL(Q)/PPL(base))     : {rep.ln_ppl_ratio:10.6f} ± "
+            f"{rep.ln_ppl_ratio_sem:10.6f}",
+            f"Mean PPL(Q)/PPL(base)         : {rep.ppl_ratio:10.6f} ± {rep.ppl_ratio_sem:10.6f}",
+            "",
+        ]
+    name = {"KLD": "KL divergence", "JSD": "JS divergence", "H": "entropy"}[label]
+    out.append(f"====== {name} statistics ======")
+    out.append(f"{'Mean':<8}{label}: {rep.mean:10.6f} ± {rep.sem:10.6f}")
+    out.append(f"Maximum {label}: {rep.maximum:10.6f}")
+    for p, v in rep.percentiles.items():
+        head = "Median  " if p == 50.0 else f"{p:4.1f}%   "
+        out.append(f"{head}{label}: {v:10.6f}")
+    out.append(f"Minimum {label}: {rep.minimum:10.6f}")
+    same = f"Same top p: {100 * rep.same_top:6.3f} ± {100 * rep.same_top_sem:5.3f} %"
+    if not rep.n_tokens:
+        out.append(same)
+        return out
+    out += ["", "====== Token probability statistics ======",
+            f"Mean    Δp: {100 * rep.dp_mean:6.3f} ± {100 * rep.dp_sem:5.3f} %",
+            f"Maximum Δp: {100 * rep.dp_maximum:6.3f}%"]
+    for p, v in rep.dp_percentiles.items():
+        head = "Median  " if p == 50.0 else f"{p:4.1f}%   "
+        out.append(f"{head}Δp: {100 * v:6.3f}%")
+    out += [f"Minimum Δp: {100 * rep.dp_minimum:6.3f}%",
+            f"RMS Δp    : {100 * rep.rms_dp:6.3f} ± {100 * rep.rms_dp_sem:5.3f} %", same]
+    return out
+
+
+def _plot(rep, path: str, label: str) -> None:
+    """KLD histogram (log x axis) and, with tokens, a Δp histogram; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = 2 if rep.n_tokens else 1
+    fig, axes = plt.subplots(1, ncol, figsize=(6 * ncol, 4), squeeze=False)
+    vals, cnts = rep.histograms["values"]
+    pos = vals > 0
+    ax = axes[0, 0]
+    if pos.any():
+        lo, hi = vals[pos].min(), vals[pos].max()
+        bins = np.geomspace(lo, hi * 1.0001 if hi > lo else lo * 10, 81)
+        ax.hist(vals[pos], bins=bins, weights=cnts[pos], color="C0")
+        ax.set_xscale("log")
+    nzero = int(cnts[~pos].sum())
+    ax.set_xlabel(f"{label} per row (nats)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{label}: mean {rep.mean:.4g}, median {rep.percentiles[50.0]:.4g}"
+                 + (f" ({nzero} rows at 0)" if nzero else ""))
+    if rep.n_tokens:
+        dv, dc = rep.histograms["dp"]
+        ax = axes[0, 1]
+        lo, hi = (float(dv.min()), float(dv.max())) if dv.size else (-1.0, 1.0)
+        if hi <= lo:
+            lo, hi = lo - 1e-3, hi + 1e-3
+        ax.hist(dv, bins=np.linspace(lo, hi, 101), weights=dc, color="C1")
+        ax.set_yscale("log")
+        ax.set_xlabel("Δp = p_test(token) - p_base(token)")
+        ax.set_ylabel("tokens")
+        ax.set_title(f"Δp: mean {rep.dp_mean:.3g}, RMS {rep.rms_dp:.3g}")
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    import fastkl
+
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastkl compare: error: --plot needs matplotlib (pip install 'fastkl[plot]')",
+                  file=sys.stderr)
+            return 1
+        d = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            print(f"fastkl compare: error: {args.plot}: cannot write there (directory {d} "
+                  "does not exist or is not writable)", file=sys.stderr)
+            return 1
+    exact = {"auto": "auto", "exact": True, "sketch": False}[args.percentiles]
+    try:
+        rep = fastkl.compare_logits(
+            args.base, args.test, tokens=args.tokens, temperature=args.temperature, op=args.op,
+            beta=args.beta, exact_percentiles=exact, backend=args.backend,
+            memory_limit=args.memory_limit * 2**20,
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        return _fail("compare", exc)
+    label = {"kl": "KLD", "jsd": "JSD", "entropy": "H"}[args.op]
+    if args.plot is not None:
+        try:
+            _plot(rep, args.plot, label)
+        except (OSError, ValueError) as exc:
+            return _fail("compare", exc)
+    if args.json:
+        print(json.dumps(_json_ready(rep.to_dict())))
+    else:
+        print("\n".join(_compare_lines(rep, label)))
+    return 0
+
+
+def _add_common(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--backend", default=None, help="cython, numba or numpy (default: fastest)")
+    p.add_argument("--memory-limit", type=float, default=256, metavar="MB",
+                   help="target peak resident memory in MiB (default: 256)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import fastkl
 
     parser = argparse.ArgumentParser(
         prog="fastkl",
         description="fastkl: fast, accurate KL divergence Monte Carlo estimators.",
+        epilog="commands: demo, backends, mc, compare (fastkl COMMAND --help for examples)",
     )
     parser.add_argument("--version", action="version", version=f"fastkl {fastkl.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -282,6 +489,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     be = sub.add_parser("backends", help="list the backends and whether they work here")
     be.set_defaults(func=cmd_backends)
+
+    raw = argparse.RawDescriptionHelpFormatter
+    mc = sub.add_parser(
+        "mc", help="Monte Carlo KL estimate with its error bar from two .npy files",
+        description="Monte Carlo estimate of KL(q||p) (or KL(p||q) with --reverse) from "
+        "log-densities of samples x ~ q, streamed from files in bounded memory.",
+        epilog=_MC_EXAMPLES, formatter_class=raw,
+    )
+    mc.add_argument("logq", metavar="LOGQ", help="log q(x) of the samples (.npy)")
+    mc.add_argument("logp", metavar="LOGP", help="log p(x) of the same samples (.npy)")
+    mc.add_argument("--estimator", default="k3", choices=("k1", "k2", "k3"),
+                    help="k1 = -l, k2 = l^2/2, k3 = (r-1) - l (default: k3)")
+    mc.add_argument("--reverse", action="store_true", help="estimate KL(p||q) (k1, k3)")
+    mc.add_argument("--mask", metavar="M", default=None,
+                    help="bool or weight array of the same shape (.npy)")
+    mc.add_argument("--log-iw", metavar="W", default=None,
+                    help="log importance weights log q(x) - log mu(x) (.npy)")
+    mc.add_argument("--reduction", default="mean",
+                    choices=("mean", "sum", "token-mean", "seq-mean-token-mean",
+                             "seq-mean-token-sum"), help="value reported besides the mean")
+    mc.add_argument("--clamp-log-ratio", type=float, nargs=2, metavar=("LO", "HI"))
+    mc.add_argument("--clamp-value", type=float, nargs=2, metavar=("LO", "HI"))
+    mc.add_argument("--nan-policy", default="propagate", choices=("propagate", "omit", "raise"))
+    _add_common(mc)
+    mc.set_defaults(func=cmd_mc)
+
+    cmp_ = sub.add_parser(
+        "compare", help="llama.cpp-style KL divergence report between two logit files",
+        description="Compare the next-token distributions of a base and a test model row by "
+        "row (KL(P_base || P_test), top-1 agreement, and with tokens Δp and perplexities), "
+        "streaming both files in bounded memory.",
+        epilog=_COMPARE_EXAMPLES, formatter_class=raw,
+    )
+    cmp_.add_argument("base", metavar="BASE", help="base model logits (or llama.cpp .kld file)")
+    cmp_.add_argument("test", metavar="TEST", help="test model logits")
+    cmp_.add_argument("--tokens", metavar="T", default=None,
+                      help="observed next token per row (.npy of ints)")
+    cmp_.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    cmp_.add_argument("--op", default="kl", choices=("kl", "jsd", "entropy"),
+                      help="per-row statistic: KL(P||Q), JSD_beta(P,Q) or H(P) (default: kl)")
+    cmp_.add_argument("--beta", type=float, default=0.5, help="JSD beta (default: 0.5)")
+    cmp_.add_argument("--percentiles", default="auto", choices=("auto", "exact", "sketch"),
+                      help="exact (8 bytes per row kept) or a 0.1%%-accurate sketch "
+                      "(default: exact when it fits in an eighth of the memory limit)")
+    cmp_.add_argument("--plot", metavar="FILE.png", default=None,
+                      help="write a KLD (log axis) and Δp histogram (needs matplotlib)")
+    _add_common(cmp_)
+    cmp_.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -450,12 +450,17 @@ class LogitsReport:
     ppl_ratio_sem: float = math.nan
     cor_ln_ppl: float = math.nan
     extra: dict = field(default_factory=dict)
+    # (values, counts) of the quantile sketches ("values", "dp"), for histograms; not in
+    # to_dict()
+    histograms: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-ready apart from NaN/inf floats); percentile keys are strings
         such as ``"99.9"``."""
         d = {}
         for k in self.__dataclass_fields__:
+            if k == "histograms":
+                continue
             v = getattr(self, k)
             if k in ("percentiles", "dp_percentiles"):
                 v = {f"{p:g}": float(x) for p, x in v.items()}
@@ -654,6 +659,7 @@ class LogitsAccumulator:
             sem=v.sem(pol), minimum=math.nan if prop or not v.n else v.lo,
             maximum=math.nan if prop or not v.n else v.hi, percentiles=pct,
             percentiles_exact=exact, same_top=f, same_top_sem=f_sem,
+            histograms={"values": v.sketch.buckets(), "dp": self.dp.sketch.buckets()},
         )
         nt = self.dp.n + self.dp.nan
         if nt:
