@@ -238,6 +238,14 @@ FKL_INLINE double fkl_max(const double *FKL_RESTRICT X, ptrdiff_t c) {
     return m[0];
 }
 
+/* The total of FKL_NACC lane sums, pairwise in a fixed order (a is overwritten). */
+FKL_INLINE double fkl_lanes(double *a) {
+    ptrdiff_t j;
+    for (j = 0; j < FKL_NACC / 2; j++) a[j] += a[j + FKL_NACC / 2];
+    for (j = 0; j < FKL_NACC / 4; j++) a[j] += a[j + FKL_NACC / 4];
+    return a[0] + a[1];
+}
+
 /* The sum of a chunk over FKL_NACC lanes (lane = position mod FKL_NACC, in position order),
  * then the lanes pairwise in a fixed order. */
 FKL_INLINE double fkl_sum(const double *FKL_RESTRICT X, ptrdiff_t c) {
@@ -248,9 +256,7 @@ FKL_INLINE double fkl_sum(const double *FKL_RESTRICT X, ptrdiff_t c) {
     for (i = 0; i < cm; i += FKL_NACC)
         for (j = 0; j < FKL_NACC; j++) a[j] += X[i + j];
     for (j = 0; i < c; i++, j++) a[j] += X[i];
-    for (j = 0; j < FKL_NACC / 2; j++) a[j] += a[j + FKL_NACC / 2];
-    for (j = 0; j < FKL_NACC / 4; j++) a[j] += a[j + FKL_NACC / 4];
-    return a[0] + a[1];
+    return fkl_lanes(a);
 }
 
 /* ------------------------------------------------------------------ pass 1 */
@@ -313,15 +319,38 @@ static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl
             /* -inf max (nothing finite yet): subtract 0 so -inf -> e^-inf = 0, NaN stays */
             const double mA = (MA == ninf) ? 0.0 : MA, mB = (MB == ninf) ? 0.0 : MB;
             if (smode == FKL_S_KL) {
-                for (i = 0; i < c; i++) {
-                    const double za = X[i] - mA, zb = Y[i] - mB;
-                    const double ea = fkl_exp(za, deg13, &bad), eb = fkl_exp(zb, deg13, &bad);
-                    const double t = ea * (za - zb);
-                    EA[i] = ea;
-                    EB[i] = eb;
-                    T[i] = (ea == 0.0) ? 0.0 : t;
+                /* the hot loop: exps and the three sums fused, lane j of each sum taking the
+                 * positions == j mod FKL_NACC in order (the order of fkl_sum, so a chunk
+                 * redone by libm below gives its sums in the same order) */
+                double sA[FKL_NACC], sB[FKL_NACC], sT[FKL_NACC], sBad[FKL_NACC];
+                const ptrdiff_t cm = c - c % FKL_NACC;
+                ptrdiff_t j;
+                for (j = 0; j < FKL_NACC; j++) sA[j] = sB[j] = sT[j] = sBad[j] = 0.0;
+                for (i = 0; i < cm; i += FKL_NACC) {
+                    for (j = 0; j < FKL_NACC; j++) {
+                        int lane_bad = 0;
+                        const double za = X[i + j] - mA, zb = Y[i + j] - mB;
+                        const double ea = fkl_exp(za, deg13, &lane_bad);
+                        const double eb = fkl_exp(zb, deg13, &lane_bad);
+                        const double t = ea * (za - zb);
+                        sA[j] += ea;
+                        sB[j] += eb;
+                        /* ea == 0 exactly where za < EXP_ZERO (tested on za: see pass2) */
+                        sT[j] += (za < FKL_EXP_ZERO) ? 0.0 : t;
+                        sBad[j] += lane_bad ? 1.0 : 0.0;
+                    }
                 }
-                if (bad) {
+                for (j = 0; i < c; i++, j++) {
+                    int lane_bad = 0;
+                    const double za = X[i] - mA, zb = Y[i] - mB;
+                    const double ea = fkl_exp(za, deg13, &lane_bad);
+                    const double eb = fkl_exp(zb, deg13, &lane_bad);
+                    sA[j] += ea;
+                    sB[j] += eb;
+                    sT[j] += (za < FKL_EXP_ZERO) ? 0.0 : ea * (za - zb);
+                    sBad[j] += lane_bad ? 1.0 : 0.0;
+                }
+                if (fkl_lanes(sBad) != 0.0) {
                     for (i = 0; i < c; i++) {
                         const double za = X[i] - mA, zb = Y[i] - mB;
                         const double ea = fkl_exp_slow(za), eb = fkl_exp_slow(zb);
@@ -329,10 +358,14 @@ static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl
                         EB[i] = eb;
                         T[i] = (ea == 0.0) ? 0.0 : ea * (za - zb);
                     }
+                    ZA += fkl_sum(EA, c);
+                    ZB += fkl_sum(EB, c);
+                    S += fkl_sum(T, c);
+                } else {
+                    ZA += fkl_lanes(sA);
+                    ZB += fkl_lanes(sB);
+                    S += fkl_lanes(sT);
                 }
-                ZA += fkl_sum(EA, c);
-                ZB += fkl_sum(EB, c);
-                S += fkl_sum(T, c);
             } else if (smode == FKL_S_ENT) {
                 for (i = 0; i < c; i++) {
                     const double za = X[i] - mA;
@@ -395,7 +428,7 @@ FKL_CLONES
 static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
                           double lZB, double *SP, double *SQ, double *ZP, double *ZQ) {
     FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
-        PP[FKL_CHUNK], QQ[FKL_CHUNK];
+        PP[FKL_CHUNK], QQ[FKL_CHUNK], BAD[FKL_CHUNK];
     /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
      * parts of the two sums cancel): full-precision exp there */
     const int deg13 = !A->f32 || A->fixed;
@@ -411,20 +444,27 @@ static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZ
         int bad = 0;
         fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
         fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        /* the lanes needing libm are flagged in a buffer and counted after the loop: GCC
+         * does not vectorize this loop with an OR-reduction of the flags */
         for (i = 0; i < c; i++) {
+            int lane_bad = 0;
             const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
-            const double p = fkl_exp(lp, deg13, &bad), q = fkl_exp(lq, deg13, &bad);
+            const double p = fkl_exp(lp, deg13, &lane_bad), q = fkl_exp(lq, deg13, &lane_bad);
             const double m = beta * p + omb * q;
-            const double lm = fkl_log(m, &bad);
+            const double lm = fkl_log(m, &lane_bad);
             const double tp = p * (lp - lm), tq = q * (lq - lm);
             /* m underflowed (a tiny beta or 1 - beta): log M is taken in log space */
-            bad |= (m < FKL_DBL_MIN) & ((p > 0.0) | (q > 0.0));
+            lane_bad |= (m < FKL_DBL_MIN) & ((lp >= FKL_EXP_ZERO) | (lq >= FKL_EXP_ZERO));
+            BAD[i] = lane_bad ? 1.0 : 0.0;
             const int same = (lp == lq);
             PP[i] = p;
             QQ[i] = q;
-            TP[i] = ((p == 0.0) | same) ? 0.0 : tp;
-            TQ[i] = ((q == 0.0) | same) ? 0.0 : tq;
+            /* p == 0 exactly where lp < EXP_ZERO (other lanes that round to 0 are flagged);
+             * tested on lp, not p: GCC does not vectorize a select on a test of a select */
+            TP[i] = ((lp < FKL_EXP_ZERO) | same) ? 0.0 : tp;
+            TQ[i] = ((lq < FKL_EXP_ZERO) | same) ? 0.0 : tq;
         }
+        bad = fkl_sum(BAD, c) != 0.0;
         if (bad) {
             for (i = 0; i < c; i++) {
                 const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
