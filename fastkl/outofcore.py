@@ -186,13 +186,15 @@ def kl_mc_file(
             per_el += iw.dtype.itemsize + dtype.itemsize
         if getattr(be, "name", "") == "numpy" or be.__name__.endswith("numpy_ref"):
             per_el += 80  # the reference allocates float64 temporaries
+        tiny = np.zeros((1, 2), dtype=dtype)
+        be.mc_partials(tiny, tiny, None, None, acc._est, acc._clamp, True)  # load / compile
+        bar = _progress(total, "fastkl mc", progress, "el")
         avail = _budget(limit, 0)
         step = max(BLOCK, avail // per_el // BLOCK * BLOCK)
         step = min(step, 1 << 26)
         if seq:
             step = max(ncol, step // max(ncol, 1) * ncol)
         seq_sum, seq_rows = 0.0, 0
-        bar = _progress(total, "fastkl mc", progress, "el")
         e0 = 0
         while e0 < total:
             e1 = min(total, e0 + step)
@@ -372,6 +374,13 @@ def compare_logits(
                                 nan_policy=nan_policy, ignore_index=ignore_index,
                                 backend=backend)
         be = get_backend(backend)
+        # warm the kernels up (extension load, JIT compile) before measuring the baseline
+        tiny = np.zeros((1, 2), dtype=_checks.compute_dtype(
+            np.empty(0, np.float32 if bs.dtype.itemsize < 8 else np.float64),
+            np.empty(0, np.float32 if ts.dtype.itemsize < 8 else np.float64)))
+        be.logits_rows(tiny, tiny, 0, 0.5, 1.0, False, None, np.empty(1))
+        be.logits_token(tiny, np.zeros(1, np.int64), 1.0, -100, np.empty(1))
+        bar = _progress(rows, "fastkl compare", progress, "row")
         per_row = _row_cost(bs, vocab) + _row_cost(ts, vocab) + 64
         if be.__name__.endswith("numpy_ref"):
             per_row += vocab * 8 * 12  # the reference materializes float64 temporaries
@@ -382,7 +391,6 @@ def compare_logits(
             warnings.warn(f"memory_limit={limit} bytes is below what one row of {vocab} "
                           "logits needs here; streaming one row at a time", stacklevel=2)
         use_raw = acc.temperature == 1.0
-        bar = _progress(rows, "fastkl compare", progress, "row")
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             a, la = _read_rows(bs, r0, r1, vocab)

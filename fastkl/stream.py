@@ -319,7 +319,7 @@ class QuantileSketch:
                 vlo = self.min
             if hi == self.count - 1:
                 vhi = self.max
-            out.append(float(vlo + (vhi - vlo) * (k - lo)))
+            out.append(float(vlo if k == lo or vhi == vlo else vlo + (vhi - vlo) * (k - lo)))
         return out
 
 
@@ -470,6 +470,16 @@ class LogitsReport:
         return d
 
 
+def _argmax_rows(x: np.ndarray) -> np.ndarray:
+    """argmax of each row, a few MB of rows at a time: numpy copies a read-only input (a
+    memory-mapped file block) whole before reducing it."""
+    if x.flags.writeable:
+        return np.argmax(x, axis=1)
+    step = max(1, (4 << 20) // max(1, x.shape[1] * x.itemsize))
+    return np.concatenate([np.argmax(x[i:i + step], axis=1)
+                           for i in range(0, x.shape[0], step)])
+
+
 def _rows_2d(x: np.ndarray, axis: int) -> np.ndarray:
     x = np.moveaxis(x, axis, -1)
     return x.reshape(-1, x.shape[-1])
@@ -600,7 +610,7 @@ class LogitsAccumulator:
         self.n_rows += rows
         if b is not None:
             self.n_top += rows
-            self.n_same_top += int((np.argmax(a, axis=1) == np.argmax(b, axis=1)).sum())
+            self.n_same_top += int((_argmax_rows(a) == _argmax_rows(b)).sum())
         if tok is not None:
             sel = tok != self.ignore_index
             if not sel.all():
