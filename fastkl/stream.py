@@ -338,7 +338,7 @@ class _Moments:
     nan: int = 0
     lo: float = math.inf
     hi: float = -math.inf
-    sketch: QuantileSketch = field(default_factory=QuantileSketch)
+    sketch: QuantileSketch | None = None
     values: list = field(default_factory=list)
 
     def update(self, x: np.ndarray) -> None:
@@ -356,7 +356,8 @@ class _Moments:
             self.n += x.size
             self.lo = min(self.lo, float(x.min()))
             self.hi = max(self.hi, float(x.max()))
-            self.sketch.update(x)
+            if self.sketch is not None:
+                self.sketch.update(x)
             if self.keep:
                 self.values.append(x.copy())
 
@@ -365,7 +366,8 @@ class _Moments:
         self.n += o.n
         self.nan += o.nan
         self.lo, self.hi = min(self.lo, o.lo), max(self.hi, o.hi)
-        self.sketch.merge(o.sketch)
+        if self.sketch is not None:
+            self.sketch.merge(o.sketch)
         if self.keep:
             if o.keep:
                 self.values.extend(v.copy() for v in o.values)
@@ -528,8 +530,8 @@ class LogitsAccumulator:
         get_backend(backend)
         self.backend = backend
         self.keep_values = bool(keep_values)
-        self.values = _Moments(keep=self.keep_values)
-        self.dp = _Moments(keep=self.keep_values)
+        self.values = _Moments(keep=self.keep_values, sketch=QuantileSketch())
+        self.dp = _Moments(keep=self.keep_values, sketch=QuantileSketch())
         self.dp2 = _Moments()
         self.nll_test = _Moments()
         self.nll_base = _Moments()
