@@ -110,9 +110,36 @@ def _exp_fast(x):
 
 
 @njit(nogil=True, cache=True)
+def _exp_fast9(x):
+    """``_exp_fast`` with the Taylor series cut at r**9 (relative error < 1e-11): enough for
+    float32 inputs (the Cython kernels make the same choice), 4 FMAs fewer."""
+    t = fma(x, LOG2E, SHIFT)
+    kf = t - SHIFT
+    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
+    p = fma(C9, r, C8)
+    p = fma(p, r, C7)
+    p = fma(p, r, C6)
+    p = fma(p, r, C5)
+    p = fma(p, r, C4)
+    p = fma(p, r, C3)
+    p = fma(p, r, C2)
+    q = (r * r) * p
+    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
+    return fma(s, r + q, s)
+
+
+@njit(nogil=True, cache=True)
 def _exp_lane(x):
     """e^x, branch-free: exact 0.0 below EXP_ZERO (``-inf`` included)."""
     e = _exp_fast(x)
+    return 0.0 if x < EXP_ZERO else e
+
+
+@njit(nogil=True, cache=True)
+def _exp_lane_in(x, lo):
+    """``_exp_lane``, to r**9 only when ``lo`` (float32 inputs; loop-invariant, so the
+    compiler unswitches the loops that call it)."""
+    e = _exp_fast9(x) if lo else _exp_fast(x)
     return 0.0 if x < EXP_ZERO else e
 
 
@@ -236,16 +263,16 @@ def _tsum(x, mm):
 
 
 @njit(nogil=True, cache=True)
-def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s):
+def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s, lo):
     """ea = e^(xa - ra), eb = e^(xb - rb), tt = ea * ((xa - ra) - (xb - rb)) (0 where ea
-    == 0) if want_s."""
+    == 0) if want_s; ``lo``: float32 inputs (``_exp_lane_in``)."""
     bad = 0
     if want_s:
         for i in range(mm):
             da = xa[i] - ra
             db = xb[i] - rb
-            u = _exp_lane(da)
-            w = _exp_lane(db)
+            u = _exp_lane_in(da, lo)
+            w = _exp_lane_in(db, lo)
             bad |= _exp_bad(da) | _exp_bad(db)
             ea[i] = u
             eb[i] = w
@@ -254,8 +281,8 @@ def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s):
         for i in range(mm):
             da = xa[i] - ra
             db = xb[i] - rb
-            ea[i] = _exp_lane(da)
-            eb[i] = _exp_lane(db)
+            ea[i] = _exp_lane_in(da, lo)
+            eb[i] = _exp_lane_in(db, lo)
             bad |= _exp_bad(da) | _exp_bad(db)
     if bad:
         for i in range(mm):
@@ -270,20 +297,21 @@ def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s):
 
 
 @njit(nogil=True, cache=True)
-def _chunk_a(xa, ra, ea, tt, mm, want_h):
-    """ea = e^(xa - ra), tt = ea * (xa - ra) (0 where ea == 0) if want_h."""
+def _chunk_a(xa, ra, ea, tt, mm, want_h, lo):
+    """ea = e^(xa - ra), tt = ea * (xa - ra) (0 where ea == 0) if want_h; ``lo``: float32
+    inputs (``_exp_lane_in``)."""
     bad = 0
     if want_h:
         for i in range(mm):
             da = xa[i] - ra
-            u = _exp_lane(da)
+            u = _exp_lane_in(da, lo)
             bad |= _exp_bad(da)
             ea[i] = u
             tt[i] = 0.0 if u == 0.0 else u * da
     else:
         for i in range(mm):
             da = xa[i] - ra
-            ea[i] = _exp_lane(da)
+            ea[i] = _exp_lane_in(da, lo)
             bad |= _exp_bad(da)
     if bad:
         for i in range(mm):
@@ -337,7 +365,7 @@ def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
                 ZB *= math.exp(-db)
             MA = na
             MB = nb
-        _chunk_ab(xa, xb, _ref(MA), _ref(MB), ea, eb, tt, mm, want_s)
+        _chunk_ab(xa, xb, _ref(MA), _ref(MB), ea, eb, tt, mm, want_s, ab.itemsize == 4)
         ZA += _tsum(ea, mm)
         ZB += _tsum(eb, mm)
         if want_s:
@@ -368,7 +396,7 @@ def _pass_a(ab, geo, k, row, V, inv_t, want_h, bufs):
                 H = sa * (H - da * ZA)
                 ZA *= sa
             MA = ma
-        _chunk_a(xa, _ref(MA), ea, tt, mm, want_h)
+        _chunk_a(xa, _ref(MA), ea, tt, mm, want_h, ab.itemsize == 4)
         ZA += _tsum(ea, mm)
         if want_h:
             H += _tsum(tt, mm)
@@ -461,10 +489,10 @@ def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
         mm = min(CH, V - j)
         _load(ab, geo, 0, row, j, mm, 1.0, xa)
         if op == 2:
-            _chunk_a(xa, 0.0, ea, tt, mm, True)
+            _chunk_a(xa, 0.0, ea, tt, mm, True, ab.itemsize == 4)
         else:
             _load(bb, geo, 1, row, j, mm, 1.0, xb)
-            _chunk_ab(xa, xb, 0.0, 0.0, ea, eb, tt, mm, True)
+            _chunk_ab(xa, xb, 0.0, 0.0, ea, eb, tt, mm, True, ab.itemsize == 4)
             ZB += _tsum(eb, mm)
         ZA += _tsum(ea, mm)
         S += _tsum(tt, mm)
