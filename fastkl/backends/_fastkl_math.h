@@ -132,18 +132,25 @@ FK_INLINE uint64_t fk_to_bits(double d) {
     return u;
 }
 
-/* E = e^l - 1 - l and R = e^l for finite |l| <= 700 (docs/kernel_math.md). */
-FK_INLINE void fk_exp_core(double l, double *E, double *R) {
+/* E = e^l - 1 - l and R = e^l for finite |l| <= 700 (docs/kernel_math.md). ``lo`` (a
+ * compile-time constant at every call site): the series cut at r^9 (relative error < 1e-10,
+ * for float32 inputs, whose results need 1e-6) instead of r^13 (float64). */
+FK_INLINE void fk_exp_core(double l, double *E, double *R, const int lo) {
     const double t = l * FK_LOG2E + FK_SHIFT;
     const double kf = t - FK_SHIFT;
     const double r = (l - kf * FK_LN2_HI) - kf * FK_LN2_LO;
     /* Taylor 1/2! + r/3! + ... + r^11/13! (Horner; Estrin measured no faster here: the
      * loop is bound by FMA throughput, not latency) */
-    double P = 1.0 / 6227020800.0;
-    P = P * r + 1.0 / 479001600.0;
-    P = P * r + 1.0 / 39916800.0;
-    P = P * r + 1.0 / 3628800.0;
-    P = P * r + 1.0 / 362880.0;
+    double P;
+    if (lo) {
+        P = 1.0 / 362880.0;
+    } else {
+        P = 1.0 / 6227020800.0;
+        P = P * r + 1.0 / 479001600.0;
+        P = P * r + 1.0 / 39916800.0;
+        P = P * r + 1.0 / 3628800.0;
+        P = P * r + 1.0 / 362880.0;
+    }
     P = P * r + 1.0 / 40320.0;
     P = P * r + 1.0 / 5040.0;
     P = P * r + 1.0 / 720.0;
@@ -235,7 +242,7 @@ FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, 
 /* Terms (and derivatives when G != NULL) of a chunk; returns nonzero when a lane needs the
  * scalar fix-up. Branch-free inner loops, one per estimator. */
 FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double *FK_RESTRICT T,
-                       double *FK_RESTRICT G) {
+                       double *FK_RESTRICT G, const int lo) {
     ptrdiff_t i;
     int bad = 0;
     switch (est) {
@@ -253,7 +260,7 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         if (G) {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R);
+                fk_exp_core(l, &E, &R, lo);
                 T[i] = E;
                 G[i] = -(E + l);
                 bad |= !(fabs(l) <= FK_FAST_MAX);
@@ -261,7 +268,7 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         } else {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R);
+                fk_exp_core(l, &E, &R, lo);
                 T[i] = E;
                 bad |= !(fabs(l) <= FK_FAST_MAX);
             }
@@ -271,7 +278,7 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         if (G) {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R);
+                fk_exp_core(l, &E, &R, lo);
                 T[i] = R * l;
                 G[i] = -R * (l + 1.0);
                 bad |= !(fabs(l) <= FK_FAST_MAX);
@@ -279,7 +286,7 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         } else {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R);
+                fk_exp_core(l, &E, &R, lo);
                 T[i] = R * l;
                 bad |= !(fabs(l) <= FK_FAST_MAX);
             }
@@ -289,7 +296,7 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         if (G) {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R);
+                fk_exp_core(l, &E, &R, lo);
                 const double lo = R * (l - 1.0) + 1.0, hi = l * l + (l - 1.0) * E;
                 T[i] = (l < -1.0) ? lo : hi;
                 G[i] = -R * l;
@@ -298,7 +305,7 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         } else {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R);
+                fk_exp_core(l, &E, &R, lo);
                 const double lo = R * (l - 1.0) + 1.0, hi = l * l + (l - 1.0) * E;
                 T[i] = (l < -1.0) ? lo : hi;
                 bad |= !(fabs(l) <= FK_FAST_MAX);
@@ -333,7 +340,7 @@ FK_INLINE void fk_load_exp_iw(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, 
     }
     for (i = 0; i < c; i++) {
         double x = Y[i], E, R;
-        fk_exp_core(x, &E, &R);
+        fk_exp_core(x, &E, &R, 0);
         X[i] = R;
         bad |= !(fabs(x) <= FK_FAST_MAX);
     }
@@ -596,7 +603,9 @@ static void fk_block(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrd
         if (grad) Pl.clamp_l = 0;
 
         fk_load_l(A, &Pl, row, col, c, L);
-        if (fk_terms(P->est, L, c, T, grad ? G : NULL)) {
+        /* two inlined copies: the series degree is a constant in each */
+        if (A->f32 ? fk_terms(P->est, L, c, T, grad ? G : NULL, 1)
+                   : fk_terms(P->est, L, c, T, grad ? G : NULL, 0)) {
             for (i = 0; i < c; i++) {
                 const double l = L[i];
                 if (!(fabs(l) <= FK_FAST_MAX)) fk_term_slow(l, P->est, T + i, grad ? G + i : NULL);

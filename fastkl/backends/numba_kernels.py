@@ -77,6 +77,25 @@ def _exp_parts(x):
 
 
 @njit(nogil=True, cache=True)
+def _exp_parts9(x):
+    """``_exp_parts`` with the series cut at r**9 (relative error < 1e-10): for float32
+    inputs, whose results need 1e-6 (the Cython kernels make the same choice)."""
+    t = fma(x, LOG2E, SHIFT)
+    kf = t - SHIFT
+    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
+    p = fma(C9, r, C8)
+    p = fma(p, r, C7)
+    p = fma(p, r, C6)
+    p = fma(p, r, C5)
+    p = fma(p, r, C4)
+    p = fma(p, r, C3)
+    p = fma(p, r, C2)
+    q = (r * r) * p
+    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
+    return s, r, q
+
+
+@njit(nogil=True, cache=True)
 def _em1x(x, s, r, q):
     """e^x - 1 - x from _exp_parts; for k == 0 (s == 1, r == x) exactly q."""
     return fma(s, q, fma(s, r, s - 1.0) - x)
@@ -177,66 +196,76 @@ def _slow(x):
     return not abs(x) <= FAST_MAX
 
 
-@njit(nogil=True, cache=True)
-def _terms_stage(lb, tb, gb, mm, est, want_g):
-    """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped.
+def _make_terms_stage(exp_parts):
+    """The terms stage over one ``exp_parts`` (the series degree is then a constant of each
+    compiled copy: a loop-invariant flag inside the loops stopped LLVM vectorizing them)."""
 
-    Returns True when some lane went through the libm fix-up (its term may be NaN/inf)."""
-    mx = 0  # max |bits| of l: > FAST_BITS iff some lane is NaN, inf or beyond FAST_MAX
-    if est <= 1:  # exact for every l (NaN and inf included): no fix-up, but NaN must count
-        if est == 0:
+    @njit(nogil=True, cache=True)
+    def _terms_stage(lb, tb, gb, mm, est, want_g):
+        """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped.
+
+        Returns True when some lane went through the libm fix-up (its term may be NaN/inf)."""
+        mx = 0  # max |bits| of l: > FAST_BITS iff some lane is NaN, inf or beyond FAST_MAX
+        if est <= 1:  # exact for every l (NaN and inf included): no fix-up, but NaN must count
+            if est == 0:
+                for i in range(mm):
+                    l = lb[i]
+                    tb[i] = -l
+                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
+            else:
+                for i in range(mm):
+                    l = lb[i]
+                    tb[i] = 0.5 * l * l
+                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
+            if want_g:
+                for i in range(mm):
+                    gb[i] = 1.0 if est == 0 else -lb[i]
+            return mx > FAST_BITS
+        if est == 2:
+            if want_g:
+                for i in range(mm):
+                    l = lb[i]
+                    s, r, q = exp_parts(l)
+                    e = _em1x(l, s, r, q)
+                    tb[i] = e
+                    gb[i] = -(e + l)
+                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
+            else:
+                for i in range(mm):
+                    l = lb[i]
+                    s, r, q = exp_parts(l)
+                    tb[i] = _em1x(l, s, r, q)
+                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
+        elif est == 3:
             for i in range(mm):
                 l = lb[i]
-                tb[i] = -l
+                s, r, q = exp_parts(l)
+                rr = _ex(s, r, q)
+                tb[i] = rr * l
+                gb[i] = -rr * (l + 1.0)  # gb is scratch when not want_g: cheaper than a 2nd loop
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
         else:
             for i in range(mm):
                 l = lb[i]
-                tb[i] = 0.5 * l * l
-                mx = max(mx, f64_as_i64(l) & ABS_BITS)
-        if want_g:
-            for i in range(mm):
-                gb[i] = 1.0 if est == 0 else -lb[i]
-        return mx > FAST_BITS
-    if est == 2:
-        if want_g:
-            for i in range(mm):
-                l = lb[i]
-                s, r, q = _exp_parts(l)
+                s, r, q = exp_parts(l)
                 e = _em1x(l, s, r, q)
-                tb[i] = e
-                gb[i] = -(e + l)
+                rr = _ex(s, r, q)
+                tb[i] = rr * (l - 1.0) + 1.0 if l < -1.0 else l * l + (l - 1.0) * e
+                gb[i] = -rr * l
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
-        else:
-            for i in range(mm):
-                l = lb[i]
-                s, r, q = _exp_parts(l)
-                tb[i] = _em1x(l, s, r, q)
-                mx = max(mx, f64_as_i64(l) & ABS_BITS)
-    elif est == 3:
+        if mx <= FAST_BITS:
+            return False
         for i in range(mm):
             l = lb[i]
-            s, r, q = _exp_parts(l)
-            rr = _ex(s, r, q)
-            tb[i] = rr * l
-            gb[i] = -rr * (l + 1.0)  # gb is scratch when not want_g: cheaper than a 2nd loop
-            mx = max(mx, f64_as_i64(l) & ABS_BITS)
-    else:
-        for i in range(mm):
-            l = lb[i]
-            s, r, q = _exp_parts(l)
-            e = _em1x(l, s, r, q)
-            rr = _ex(s, r, q)
-            tb[i] = rr * (l - 1.0) + 1.0 if l < -1.0 else l * l + (l - 1.0) * e
-            gb[i] = -rr * l
-            mx = max(mx, f64_as_i64(l) & ABS_BITS)
-    if mx <= FAST_BITS:
-        return False
-    for i in range(mm):
-        l = lb[i]
-        if _slow(l):
-            tb[i], gb[i] = _term_scalar(l, est)
-    return True
+            if _slow(l):
+                tb[i], gb[i] = _term_scalar(l, est)
+        return True
+
+    return _terms_stage
+
+
+_terms_stage13 = _make_terms_stage(_exp_parts)
+_terms_stage9 = _make_terms_stage(_exp_parts9)  # float32 inputs
 
 
 @njit(nogil=True, cache=True)
@@ -266,7 +295,10 @@ def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, 
     _load_l(qb, pb, geo, row, j, mm, lb)
     if clamp[0] > -math.inf or clamp[1] < math.inf:
         _clip_pass(lb, mm, clamp[0], clamp[1])
-    fixed = _terms_stage(lb, tb, gb, mm, est, want_g)
+    if qb.itemsize == 4:
+        fixed = _terms_stage9(lb, tb, gb, mm, est, want_g)
+    else:
+        fixed = _terms_stage13(lb, tb, gb, mm, est, want_g)
     if clamp[2] > -math.inf or clamp[3] < math.inf:
         _clip_pass(tb, mm, clamp[2], clamp[3])
     if has_iw:
