@@ -6,7 +6,8 @@ decompressed), reduced by the same kernels as the in-memory API, folded into an 
 (``stream.MCAccumulator`` / ``stream.LogitsAccumulator``), and its pages are then dropped from
 the process with ``madvise(MADV_DONTNEED)``. The block size is chosen from ``memory_limit``
 minus the resident memory at the start of the call, so peak RSS (as ``/usr/bin/time -v``
-reports it, mapped pages included) stays near ``memory_limit`` whatever the file size.
+reports it, mapped pages included) stays near ``memory_limit`` whatever the file size (in a
+process that already holds more than that, the blocks take a quarter of ``memory_limit``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def _memory_limit(value) -> int:
 
 
 def _budget(limit: int, reserve: int) -> int:
-    return limit - _rss() - reserve - _MARGIN
+    """Bytes the blocks may take: ``limit`` less what the process already holds, ``reserve``
+    and a margin; but at least a quarter of ``limit``. A process already holding more than
+    ``limit`` (a notebook with data loaded, a long test run) cannot be brought under it by the
+    stream; there the blocks keep a bounded size instead of shrinking to a row at a time."""
+    return max(limit - _rss() - reserve - _MARGIN, (limit - reserve) // 4)
 
 
 def _close_all(sources):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
+from . import mc as _mc
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS, N_PARTIALS
 from .mc import KLStats
@@ -41,19 +42,9 @@ PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
 
 def merge_block_partials(part: np.ndarray) -> np.ndarray:
     """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` (the kernel contract's
-    ``mc_partials``) in block order into ``[rows, N_PARTIALS]``: sums of W, S, sum w**2, NaN
-    count and n; ``M2 = sum_b M2_b + sum_b W_b (S_b/W_b - S/W)**2`` (Chan et al., all blocks
-    at once, as ``kl_mc_stats`` does)."""
-    if part.shape[1] == 1:
-        return part[:, 0, :].copy()
-    tot = part.sum(axis=1)
-    W = tot[:, 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(W > 0, tot[:, 1] / W, 0.0)
-        bmean = np.where(part[..., 0] > 0, part[..., 1] / part[..., 0], 0.0)
-        spread = (part[..., 0] * (bmean - mean[:, None]) ** 2).sum(axis=1)
-    tot[:, 2] = tot[:, 2] + spread
-    return tot
+    ``mc_partials``) in block order into ``[rows, N_PARTIALS]`` (Chan et al.), exactly as
+    ``kl_mc_stats`` does: the same function, so streamed results match one-shot ones."""
+    return _mc._merge(part).copy()
 
 
 def chan_merge(Wa: float, Sa: float, M2a: float, Wb: float, Sb: float, M2b: float
