@@ -7,6 +7,7 @@ the ``2**k`` of the range-reduced exp is built from bits in the same loop as the
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -60,3 +61,27 @@ def fma(typingctx, a, b, c):
         return builder.fadd(builder.fmul(args[0], args[1]), args[2])
 
     return types.float64(types.float64, types.float64, types.float64), codegen
+
+
+def flat_buffer(a: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """A 1-D read-only view spanning ``a``'s memory, and (offset, row stride, col stride) of
+    ``a`` in elements within it. No copy unless a stride is not a multiple of the itemsize."""
+    rows, n = a.shape
+    if a.flags.c_contiguous:
+        flat = a.reshape(-1)
+        flat.flags.writeable = False
+        return flat, 0, n, 1
+    isz = a.itemsize
+    st0, st1 = a.strides
+    if st0 % isz or st1 % isz:
+        return flat_buffer(np.ascontiguousarray(a))
+    s0 = st0 // isz if rows > 1 else 0
+    s1 = st1 // isz if n > 1 else 0
+    lo = (rows - 1) * min(s0, 0) + (n - 1) * min(s1, 0)
+    span = 1 + (rows - 1) * abs(s0) + (n - 1) * abs(s1)
+    r0 = rows - 1 if s0 < 0 else 0
+    c0 = n - 1 if s1 < 0 else 0
+    corner = a[r0 : r0 + 1, c0 : c0 + 1]  # a view whose data pointer is the lowest address
+    flat = np.lib.stride_tricks.as_strided(corner, shape=(span,), strides=(isz,),
+                                           writeable=False)
+    return flat, -lo, s0, s1

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._contract import BLOCK, N_PARTIALS
-from ._numba_math import f64_as_i64, fma, i64_as_f64
+from ._numba_math import f64_as_i64, flat_buffer, fma, i64_as_f64
 
 name = "numba"
 
@@ -610,30 +610,6 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
 # --------------------------------------------------------------------------- wrappers
 
 
-def _buffer(a: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """A 1-D read-only view spanning ``a``'s memory, and (offset, row stride, col stride) of
-    ``a`` in elements within it. No copy unless a stride is not a multiple of the itemsize."""
-    rows, n = a.shape
-    if a.flags.c_contiguous:
-        flat = a.reshape(-1)
-        flat.flags.writeable = False
-        return flat, 0, n, 1
-    isz = a.itemsize
-    st0, st1 = a.strides
-    if st0 % isz or st1 % isz:
-        return _buffer(np.ascontiguousarray(a))
-    s0 = st0 // isz if rows > 1 else 0
-    s1 = st1 // isz if n > 1 else 0
-    lo = (rows - 1) * min(s0, 0) + (n - 1) * min(s1, 0)
-    span = 1 + (rows - 1) * abs(s0) + (n - 1) * abs(s1)
-    r0 = rows - 1 if s0 < 0 else 0
-    c0 = n - 1 if s1 < 0 else 0
-    corner = a[r0 : r0 + 1, c0 : c0 + 1]  # a view whose data pointer is the lowest address
-    flat = np.lib.stride_tricks.as_strided(corner, shape=(span,), strides=(isz,),
-                                           writeable=False)
-    return flat, -lo, s0, s1
-
-
 _DUMMY_MASK = np.zeros(1, dtype=np.uint8)
 _DUMMY_MASK.flags.writeable = False
 
@@ -646,7 +622,7 @@ def _prepare(logq, logp, mask, log_iw):
         if a is None:
             bufs.append(_DUMMY_MASK if k == 2 else bufs[0][:1])
             continue
-        flat, off, s0, s1 = _buffer(a)
+        flat, off, s0, s1 = flat_buffer(a)
         geo[k] = (off, s0, s1)
         bufs.append(flat)
     return bufs, geo, mask is not None, log_iw is not None

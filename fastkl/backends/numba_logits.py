@@ -34,7 +34,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._numba_math import f64_as_i64, fma, i64_as_f64
+from ._numba_math import f64_as_i64, flat_buffer, fma, i64_as_f64
 
 CH = 512  # vocabulary entries per chunk (a power of two >= 8): the buffers stay in L1
 NCHUNK = 256  # parallel groups of consecutive rows (any value gives the same bits)
@@ -619,36 +619,12 @@ def _grad_kernel(ab, bb, geo, rows, V, inv_t, rowscale, out_val, grad):
 # --------------------------------------------------------------------------- wrappers
 
 
-def _buffer(a: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """A 1-D read-only view spanning ``a``'s memory, and (offset, row stride, col stride) of
-    ``a`` in elements within it. No copy unless a stride is not a multiple of the itemsize."""
-    rows, n = a.shape
-    if a.flags.c_contiguous:
-        flat = a.reshape(-1)
-        flat.flags.writeable = False
-        return flat, 0, n, 1
-    isz = a.itemsize
-    st0, st1 = a.strides
-    if st0 % isz or st1 % isz:
-        return _buffer(np.ascontiguousarray(a))
-    s0 = st0 // isz if rows > 1 else 0
-    s1 = st1 // isz if n > 1 else 0
-    lo = (rows - 1) * min(s0, 0) + (n - 1) * min(s1, 0)
-    span = 1 + (rows - 1) * abs(s0) + (n - 1) * abs(s1)
-    r0 = rows - 1 if s0 < 0 else 0
-    c0 = n - 1 if s1 < 0 else 0
-    corner = a[r0 : r0 + 1, c0 : c0 + 1]  # a view whose data pointer is the lowest address
-    flat = np.lib.stride_tricks.as_strided(corner, shape=(span,), strides=(isz,),
-                                           writeable=False)
-    return flat, -lo, s0, s1
-
-
 def _geometry(*arrays):
     """Flat read-only buffers and their int64 [len(arrays), 3] (offset, row, col) strides."""
     geo = np.zeros((len(arrays), 3), dtype=np.int64)
     bufs = []
     for k, a in enumerate(arrays):
-        flat, off, s0, s1 = _buffer(a)
+        flat, off, s0, s1 = flat_buffer(a)
         geo[k] = (off, s0, s1)
         bufs.append(flat)
     return bufs, geo
