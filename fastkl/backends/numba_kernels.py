@@ -21,78 +21,21 @@ import numpy as np
 from numba import njit, prange
 
 from ._contract import BLOCK, N_PARTIALS
-from ._numba_math import f64_as_i64, flat_buffer, fma, i64_as_f64
+from ._numba_math import exp_parts as _exp_parts
+from ._numba_math import exp_parts9 as _exp_parts9
+from ._numba_math import f64_as_i64, flat_buffer, fma
 
 name = "numba"
 
 SUB = 512  # elements per sub-chunk: the l / exp(log_iw) scratch buffers stay in L1
 NCHUNK = 256  # parallel chunks of consecutive tasks (any value gives the same bits)
 
-LOG2E = 1.4426950408889634
-SHIFT = 6755399441055744.0  # 1.5 * 2**52: t = x + SHIFT rounds x to an integer
-LN2_HI = 6.93147180369123816490e-01  # 21 trailing zero bits: kf * LN2_HI is exact
-LN2_LO = 1.90821492927058770002e-10
 FAST_MAX = 700.0  # |l| <= FAST_MAX: 2**k is a normal double and exp(l) cannot overflow
 FAST_BITS = 0x4085E00000000000  # the bits of 700.0
 ABS_BITS = 0x7FFFFFFFFFFFFFFF
 
-# 1/n! for n = 2..13 (Taylor of (e^r - 1 - r) / r**2; truncation < 1e-16 relative, |r| <= ln2/2)
-C2 = 1.0 / 2
-C3 = 1.0 / 6
-C4 = 1.0 / 24
-C5 = 1.0 / 120
-C6 = 1.0 / 720
-C7 = 1.0 / 5040
-C8 = 1.0 / 40320
-C9 = 1.0 / 362880
-C10 = 1.0 / 3628800
-C11 = 1.0 / 39916800
-C12 = 1.0 / 479001600
-C13 = 1.0 / 6227020800
-
 
 # --------------------------------------------------------------------------- lane math
-
-
-@njit(nogil=True, cache=True)
-def _exp_parts(x):
-    """(s, r, q) with e^x = s * (1 + r + q), s = 2**k, q = e^r - 1 - r (|x| <= FAST_MAX)."""
-    t = fma(x, LOG2E, SHIFT)
-    kf = t - SHIFT
-    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))  # the inner fma is exact (= x - kf*LN2_HI)
-    p = fma(C13, r, C12)
-    p = fma(p, r, C11)
-    p = fma(p, r, C10)
-    p = fma(p, r, C9)
-    p = fma(p, r, C8)
-    p = fma(p, r, C7)
-    p = fma(p, r, C6)
-    p = fma(p, r, C5)
-    p = fma(p, r, C4)
-    p = fma(p, r, C3)
-    p = fma(p, r, C2)
-    q = (r * r) * p
-    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
-    return s, r, q
-
-
-@njit(nogil=True, cache=True)
-def _exp_parts9(x):
-    """``_exp_parts`` with the series cut at r**9 (relative error < 1e-10): for float32
-    inputs, whose results need 1e-6 (the Cython kernels make the same choice)."""
-    t = fma(x, LOG2E, SHIFT)
-    kf = t - SHIFT
-    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
-    p = fma(C9, r, C8)
-    p = fma(p, r, C7)
-    p = fma(p, r, C6)
-    p = fma(p, r, C5)
-    p = fma(p, r, C4)
-    p = fma(p, r, C3)
-    p = fma(p, r, C2)
-    q = (r * r) * p
-    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
-    return s, r, q
 
 
 @njit(nogil=True, cache=True)

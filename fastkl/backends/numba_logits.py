@@ -34,29 +34,21 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._numba_math import f64_as_i64, flat_buffer, fma, i64_as_f64
+from ._numba_math import (
+    LN2_HI,
+    LN2_LO,
+    exp_parts,
+    exp_parts9,
+    f64_as_i64,
+    flat_buffer,
+    fma,
+    i64_as_f64,
+)
 
 CH = 512  # vocabulary entries per chunk (a power of two >= 8): the buffers stay in L1
 NCHUNK = 256  # parallel groups of consecutive rows (any value gives the same bits)
 NBUF = 8  # float64 scratch buffers of CH entries per thread
 
-# exp: docs/kernel_math.md (same constants as numba_kernels)
-LOG2E = 1.4426950408889634
-SHIFT = 6755399441055744.0  # 1.5 * 2**52
-LN2_HI = 6.93147180369123816490e-01  # trailing zero bits: kf * LN2_HI is exact
-LN2_LO = 1.90821492927058770002e-10
-C2 = 1.0 / 2
-C3 = 1.0 / 6
-C4 = 1.0 / 24
-C5 = 1.0 / 120
-C6 = 1.0 / 720
-C7 = 1.0 / 5040
-C8 = 1.0 / 40320
-C9 = 1.0 / 362880
-C10 = 1.0 / 3628800
-C11 = 1.0 / 39916800
-C12 = 1.0 / 479001600
-C13 = 1.0 / 6227020800
 EXP_LO = -708.0  # x >= EXP_LO: 2**k is a normal double
 EXP_HI = 700.0  # x <= EXP_HI: no overflow
 EXP_ZERO = -745.2  # x < EXP_ZERO: e^x rounds to 0.0 (-inf included)
@@ -90,41 +82,15 @@ INF = math.inf
 @njit(nogil=True, cache=True)
 def _exp_fast(x):
     """e^x for EXP_LO <= x <= EXP_HI (NaN stays NaN); other lanes: see ``_exp_lane``."""
-    t = fma(x, LOG2E, SHIFT)
-    kf = t - SHIFT
-    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
-    p = fma(C13, r, C12)
-    p = fma(p, r, C11)
-    p = fma(p, r, C10)
-    p = fma(p, r, C9)
-    p = fma(p, r, C8)
-    p = fma(p, r, C7)
-    p = fma(p, r, C6)
-    p = fma(p, r, C5)
-    p = fma(p, r, C4)
-    p = fma(p, r, C3)
-    p = fma(p, r, C2)
-    q = (r * r) * p
-    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
+    s, r, q = exp_parts(x)
     return fma(s, r + q, s)
 
 
 @njit(nogil=True, cache=True)
 def _exp_fast9(x):
-    """``_exp_fast`` with the Taylor series cut at r**9 (relative error < 1e-11): enough for
-    float32 inputs (the Cython kernels make the same choice), 4 FMAs fewer."""
-    t = fma(x, LOG2E, SHIFT)
-    kf = t - SHIFT
-    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
-    p = fma(C9, r, C8)
-    p = fma(p, r, C7)
-    p = fma(p, r, C6)
-    p = fma(p, r, C5)
-    p = fma(p, r, C4)
-    p = fma(p, r, C3)
-    p = fma(p, r, C2)
-    q = (r * r) * p
-    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
+    """``_exp_fast`` with the series cut at r**9 (``exp_parts9``): enough for float32 inputs
+    (the Cython kernels make the same choice), four FMAs fewer."""
+    s, r, q = exp_parts9(x)
     return fma(s, r + q, s)
 
 
