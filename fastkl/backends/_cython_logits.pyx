@@ -44,8 +44,8 @@ cdef extern from "_fastkl_logits.h" nogil:
         double *out
 
     void fkl_row(const fkl_args *A, Py_ssize_t row)
-    const char *fkl_isa()
-    int fkl_max_threads()
+    const char *fk_isa()
+    int fk_max_threads()
 
 CHUNK = FKL_CHUNK
 # below this many elements one thread does all rows (a parallel region costs a few us)
@@ -55,12 +55,12 @@ PARALLEL_MIN = 1 << 15
 def isa():
     """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" or
     "default"."""
-    return fkl_isa().decode()
+    return fk_isa().decode()
 
 
 def max_threads():
     """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it)."""
-    return fkl_max_threads()
+    return fk_max_threads()
 
 
 cdef inline void _set(cnp.ndarray x, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
@@ -121,7 +121,7 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fi
     if A.rows == 0 or A.V == 0:
         return
     if A.rows > 1 and A.rows * A.V >= PARALLEL_MIN:
-        nthreads = min(fkl_max_threads(), A.rows)
+        nthreads = min(fk_max_threads(), A.rows)
     # rows per scheduling step: about 16k elements, so tiny rows do not pay per-row overhead
     chunk = max(1, (1 << 14) // A.V)
     with nogil:

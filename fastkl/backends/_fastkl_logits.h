@@ -15,8 +15,8 @@
  *
  * exp is the range-reduced polynomial of docs/kernel_math.md (degree 13 for float64 inputs,
  * degree 9 for float32 inputs: relative error < 1e-11, far inside the float32 tolerance);
- * log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa. Self-contained: this header
- * shares only conventions with _fastkl_math.h (the FASTKL_CLONES macro set by setup.py).
+ * log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa. Shares _fastkl_common.h
+ * (macros, multiversioning, OpenMP queries) with _fastkl_math.h.
  *
  * No -ffast-math: NaN/inf semantics and the order of every sum matter. Build with -O3
  * -fno-math-errno; -fno-trapping-math lets the compiler if-convert the selects.
@@ -24,68 +24,10 @@
 #ifndef FASTKL_LOGITS_H
 #define FASTKL_LOGITS_H
 
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "_fastkl_common.h"
 
 #define FKL_CHUNK 256 /* elements per L1-resident chunk; multiple of FKL_NACC */
 #define FKL_NACC 8    /* independent accumulators per sum (fixed: the summation order) */
-
-#if defined(_MSC_VER)
-#define FKL_INLINE static __forceinline
-#define FKL_RESTRICT __restrict
-#define FKL_ALIGN(n) __declspec(align(n))
-#elif defined(__GNUC__)
-#define FKL_INLINE static inline __attribute__((always_inline))
-#define FKL_RESTRICT __restrict__
-#define FKL_ALIGN(n) __attribute__((aligned(n)))
-#else
-#define FKL_INLINE static inline
-#define FKL_RESTRICT
-#define FKL_ALIGN(n)
-#endif
-
-/* ------------------------------------------------------------------ multiversioning */
-/* FASTKL_CLONES (defined by setup.py's build_ext after a test compile, for every extension):
- * 2 = x86-64-v4 / x86-64-v3 (AVX-512 / AVX2+FMA) / baseline, 1 = avx512f / avx2 / baseline,
- * 0 or undefined = one portable version. */
-#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
-#define FKL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
-#define FKL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FKL_CLONES
-#endif
-
-/* Which clone the loader's resolver picks (it tries them in this same order). */
-static const char *fkl_isa(void) {
-#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return "avx512f";
-    if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
-    return "default";
-#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return "avx512f";
-    if (__builtin_cpu_supports("avx2")) return "avx2";
-    return "default";
-#else
-    return "default";
-#endif
-}
-
-static int fkl_max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 /* ------------------------------------------------------------------ arguments */
 enum { FKL_KL = 0, FKL_JSD = 1, FKL_ENT = 2, FKL_TOKEN = 3, FKL_GRAD = 4 };
@@ -119,13 +61,13 @@ typedef struct {
 #define FKL_DBL_MIN 2.2250738585072014e-308
 #define FKL_DBL_MAX 1.7976931348623157e308
 
-FKL_INLINE double fkl_from_bits(uint64_t u) {
+FK_INLINE double fkl_from_bits(uint64_t u) {
     double d;
     memcpy(&d, &u, sizeof d);
     return d;
 }
 
-FKL_INLINE uint64_t fkl_to_bits(double d) {
+FK_INLINE uint64_t fkl_to_bits(double d) {
     uint64_t u;
     memcpy(&u, &d, sizeof u);
     return u;
@@ -133,7 +75,7 @@ FKL_INLINE uint64_t fkl_to_bits(double d) {
 
 /* e^z for z in [EXP_LO, EXP_HI] (callers clamp z there first; NaN stays NaN).
  * deg13: Taylor of e^r - 1 - r to r^13 (float64, ~1 ulp), else to r^9 (rel. err < 1e-11). */
-FKL_INLINE double fkl_exp_core(double z, int deg13) {
+FK_INLINE double fkl_exp_core(double z, int deg13) {
     const double t = z * FKL_LOG2E + FKL_SHIFT;
     const double kf = t - FKL_SHIFT;
     const double r = (z - kf * FKL_LN2_HI) - kf * FKL_LN2_LO;
@@ -161,7 +103,7 @@ FKL_INLINE double fkl_exp_core(double z, int deg13) {
 
 /* e^z for every z: exact 0 below EXP_ZERO (so e^-inf = 0), NaN stays NaN. Sets *bad when the
  * lane needs libm (z in [EXP_ZERO, EXP_LO) for subnormal results, or z > EXP_HI). */
-FKL_INLINE double fkl_exp(double z, int deg13, int *bad) {
+FK_INLINE double fkl_exp(double z, int deg13, int *bad) {
     double zc = (z < FKL_EXP_LO) ? FKL_EXP_LO : z;
     zc = (zc > FKL_EXP_HI) ? FKL_EXP_HI : zc;
     const double e = fkl_exp_core(zc, deg13);
@@ -174,7 +116,7 @@ static double fkl_exp_slow(double z) { return exp(z); }
 
 /* log(m) for normal positive finite m (log 0 = -inf handled by the caller's select).
  * *bad set for subnormal, negative, inf or NaN m (libm fix-up). */
-FKL_INLINE double fkl_log(double m, int *bad) {
+FK_INLINE double fkl_log(double m, int *bad) {
     const uint64_t u = fkl_to_bits(m);
     /* exponent as a double without an int->double conversion (AVX2 has none for int64) */
     const double e0 = fkl_from_bits((u >> 52) | 0x4330000000000000ULL) - 4503599627370496.0;
@@ -205,8 +147,8 @@ FKL_INLINE double fkl_log(double m, int *bad) {
 /* ------------------------------------------------------------------ chunk helpers */
 
 /* X[i] = (double)row[i * s] * inv_t (an exact product when inv_t == 1). */
-FKL_INLINE void fkl_load(const void *base, int f32, ptrdiff_t s, ptrdiff_t c, double inv_t,
-                         double *FKL_RESTRICT X) {
+FK_INLINE void fkl_load(const void *base, int f32, ptrdiff_t s, ptrdiff_t c, double inv_t,
+                         double *FK_RESTRICT X) {
     ptrdiff_t i;
     if (f32) {
         const float *p = (const float *)base;
@@ -226,7 +168,7 @@ FKL_INLINE void fkl_load(const void *base, int f32, ptrdiff_t s, ptrdiff_t c, do
 }
 
 /* max of a chunk, NaN ignored (it propagates through the exp later). */
-FKL_INLINE double fkl_max(const double *FKL_RESTRICT X, ptrdiff_t c) {
+FK_INLINE double fkl_max(const double *FK_RESTRICT X, ptrdiff_t c) {
     double m[FKL_NACC];
     ptrdiff_t i = 0, j;
     const ptrdiff_t cm = c - c % FKL_NACC;
@@ -239,7 +181,7 @@ FKL_INLINE double fkl_max(const double *FKL_RESTRICT X, ptrdiff_t c) {
 }
 
 /* The total of FKL_NACC lane sums, pairwise in a fixed order (a is overwritten). */
-FKL_INLINE double fkl_lanes(double *a) {
+FK_INLINE double fkl_lanes(double *a) {
     ptrdiff_t j;
     for (j = 0; j < FKL_NACC / 2; j++) a[j] += a[j + FKL_NACC / 2];
     for (j = 0; j < FKL_NACC / 4; j++) a[j] += a[j + FKL_NACC / 4];
@@ -248,7 +190,7 @@ FKL_INLINE double fkl_lanes(double *a) {
 
 /* The sum of a chunk over FKL_NACC lanes (lane = position mod FKL_NACC, in position order),
  * then the lanes pairwise in a fixed order. */
-FKL_INLINE double fkl_sum(const double *FKL_RESTRICT X, ptrdiff_t c) {
+FK_INLINE double fkl_sum(const double *FK_RESTRICT X, ptrdiff_t c) {
     double a[FKL_NACC];
     ptrdiff_t i = 0, j;
     const ptrdiff_t cm = c - c % FKL_NACC;
@@ -264,7 +206,7 @@ FKL_INLINE double fkl_sum(const double *FKL_RESTRICT X, ptrdiff_t c) {
  * the positions == j mod FKL_NACC in order, the order of fkl_sum, so a chunk redone by libm
  * gives its sums in the same order. Returns nonzero when a lane needs libm (the sums are then
  * to be discarded). */
-FKL_INLINE int fkl_fused_kl(const double *FKL_RESTRICT X, const double *FKL_RESTRICT Y,
+FK_INLINE int fkl_fused_kl(const double *FK_RESTRICT X, const double *FK_RESTRICT Y,
                             double mA, double mB, ptrdiff_t c, int deg13, double *z) {
     double sA[FKL_NACC], sB[FKL_NACC], sT[FKL_NACC], sBad[FKL_NACC];
     const ptrdiff_t cm = c - c % FKL_NACC;
@@ -304,9 +246,9 @@ typedef struct {
 
 enum { FKL_S_NONE = 0, FKL_S_KL = 1, FKL_S_ENT = 2 };
 
-FKL_CLONES
+FK_CLONES
 static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st) {
-    FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EA[FKL_CHUNK], EB[FKL_CHUNK],
+    FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EA[FKL_CHUNK], EB[FKL_CHUNK],
         T[FKL_CHUNK];
     const double ninf = -(double)INFINITY;
     const int wa = want & 1, wb = (want & 2) != 0, deg13 = !A->f32, fixed = A->fixed;
@@ -429,10 +371,10 @@ static double fkl_log_mix(double beta, double omb, double p, double q, double lp
 /* JSD = beta sum p (lp - lm) + (1 - beta) sum q (lq - lm), lp = (xa - MA) - log ZA, ...;
  * elements with lp == lq add exactly 0 (so identical rows give 0.0). Returns both sums, and
  * the total masses sum p, sum q (0 for a row without mass). */
-FKL_CLONES
+FK_CLONES
 static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
                           double lZB, double *SP, double *SQ, double *ZP, double *ZQ) {
-    FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
+    FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
         PP[FKL_CHUNK], QQ[FKL_CHUNK], BAD[FKL_CHUNK];
     /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
      * parts of the two sums cancel): full-precision exp there */
@@ -495,10 +437,10 @@ static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZ
 
 /* ------------------------------------------------------------------ pass 2: KL gradient */
 /* grad[row] = k * (e^lq - e^lp), k = rowscale * inv_t, in the input dtype. */
-FKL_CLONES
+FK_CLONES
 static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
                            double lZB, double k) {
-    FKL_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK];
+    FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK];
     const int deg13 = !A->f32;
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;

@@ -24,14 +24,7 @@
 #ifndef FASTKL_MATH_H
 #define FASTKL_MATH_H
 
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "_fastkl_common.h"
 
 #define FK_BLOCK 4096 /* must equal fastkl.backends._contract.BLOCK */
 #define FK_CHUNK 512  /* elements per L1-resident chunk; divides FK_BLOCK, multiple of FK_NACC */
@@ -39,60 +32,6 @@
 #define FK_NPART 6
 /* doubles of per-thread workspace: block terms + block weights + 4 chunk buffers */
 #define FK_WORK_DOUBLES (2 * FK_BLOCK + 4 * FK_CHUNK)
-
-#if defined(_MSC_VER)
-#define FK_INLINE static __forceinline
-#define FK_RESTRICT __restrict
-#elif defined(__GNUC__)
-#define FK_INLINE static inline __attribute__((always_inline))
-#define FK_RESTRICT __restrict__
-#else
-#define FK_INLINE static inline
-#define FK_RESTRICT
-#endif
-
-/* ------------------------------------------------------------------ multiversioning */
-#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
-/* x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (+FMA), x86-64-v3 = AVX2 + FMA + BMI2 */
-#define FK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
-#define FK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FK_CLONES
-#endif
-
-/* Which clone the loader's resolver picks (it tries them in this same order). */
-static const char *fk_isa(void) {
-#if defined(FASTKL_CLONES) && FASTKL_CLONES == 2
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return "avx512f";
-    if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
-    return "default";
-#elif defined(FASTKL_CLONES) && FASTKL_CLONES == 1
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return "avx512f";
-    if (__builtin_cpu_supports("avx2")) return "avx2";
-    return "default";
-#else
-    return "default";
-#endif
-}
-
-static int fk_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-static int fk_max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 /* ------------------------------------------------------------------ arguments */
 typedef struct {
