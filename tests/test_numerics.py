@@ -95,6 +95,19 @@ def test_terms_match_mpmath(backend, est, dtype):
     assert not bad, f"{len(bad)} of {q.size} terms out of tolerance:\n" + "\n".join(bad[:10])
 
 
+@pytest.mark.parametrize("est", arrays.ESTIMATORS, ids=arrays.EST_IDS)
+def test_float32_series_error_in_float64_sums(backend, est):
+    """Float32 inputs use the short minimax exp series (relative error 2.7e-9,
+    docs/kernel_math.md); a float64 sum of one term shows it unrounded: within 1e-8 *
+    max(1, |l|) of the exact term, 100x tighter than the float32 output tolerance."""
+    q, p, exact, l = _exact_for(np.float32, est)
+    got = fastkl.kl_mc(q[:, None], p[:, None], est[0], reverse=est[1], reduction="sum",
+                       axis=1, backend=backend)
+    assert got.dtype == np.float64
+    bad = check_terms(got, exact, l, 1e-8)
+    assert not bad, f"{len(bad)} of {q.size} terms out of tolerance:\n" + "\n".join(bad[:10])
+
+
 @pytest.mark.parametrize("est", [("k3", False), ("k3", True)], ids=["k3", "rk3"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_k3_never_negative(backend, est, dtype):

@@ -27,6 +27,39 @@
 #define FK_ALIGN(n)
 #endif
 
+/* ------------------------------------------------------------------ exp series */
+/* P(r) = (e^r - 1 - r) / r^2 for |r| <= ln2/2 (the range-reduced exp of both headers,
+ * docs/kernel_math.md). full: the Taylor series to 1/13! (float64, < 1e-16 relative). Else a
+ * degree-5 minimax fit (Remez, relative error 2.7e-9 = 0.05 float32 ulp; for float32
+ * inputs, whose results need 1e-6): two FMAs fewer than the Taylor series to 1/9! it
+ * replaces. The numba kernels use the same coefficients (_numba_math.M0..M5). ``full`` is a
+ * compile-time constant or loop-invariant at every call site. */
+FK_INLINE double fk_exp_series(double r, const int full) {
+    double P;
+    if (full) {
+        P = 1.0 / 6227020800.0;
+        P = P * r + 1.0 / 479001600.0;
+        P = P * r + 1.0 / 39916800.0;
+        P = P * r + 1.0 / 3628800.0;
+        P = P * r + 1.0 / 362880.0;
+        P = P * r + 1.0 / 40320.0;
+        P = P * r + 1.0 / 5040.0;
+        P = P * r + 1.0 / 720.0;
+        P = P * r + 1.0 / 120.0;
+        P = P * r + 1.0 / 24.0;
+        P = P * r + 1.0 / 6.0;
+        P = P * r + 0.5;
+    } else {
+        P = 0.00019857847267093069348;
+        P = P * r + 0.0013933726747929464043;
+        P = P * r + 0.0083333608728334880738;
+        P = P * r + 0.04166646436477276519;
+        P = P * r + 0.16666666531201065386;
+        P = P * r + 0.50000000134956292519;
+    }
+    return P;
+}
+
 /* ------------------------------------------------------------------ multiversioning */
 /* FASTKL_CLONES (defined by setup.py's build_ext after a test compile, for every extension):
  * 2 = x86-64-v4 / x86-64-v3 (AVX-512 / AVX2+FMA) / baseline, 1 = avx512f / avx2 / baseline,

@@ -74,28 +74,13 @@ FK_INLINE uint64_t fkl_to_bits(double d) {
 }
 
 /* e^z for z in [EXP_LO, EXP_HI] (callers clamp z there first; NaN stays NaN).
- * deg13: Taylor of e^r - 1 - r to r^13 (float64, ~1 ulp), else to r^9 (rel. err < 1e-11). */
+ * deg13: the Taylor series to r^13 (float64, ~1 ulp), else the minimax series of
+ * fk_exp_series (relative error < 3e-9, float32 inputs). */
 FK_INLINE double fkl_exp_core(double z, int deg13) {
     const double t = z * FKL_LOG2E + FKL_SHIFT;
     const double kf = t - FKL_SHIFT;
     const double r = (z - kf * FKL_LN2_HI) - kf * FKL_LN2_LO;
-    double P;
-    if (deg13) {
-        P = 1.0 / 6227020800.0;
-        P = P * r + 1.0 / 479001600.0;
-        P = P * r + 1.0 / 39916800.0;
-        P = P * r + 1.0 / 3628800.0;
-        P = P * r + 1.0 / 362880.0;
-    } else {
-        P = 1.0 / 362880.0;
-    }
-    P = P * r + 1.0 / 40320.0;
-    P = P * r + 1.0 / 5040.0;
-    P = P * r + 1.0 / 720.0;
-    P = P * r + 1.0 / 120.0;
-    P = P * r + 1.0 / 24.0;
-    P = P * r + 1.0 / 6.0;
-    P = P * r + 0.5;
+    const double P = fk_exp_series(r, deg13);
     const double q = (r * r) * P;
     const double s = fkl_from_bits((fkl_to_bits(t) + (uint64_t)1023) << 52);
     return s + s * (r + q);
@@ -115,8 +100,9 @@ FK_INLINE double fkl_exp(double z, int deg13, int *bad) {
 static double fkl_exp_slow(double z) { return exp(z); }
 
 /* log(m) for normal positive finite m (log 0 = -inf handled by the caller's select).
- * *bad set for subnormal, negative, inf or NaN m (libm fix-up). */
-FK_INLINE double fkl_log(double m, int *bad) {
+ * *bad set for subnormal, negative, inf or NaN m (libm fix-up). full (loop-invariant): the
+ * series to s^21, else to s^11 (relative error < 6e-11, for float32 inputs). */
+FK_INLINE double fkl_log(double m, int *bad, const int full) {
     const uint64_t u = fkl_to_bits(m);
     /* exponent as a double without an int->double conversion (AVX2 has none for int64) */
     const double e0 = fkl_from_bits((u >> 52) | 0x4330000000000000ULL) - 4503599627370496.0;
@@ -127,12 +113,17 @@ FK_INLINE double fkl_log(double m, int *bad) {
     const double s = (f - 1.0) / (f + 1.0);       /* |s| <= 0.1716 */
     const double s2 = s * s;
     /* 2 atanh(s) = 2 (s + s^3/3 + ... + s^21/21): truncation < 1e-18 relative */
-    double P = 2.0 / 21.0;
-    P = P * s2 + 2.0 / 19.0;
-    P = P * s2 + 2.0 / 17.0;
-    P = P * s2 + 2.0 / 15.0;
-    P = P * s2 + 2.0 / 13.0;
-    P = P * s2 + 2.0 / 11.0;
+    double P;
+    if (full) {
+        P = 2.0 / 21.0;
+        P = P * s2 + 2.0 / 19.0;
+        P = P * s2 + 2.0 / 17.0;
+        P = P * s2 + 2.0 / 15.0;
+        P = P * s2 + 2.0 / 13.0;
+        P = P * s2 + 2.0 / 11.0;
+    } else {
+        P = 2.0 / 11.0;
+    }
     P = P * s2 + 2.0 / 9.0;
     P = P * s2 + 2.0 / 7.0;
     P = P * s2 + 2.0 / 5.0;
@@ -246,12 +237,12 @@ typedef struct {
 
 enum { FKL_S_NONE = 0, FKL_S_KL = 1, FKL_S_ENT = 2 };
 
-FK_CLONES
-static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st) {
+FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int smode,
+                              fkl_state *st, const int deg13) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EA[FKL_CHUNK], EB[FKL_CHUNK],
         T[FKL_CHUNK];
     const double ninf = -(double)INFINITY;
-    const int wa = want & 1, wb = (want & 2) != 0, deg13 = !A->f32, fixed = A->fixed;
+    const int wa = want & 1, wb = (want & 2) != 0, fixed = A->fixed;
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
@@ -355,6 +346,17 @@ static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl
     st->S = S;
 }
 
+/* The passes are compiled once per exp series (deg13 a constant in each copy): with deg13 a
+ * run-time flag GCC computes both series for every lane and selects (measured: float32 KL
+ * slower with the shorter series than with the longer one). */
+FK_CLONES
+static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st) {
+    if (A->f32)
+        fkl_pass1_impl(A, row, want, smode, st, 0);
+    else
+        fkl_pass1_impl(A, row, want, smode, st, 1);
+}
+
 /* ------------------------------------------------------------------ pass 2: JSD */
 /* log(beta p + omb q) by libm, in log space where the sum underflows (beta or omb tiny) */
 static double fkl_log_mix(double beta, double omb, double p, double q, double lp, double lq) {
@@ -371,14 +373,11 @@ static double fkl_log_mix(double beta, double omb, double p, double q, double lp
 /* JSD = beta sum p (lp - lm) + (1 - beta) sum q (lq - lm), lp = (xa - MA) - log ZA, ...;
  * elements with lp == lq add exactly 0 (so identical rows give 0.0). Returns both sums, and
  * the total masses sum p, sum q (0 for a row without mass). */
-FK_CLONES
-static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
-                          double lZB, double *SP, double *SQ, double *ZP, double *ZQ) {
+FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, double lZA,
+                                   double MB, double lZB, double *SP, double *SQ, double *ZP,
+                                   double *ZQ, const int deg13) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
         PP[FKL_CHUNK], QQ[FKL_CHUNK], BAD[FKL_CHUNK];
-    /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
-     * parts of the two sums cancel): full-precision exp there */
-    const int deg13 = !A->f32 || A->fixed;
     const double beta = A->beta, omb = 1.0 - A->beta;
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
@@ -398,7 +397,7 @@ static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZ
             const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
             const double p = fkl_exp(lp, deg13, &lane_bad), q = fkl_exp(lq, deg13, &lane_bad);
             const double m = beta * p + omb * q;
-            const double lm = fkl_log(m, &lane_bad);
+            const double lm = fkl_log(m, &lane_bad, deg13);
             const double tp = p * (lp - lm), tq = q * (lq - lm);
             /* m underflowed (a tiny beta or 1 - beta): log M is taken in log space */
             lane_bad |= (m < FKL_DBL_MIN) & ((lp >= FKL_EXP_ZERO) | (lq >= FKL_EXP_ZERO));
@@ -435,13 +434,22 @@ static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZ
     *ZQ = zq;
 }
 
+FK_CLONES
+static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
+                          double lZB, double *SP, double *SQ, double *ZP, double *ZQ) {
+    /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
+     * parts of the two sums cancel): the full series there */
+    if (A->f32 && !A->fixed)
+        fkl_pass2_jsd_impl(A, row, MA, lZA, MB, lZB, SP, SQ, ZP, ZQ, 0);
+    else
+        fkl_pass2_jsd_impl(A, row, MA, lZA, MB, lZB, SP, SQ, ZP, ZQ, 1);
+}
+
 /* ------------------------------------------------------------------ pass 2: KL gradient */
 /* grad[row] = k * (e^lq - e^lp), k = rowscale * inv_t, in the input dtype. */
-FK_CLONES
-static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
-                           double lZB, double k) {
+FK_INLINE void fkl_pass2_grad_impl(const fkl_args *A, ptrdiff_t row, double MA, double lZA,
+                                    double MB, double lZB, double k, const int deg13) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK];
-    const int deg13 = !A->f32;
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
@@ -470,6 +478,15 @@ static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double l
             for (i = 0; i < c; i++) g[i] = (EQ[i] - EP[i]) * k;
         }
     }
+}
+
+FK_CLONES
+static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
+                           double lZB, double k) {
+    if (A->f32)
+        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, 0);
+    else
+        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, 1);
 }
 
 /* ------------------------------------------------------------------ one row */
