@@ -31,6 +31,11 @@ LOGITS_SHAPES = [(64, 32000), (512, 32000), (512, 128000), (2048, 131072)]
 LOGITS_LARGE = [(8192, 131072)]
 HEAD_MC = 5e7  # the headline sizes of the issue's targets
 HEAD_LOGITS = (512, 128000)
+# The same ops on inputs small enough to stay in the last-level cache (8 MB; this report's
+# reference machine has 32 MB of L3) but large enough that the call overhead is < 1%: their
+# speed is the arithmetic's limit, with the DRAM traffic taken away.
+INCACHE_MC = 1e6
+INCACHE_LOGITS = (8, 128000)
 # ops in the size sweep and the plot (the headline runs time every op)
 SWEEP_MC_OPS = "k3"
 SWEEP_LOGITS_OPS = "kl"
@@ -122,6 +127,24 @@ def _scaling_table(one: dict, many: dict, threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _incache_table(head: dict, incache: dict) -> str:
+    """Per fastkl op: GB/s on the headline size and on the cache-resident size, each as a
+    percentage of the headline run's DRAM roofline. The in-cache percentage is the ceiling of
+    the kernel's arithmetic: an op cannot reach more of the roofline than that on this CPU,
+    whatever the memory does (above 100%: the arithmetic is faster than DRAM)."""
+    roof = head["roofline_gbs"]
+    fast = {(r["impl"], r["op"]): r for r in incache["rows"] if r["time_s"]}
+    lines = ["| impl | op | headline GB/s | % of roofline | in-cache GB/s | in-cache as % of "
+             "roofline |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in head["rows"]:
+        f = fast.get((r["impl"], r["op"]))
+        if r["kind"] == "peer" or not r["time_s"] or f is None:
+            continue
+        lines.append(f"| {r['impl']} | {r['op']} | {r['gbs']:.2f} | {100 * r['gbs'] / roof:.0f}% "
+                     f"| {f['gbs']:.2f} | {100 * f['gbs'] / roof:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def _latency_table(lat: dict) -> str:
     lines = ["| what | min ms | all runs ms |", "| --- | ---: | --- |"]
     for key, vals in lat["seconds"].items():
@@ -201,7 +224,9 @@ def main(argv=None) -> int:
     if args.quick:
         mc_sizes, lg_shapes, head_mc, head_lg = [1e3, 1e5], [(8, 1000), (16, 4000)], 1e5, (16,
                                                                                           4000)
+        cache_mc, cache_lg = 1e4, (4, 1000)
     else:
+        cache_mc, cache_lg = INCACHE_MC, INCACHE_LOGITS
         mc_sizes = MC_SIZES + (MC_LARGE if args.large else [])
         lg_shapes = LOGITS_SHAPES + (LOGITS_LARGE if args.large else [])
         head_mc, head_lg = HEAD_MC, HEAD_LOGITS
@@ -217,8 +242,12 @@ def main(argv=None) -> int:
                       threads=1)
         one_lg = _run("bench_logits.py", _logits_args(head_lg, None, args.budget, peers=False),
                       threads=1)
+        cache_mc_run = _run("bench_mc.py", _mc_args(cache_mc, None, args.budget, peers=False))
+        cache_lg_run = _run("bench_logits.py",
+                            _logits_args(cache_lg, None, args.budget, peers=False))
         data = {
             "latency": lat, "mc_1thread": one_mc, "logits_1thread": one_lg,
+            "mc_incache": cache_mc_run, "logits_incache": cache_lg_run,
             "mc": [head_mc_run if s == head_mc else
                    _run("bench_mc.py", _mc_args(s, SWEEP_MC_OPS, args.budget))
                    for s in mc_sizes],
@@ -282,6 +311,24 @@ def main(argv=None) -> int:
         _scaling_table(one_mc, head_mc_run, threads),
         f"Logits ops, {head_lg_run['shape']}:", "",
         _scaling_table(one_lg, head_lg_run, threads),
+    ]
+    if "mc_incache" in data:
+        cm, cl = data["mc_incache"], data["logits_incache"]
+        md += [
+            "## Compute limit: the same ops on cache-resident inputs", "",
+            f"Each fastkl op timed again on {cm['size']:,} pairs and on {tuple(cl['shape'])} "
+            f"logits ({threads} threads): inputs that stay in the last-level cache, so the "
+            "time is the kernels' arithmetic with the DRAM traffic taken away. Both GB/s "
+            "columns are divided by the headline run's DRAM roofline: the in-cache percentage "
+            "is the most of the roofline this arithmetic can reach on this CPU (a value below "
+            "a target means the target needs cheaper arithmetic, not better memory access; "
+            "above 100%, memory is the limit).", "",
+            f"kl_mc ops ({head_mc_run['size']:,} pairs vs {cm['size']:,} in cache):", "",
+            _incache_table(head_mc_run, cm),
+            f"Logits ops ({tuple(head_lg_run['shape'])} vs {tuple(cl['shape'])} in cache):", "",
+            _incache_table(head_lg_run, cl),
+        ]
+    md += [
         "## Import time and first-call latency (fresh processes)", "",
         _latency_table(lat),
         "The numba rows include loading the kernels from numba's on-disk cache (the first run "
@@ -293,6 +340,8 @@ def main(argv=None) -> int:
     print(f"wrote {os.path.join(args.out, 'report.md')}"
           + (f", {png}" if has_plot else " (no plot: matplotlib is not installed)"))
     bad = _common.failures(head_mc_run) + _common.failures(head_lg_run)
+    if "mc_incache" in data:
+        bad += _common.failures(data["mc_incache"]) + _common.failures(data["logits_incache"])
     if bad:
         print("FAILED: " + "; ".join(bad), file=sys.stderr)
         return 1
