@@ -83,7 +83,7 @@ INF = math.inf
 
 @njit(nogil=True, cache=True)
 def _exp_fast(x):
-    """e^x for EXP_LO <= x <= EXP_HI (NaN stays NaN); other lanes: see ``_exp_lane``."""
+    """e^x for EXP_LO <= x <= EXP_HI (NaN stays NaN); other lanes: see ``_exp_lane_in``."""
     s, r, q = exp_parts(x)
     return fma(s, r + q, s)
 
@@ -98,23 +98,17 @@ def _exp_fast_lo(x):
 
 
 @njit(nogil=True, cache=True)
-def _exp_lane(x):
-    """e^x, branch-free: exact 0.0 below EXP_ZERO (``-inf`` included)."""
-    e = _exp_fast(x)
-    return 0.0 if x < EXP_ZERO else e
-
-
-@njit(nogil=True, cache=True)
 def _exp_lane_in(x, lo):
-    """``_exp_lane``, by the shorter series only when ``lo`` (float32 inputs; loop-invariant, so the
-    compiler unswitches the loops that call it)."""
+    """e^x, branch-free: exact 0.0 below EXP_ZERO (``-inf`` included); by the shorter series
+    when ``lo`` (float32 inputs; loop-invariant, so the compiler unswitches the loops that
+    call it)."""
     e = _exp_fast_lo(x) if lo else _exp_fast(x)
     return 0.0 if x < EXP_ZERO else e
 
 
 @njit(nogil=True, cache=True)
 def _exp_bad(x):
-    """1 where ``_exp_lane`` is not valid (subnormal result, or x > EXP_HI), else 0."""
+    """1 where ``_exp_lane_in`` is not valid (subnormal result, or x > EXP_HI), else 0."""
     return np.int64((x < EXP_LO) & (x >= EXP_ZERO)) | np.int64(x > EXP_HI)
 
 
@@ -571,6 +565,7 @@ def _token_kernel(bb, geo, rows, V, tokens, inv_t, ignore_index, out):
 @threaded_kernel
 def _grad_kernel(ab, bb, geo, rows, V, inv_t, rowscale, out_val, grad):
     nch = min(rows, NCHUNK)
+    lo = ab.itemsize == 4  # float32 inputs: the shorter exp series, as in the KL pass
     for c in prange(nch):
         bufs = np.empty((NBUF, CH))
         xa = bufs[0]
@@ -603,7 +598,7 @@ def _grad_kernel(ab, bb, geo, rows, V, inv_t, rowscale, out_val, grad):
                     lp = (xa[i] - MA) - la
                     lq = (xb[i] - MB) - lb
                     bad |= _exp_bad(lp) | _exp_bad(lq)
-                    gv[i] = (_exp_lane(lq) - _exp_lane(lp)) * f
+                    gv[i] = (_exp_lane_in(lq, lo) - _exp_lane_in(lp, lo)) * f
                 if bad:
                     for i in range(mm):
                         lp = (xa[i] - MA) - la
