@@ -538,6 +538,27 @@ def test_jsd_tiny_weight_with_disjoint_support(backend, beta, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("beta", [0.5, 0.1])
+def test_jsd_running_max_grows_along_the_row(backend, dtype, beta, rng):
+    """Rows whose maximum grows chunk after chunk (and one that drops to -inf and back):
+    the Cython JSD keeps pass 1's exps, taken against the running maximum of their chunk,
+    and rescales them in pass 2; the result must not depend on where the maximum was
+    found."""
+    V = 3000
+    ramp = np.linspace(-30.0, 30.0, V)
+    a = np.stack([ramp, ramp[::-1], ramp + rng.normal(0, 2, V), np.full(V, 1.5)])
+    b = a + rng.normal(0, 1, a.shape)
+    a[1, 1000:1600] = -np.inf
+    b[3, ::7] = -np.inf
+    a, b = a.astype(dtype), b.astype(dtype)
+    for x, y in ((a, b), (b, a)):
+        check_op("jsd", backend, x, y, beta=beta, what="jsd ramp")
+    same = fastkl.jsd_logits(a, a.copy(), beta, backend=backend)
+    assert np.array_equal(same, np.zeros(len(a))), same
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_jsd_beta_endpoints_zero_with_disjoint_support(backend, beta):
     """JSD_0 = KL(Q||Q) = 0 and JSD_1 = KL(P||P) = 0 for rows with -inf logits too

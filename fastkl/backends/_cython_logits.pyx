@@ -42,8 +42,10 @@ cdef extern from "_fastkl_logits.h" nogil:
         const double *rowscale
         void *grad
         double *out
+        double *scratch
 
     void fkl_row(const fkl_args *A, Py_ssize_t row)
+    Py_ssize_t fkl_scratch_doubles(Py_ssize_t V)
     const char *fk_isa()
     int fk_max_threads()
 
@@ -86,7 +88,8 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fi
     """One kernel call over all rows: op 0 KL, 1 JSD, 2 entropy, 3 token log-prob (``b``),
     4 KL value + gradient (into ``grad``, with ``rowscale``). Results into ``out``."""
     cdef fkl_args A
-    cdef cnp.ndarray act_arr, tok_arr, rs_arr, grad_arr
+    cdef cnp.ndarray act_arr, tok_arr, rs_arr, grad_arr, scratch_arr
+    cdef cnp.npy_intp dims[1]
     cdef int nthreads = 1
     cdef Py_ssize_t chunk
 
@@ -117,11 +120,17 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fi
         grad_arr = <cnp.ndarray>grad
         A.grad = cnp.PyArray_DATA(grad_arr)
     A.out = <double *>cnp.PyArray_DATA(out)
+    A.scratch = NULL
 
     if A.rows == 0 or A.V == 0:
         return
     if A.rows > 1 and A.rows * A.V >= PARALLEL_MIN:
         nthreads = min(fk_max_threads(), A.rows)
+    if op == FKL_JSD and not fixed:
+        # per thread: a row's exps from pass 1, which pass 2 rescales instead of recomputing
+        dims[0] = nthreads * fkl_scratch_doubles(A.V)
+        scratch_arr = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)
+        A.scratch = <double *>cnp.PyArray_DATA(scratch_arr)
     # rows per scheduling step: about 16k elements, so tiny rows do not pay per-row overhead
     chunk = max(1, (1 << 14) // A.V)
     with nogil:

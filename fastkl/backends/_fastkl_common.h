@@ -106,4 +106,13 @@ static inline int fk_max_threads(void) {
 #endif
 }
 
+/* The calling thread's number inside a parallel region (0 outside one, or without OpenMP). */
+static inline int fk_thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 #endif /* FASTKL_COMMON_H */

@@ -46,6 +46,7 @@ typedef struct {
     const double *rowscale;     /* [rows] (FKL_GRAD) */
     void *grad;                 /* C-contiguous [rows, V] (FKL_GRAD) */
     double *out;                /* [rows] float64 */
+    double *scratch;            /* FKL_JSD: fkl_scratch_doubles(V) per thread, or NULL */
 } fkl_args;
 
 /* ------------------------------------------------------------------ constants */
@@ -60,6 +61,12 @@ typedef struct {
 #define FKL_SQRT2 1.41421356237309504880
 #define FKL_DBL_MIN 2.2250738585072014e-308
 #define FKL_DBL_MAX 1.7976931348623157e308
+
+/* chunks of FKL_CHUNK entries in a row of V */
+FK_INLINE ptrdiff_t fkl_nchunks(ptrdiff_t V) { return (V + FKL_CHUNK - 1) / FKL_CHUNK; }
+
+/* doubles of JSD scratch per thread: a row's exps of a and b, and pass 1's shift per chunk */
+static inline ptrdiff_t fkl_scratch_doubles(ptrdiff_t V) { return 2 * V + 2 * fkl_nchunks(V); }
 
 FK_INLINE double fkl_from_bits(uint64_t u) {
     double d;
@@ -238,7 +245,7 @@ typedef struct {
 enum { FKL_S_NONE = 0, FKL_S_KL = 1, FKL_S_ENT = 2 };
 
 FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int smode,
-                              fkl_state *st, const int deg13) {
+                              fkl_state *st, double *keep, const int deg13) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EA[FKL_CHUNK], EB[FKL_CHUNK],
         T[FKL_CHUNK];
     const double ninf = -(double)INFINITY;
@@ -322,20 +329,28 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                 ZA += fkl_sum(EA, c);
                 S += fkl_sum(T, c);
             } else {
+                /* keep (JSD): the exps go straight into the row's scratch, with the shifts
+                 * used for the chunk, for pass 2 to rescale instead of recomputing them */
+                double *ea = keep ? keep + off : EA;
+                double *eb = keep ? keep + A->V + off : EB;
+                if (keep) {
+                    keep[2 * A->V + off / FKL_CHUNK] = mA;
+                    keep[2 * A->V + fkl_nchunks(A->V) + off / FKL_CHUNK] = mB;
+                }
                 if (wa) {
-                    for (i = 0; i < c; i++) EA[i] = fkl_exp(X[i] - mA, deg13, &bad);
+                    for (i = 0; i < c; i++) ea[i] = fkl_exp(X[i] - mA, deg13, &bad);
                 }
                 if (wb) {
-                    for (i = 0; i < c; i++) EB[i] = fkl_exp(Y[i] - mB, deg13, &bad);
+                    for (i = 0; i < c; i++) eb[i] = fkl_exp(Y[i] - mB, deg13, &bad);
                 }
                 if (bad) {
                     if (wa)
-                        for (i = 0; i < c; i++) EA[i] = fkl_exp_slow(X[i] - mA);
+                        for (i = 0; i < c; i++) ea[i] = fkl_exp_slow(X[i] - mA);
                     if (wb)
-                        for (i = 0; i < c; i++) EB[i] = fkl_exp_slow(Y[i] - mB);
+                        for (i = 0; i < c; i++) eb[i] = fkl_exp_slow(Y[i] - mB);
                 }
-                if (wa) ZA += fkl_sum(EA, c);
-                if (wb) ZB += fkl_sum(EB, c);
+                if (wa) ZA += fkl_sum(ea, c);
+                if (wb) ZB += fkl_sum(eb, c);
             }
         }
     }
@@ -350,11 +365,12 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
  * run-time flag GCC computes both series for every lane and selects (measured: float32 KL
  * slower with the shorter series than with the longer one). */
 FK_CLONES
-static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st) {
+static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st,
+                      double *keep) {
     if (A->f32)
-        fkl_pass1_impl(A, row, want, smode, st, 0);
+        fkl_pass1_impl(A, row, want, smode, st, keep, 0);
     else
-        fkl_pass1_impl(A, row, want, smode, st, 1);
+        fkl_pass1_impl(A, row, want, smode, st, keep, 1);
 }
 
 /* ------------------------------------------------------------------ pass 2: JSD */
@@ -372,9 +388,13 @@ static double fkl_log_mix(double beta, double omb, double p, double q, double lp
 
 /* JSD = beta sum p (lp - lm) + (1 - beta) sum q (lq - lm), lp = (xa - MA) - log ZA, ...;
  * elements with lp == lq add exactly 0 (so identical rows give 0.0). Returns both sums, and
- * the total masses sum p, sum q (0 for a row without mass). */
+ * the total masses sum p, sum q (0 for a row without mass).
+ * keep (pass 1's exps and shifts, see fkl_pass1_impl): p = e^(xa - m_k) * (e^(m_k - MA) /
+ * ZA) with m_k the shift pass 1 used for chunk k, one product instead of an exp per entry
+ * (no rounding of log ZA inside the exponent either). Without keep (fixed mode): p = e^lp. */
 FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, double lZA,
-                                   double MB, double lZB, double *SP, double *SQ, double *ZP,
+                                   double ZA, double MB, double lZB, double ZB,
+                                   const double *keep, double *SP, double *SQ, double *ZP,
                                    double *ZQ, const int deg13) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
         PP[FKL_CHUNK], QQ[FKL_CHUNK], BAD[FKL_CHUNK];
@@ -382,20 +402,37 @@ FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, d
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
+    const ptrdiff_t nch = fkl_nchunks(A->V);
     double sp = 0.0, sq = 0.0, zp = 0.0, zq = 0.0;
     ptrdiff_t off, i;
 
     for (off = 0; off < A->V; off += FKL_CHUNK) {
         const ptrdiff_t c = (A->V - off) < FKL_CHUNK ? (A->V - off) : FKL_CHUNK;
+        double fa = 0.0, fb = 0.0;
         int bad = 0;
         fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
         fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        if (keep) {
+            const double *ka = keep + off, *kb = keep + A->V + off;
+            fa = exp(keep[2 * A->V + off / FKL_CHUNK] - MA) / ZA;
+            fb = exp(keep[2 * A->V + nch + off / FKL_CHUNK] - MB) / ZB;
+            for (i = 0; i < c; i++) {
+                PP[i] = ka[i] * fa;
+                QQ[i] = kb[i] * fb;
+            }
+        } else {
+            for (i = 0; i < c; i++) {
+                const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
+                PP[i] = fkl_exp(lp, deg13, &bad);
+                QQ[i] = fkl_exp(lq, deg13, &bad);
+            }
+        }
         /* the lanes needing libm are flagged in a buffer and counted after the loop: GCC
          * does not vectorize this loop with an OR-reduction of the flags */
         for (i = 0; i < c; i++) {
             int lane_bad = 0;
             const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
-            const double p = fkl_exp(lp, deg13, &lane_bad), q = fkl_exp(lq, deg13, &lane_bad);
+            const double p = PP[i], q = QQ[i];
             const double m = beta * p + omb * q;
             const double lm = fkl_log(m, &lane_bad, deg13);
             const double tp = p * (lp - lm), tq = q * (lq - lm);
@@ -403,18 +440,17 @@ FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, d
             lane_bad |= (m < FKL_DBL_MIN) & ((lp >= FKL_EXP_ZERO) | (lq >= FKL_EXP_ZERO));
             BAD[i] = lane_bad ? 1.0 : 0.0;
             const int same = (lp == lq);
-            PP[i] = p;
-            QQ[i] = q;
             /* p == 0 exactly where lp < EXP_ZERO (other lanes that round to 0 are flagged);
              * tested on lp, not p: GCC does not vectorize a select on a test of a select */
             TP[i] = ((lp < FKL_EXP_ZERO) | same) ? 0.0 : tp;
             TQ[i] = ((lq < FKL_EXP_ZERO) | same) ? 0.0 : tq;
         }
-        bad = fkl_sum(BAD, c) != 0.0;
+        bad |= fkl_sum(BAD, c) != 0.0;
         if (bad) {
             for (i = 0; i < c; i++) {
                 const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
-                const double p = exp(lp), q = exp(lq);
+                const double p = keep ? keep[off + i] * fa : exp(lp);
+                const double q = keep ? keep[A->V + off + i] * fb : exp(lq);
                 const double lm = fkl_log_mix(beta, omb, p, q, lp, lq);
                 const int same = (lp == lq);
                 PP[i] = p;
@@ -435,14 +471,15 @@ FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, d
 }
 
 FK_CLONES
-static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
-                          double lZB, double *SP, double *SQ, double *ZP, double *ZQ) {
+static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double ZA,
+                          double MB, double lZB, double ZB, const double *keep, double *SP,
+                          double *SQ, double *ZP, double *ZQ) {
     /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
      * parts of the two sums cancel): the full series there */
     if (A->f32 && !A->fixed)
-        fkl_pass2_jsd_impl(A, row, MA, lZA, MB, lZB, SP, SQ, ZP, ZQ, 0);
+        fkl_pass2_jsd_impl(A, row, MA, lZA, ZA, MB, lZB, ZB, keep, SP, SQ, ZP, ZQ, 0);
     else
-        fkl_pass2_jsd_impl(A, row, MA, lZA, MB, lZB, SP, SQ, ZP, ZQ, 1);
+        fkl_pass2_jsd_impl(A, row, MA, lZA, ZA, MB, lZB, ZB, keep, SP, SQ, ZP, ZQ, 1);
 }
 
 /* ------------------------------------------------------------------ pass 2: KL gradient */
@@ -502,7 +539,7 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
             A->out[row] = 0.0;
             return;
         }
-        fkl_pass1(A, row, 2, FKL_S_NONE, &st);
+        fkl_pass1(A, row, 2, FKL_S_NONE, &st, NULL);
         {
             const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
             const char *pb = (const char *)A->b + (ptrdiff_t)isz * (row * A->b0 + tok * A->b1);
@@ -513,7 +550,7 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
     }
     if (op == FKL_GRAD) {
         const double rs = A->rowscale[row];
-        fkl_pass1(A, row, 3, FKL_S_KL, &st);
+        fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
         val = st.S / st.ZA - log(st.ZA / st.ZB);
         A->out[row] = (val < 0.0) ? 0.0 : val;
         if (rs == 0.0) {
@@ -530,24 +567,33 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
     }
     /* a row without probability mass (all -inf, also as log-probabilities) gives NaN */
     if (op == FKL_ENT) {
-        fkl_pass1(A, row, 1, FKL_S_ENT, &st);
+        fkl_pass1(A, row, 1, FKL_S_ENT, &st, NULL);
         val = A->fixed ? -st.S : log(st.ZA) - st.S / st.ZA;
         if (st.ZA == 0.0) val = NAN;
     } else if (op == FKL_KL) {
-        fkl_pass1(A, row, 3, FKL_S_KL, &st);
+        fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
         val = A->fixed ? st.S : st.S / st.ZA - log(st.ZA / st.ZB);
         val = (val < 0.0) ? 0.0 : val;
         if (st.ZA == 0.0 || st.ZB == 0.0) val = NAN;
     } else { /* JSD */
         double SP, SQ, ZP, ZQ, lZA = 0.0, lZB = 0.0;
+        double *keep = NULL;
         if (A->fixed) {
             st.MA = st.MB = 0.0;
+            st.ZA = st.ZB = 1.0;
         } else {
-            fkl_pass1(A, row, 3, FKL_S_NONE, &st);
+            if (A->scratch)
+                keep = A->scratch + (ptrdiff_t)fk_thread_num() * fkl_scratch_doubles(A->V);
+            fkl_pass1(A, row, 3, FKL_S_NONE, &st, keep);
             lZA = log(st.ZA);
             lZB = log(st.ZB);
+            /* rows without mass, or NaN: the exps are recomputed (NaN / inf propagate as
+             * in the reference) */
+            if (!(st.ZA > 0.0 && st.ZB > 0.0 && st.ZA <= FKL_DBL_MAX && st.ZB <= FKL_DBL_MAX &&
+                  st.MA == st.MA && st.MB == st.MB))
+                keep = NULL;
         }
-        fkl_pass2_jsd(A, row, st.MA, lZA, st.MB, lZB, &SP, &SQ, &ZP, &ZQ);
+        fkl_pass2_jsd(A, row, st.MA, lZA, st.ZA, st.MB, lZB, st.ZB, keep, &SP, &SQ, &ZP, &ZQ);
         /* a zero weight drops its sum (KL(P||Q) may be +inf where beta = 0) */
         val = (A->beta == 0.0 ? 0.0 : A->beta * SP) + (A->beta == 1.0 ? 0.0 : (1.0 - A->beta) * SQ);
         val = (val < 0.0) ? 0.0 : val;
