@@ -59,8 +59,25 @@ class _Inputs:
     __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype")
 
 
+_NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf)
+
+
 def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None,
               clamp_value=None) -> _Inputs:
+    if (type(logq) is np.ndarray and type(logp) is np.ndarray and mask is None
+            and log_iw is None and clamp_log_ratio is None and clamp_value is None
+            and logq.shape == logp.shape and logq.dtype == logp.dtype
+            and logq.dtype.char in "fd" and logq.dtype.isnative):
+        # the common small-input case: two native float32/float64 arrays of one dtype and
+        # shape, nothing optional. The general path below gives the same _Inputs (no
+        # conversion, no copy), through ten more calls: about 1 us of a 9 us call.
+        inp = _Inputs()
+        inp.est = _checks.estimator_code(estimator, reverse)
+        inp.dtype = inp.out_dtype = logq.dtype
+        inp.logq, inp.logp, inp.shape = logq, logp, logq.shape
+        inp.mask = inp.log_iw = None
+        inp.clamp = _NO_CLAMPS
+        return inp
     q = _checks.float_array(logq, "logq")
     p = _checks.float_array(logp, "logp")
     _checks.same_shape(p, q.shape, "logp")

@@ -557,8 +557,24 @@ _DUMMY_MASK = np.zeros(1, dtype=np.uint8)
 _DUMMY_MASK.flags.writeable = False
 
 
+_DUMMY_F = {}
+for _dt in (np.float32, np.float64):
+    _DUMMY_F[np.dtype(_dt).char] = np.zeros(1, dtype=_dt)
+    _DUMMY_F[np.dtype(_dt).char].flags.writeable = False
+
+
 def _prepare(logq, logp, mask, log_iw):
     """Kernel arguments: four flat buffers, their geometry [4, 3] and the two flags."""
+    if (mask is None and log_iw is None and logq.flags.c_contiguous
+            and logp.flags.c_contiguous):
+        # the common case, without the general loop (about 1 us of a small call)
+        n = logq.shape[1]
+        qf = logq.reshape(-1)
+        qf.flags.writeable = False
+        pf = logp.reshape(-1)
+        pf.flags.writeable = False
+        geo = geometry((0, n, 1, 0, n, 1, 0, 0, 0, 0, 0, 0))
+        return [qf, pf, _DUMMY_MASK, _DUMMY_F[logq.dtype.char]], geo, False, False
     g: tuple = ()
     bufs = []
     for k, a in enumerate((logq, logp, mask, log_iw)):
