@@ -126,13 +126,26 @@ def _exp_exact(x):
 # ZeroDivisionError branch, which kept LLVM from vectorizing any loop calling this (f + 1.0
 # is never 0 here). Measured: the JSD pass ran scalar, half the Cython kernel's speed.
 @njit(nogil=True, cache=True, error_model="numpy")
-def _log_lane(m):
-    """log m for normal finite m > 0, and -inf for m == 0; other lanes: ``_log_bad``."""
+def _log_reduce(m):
+    """(k, s, z) with m = 2**k f, f in [sqrt(1/2), sqrt(2)), s = (f - 1) / (f + 1), z = s*s."""
     b = f64_as_i64(m)
     k = (b - SQRTH_BITS) >> 52
     f = i64_as_f64(b - (k << 52))
     s = (f - 1.0) / (f + 1.0)
-    z = s * s
+    return np.float64(k), s, s * s
+
+
+@njit(nogil=True, cache=True)
+def _log_join(m, kf, s, z, p):
+    """k ln2 + 2 s + s z p (p: the series from 2/3 up), and -inf for m == 0."""
+    v = fma(kf, LN2_HI, fma(s * z, p, fma(kf, LN2_LO, L1 * s)))
+    return -INF if m == 0.0 else v
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _log_lane(m):
+    """log m for normal finite m > 0, and -inf for m == 0; other lanes: ``_log_bad``."""
+    kf, s, z = _log_reduce(m)
     p = fma(L23, z, L21)
     p = fma(p, z, L19)
     p = fma(p, z, L17)
@@ -143,27 +156,19 @@ def _log_lane(m):
     p = fma(p, z, L7)
     p = fma(p, z, L5)
     p = fma(p, z, L3)
-    kf = np.float64(k)
-    v = fma(kf, LN2_HI, fma(s * z, p, fma(kf, LN2_LO, L1 * s)))
-    return -INF if m == 0.0 else v
+    return _log_join(m, kf, s, z, p)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _log_lane_lo(m):
     """``_log_lane`` with the series cut at s**11 (relative error < 6e-11, |s| <= 0.1716):
     for float32 inputs, six FMAs fewer."""
-    b = f64_as_i64(m)
-    k = (b - SQRTH_BITS) >> 52
-    f = i64_as_f64(b - (k << 52))
-    s = (f - 1.0) / (f + 1.0)
-    z = s * s
+    kf, s, z = _log_reduce(m)
     p = fma(L11, z, L9)
     p = fma(p, z, L7)
     p = fma(p, z, L5)
     p = fma(p, z, L3)
-    kf = np.float64(k)
-    v = fma(kf, LN2_HI, fma(s * z, p, fma(kf, LN2_LO, L1 * s)))
-    return -INF if m == 0.0 else v
+    return _log_join(m, kf, s, z, p)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
