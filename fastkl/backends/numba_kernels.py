@@ -553,14 +553,15 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
 # --------------------------------------------------------------------------- wrappers
 
 
-_DUMMY_MASK = np.zeros(1, dtype=np.uint8)
-_DUMMY_MASK.flags.writeable = False
+def _ro_zero(dtype) -> np.ndarray:
+    a = np.zeros(1, dtype=dtype)
+    a.flags.writeable = False
+    return a
 
 
-_DUMMY_F = {}
-for _dt in (np.float32, np.float64):
-    _DUMMY_F[np.dtype(_dt).char] = np.zeros(1, dtype=_dt)
-    _DUMMY_F[np.dtype(_dt).char].flags.writeable = False
+# stand-ins for an absent mask / log_iw (never read)
+_DUMMY_MASK = _ro_zero(np.uint8)
+_DUMMY_F = {np.dtype(t).char: _ro_zero(t) for t in (np.float32, np.float64)}
 
 
 def _prepare(logq, logp, mask, log_iw):
