@@ -50,11 +50,6 @@ typedef struct {
 } fkl_args;
 
 /* ------------------------------------------------------------------ constants */
-#define FKL_LOG2E 1.4426950408889634074
-#define FKL_SHIFT 6755399441055744.0 /* 1.5 * 2**52 */
-#define FKL_LN2 0.693147180559945309417232121458
-#define FKL_LN2_HI 6.93147180369123816490e-01 /* trailing zero bits: kf * LN2_HI exact */
-#define FKL_LN2_LO 1.90821492927058770002e-10
 #define FKL_EXP_LO -700.0     /* fast exp valid on [EXP_LO, EXP_HI] */
 #define FKL_EXP_HI 700.0
 #define FKL_EXP_ZERO -746.0   /* e^z rounds to +0.0 below this (libm agrees) */
@@ -68,28 +63,12 @@ FK_INLINE ptrdiff_t fkl_nchunks(ptrdiff_t V) { return (V + FKL_CHUNK - 1) / FKL_
 /* doubles of JSD scratch per thread: a row's exps of a and b, and pass 1's shift per chunk */
 static inline ptrdiff_t fkl_scratch_doubles(ptrdiff_t V) { return 2 * V + 2 * fkl_nchunks(V); }
 
-FK_INLINE double fkl_from_bits(uint64_t u) {
-    double d;
-    memcpy(&d, &u, sizeof d);
-    return d;
-}
-
-FK_INLINE uint64_t fkl_to_bits(double d) {
-    uint64_t u;
-    memcpy(&u, &d, sizeof u);
-    return u;
-}
-
 /* e^z for z in [EXP_LO, EXP_HI] (callers clamp z there first; NaN stays NaN).
  * deg13: the Taylor series to r^13 (float64, ~1 ulp), else the minimax series of
  * fk_exp_series (relative error < 3e-9, float32 inputs). */
 FK_INLINE double fkl_exp_core(double z, int deg13) {
-    const double t = z * FKL_LOG2E + FKL_SHIFT;
-    const double kf = t - FKL_SHIFT;
-    const double r = (z - kf * FKL_LN2_HI) - kf * FKL_LN2_LO;
-    const double P = fk_exp_series(r, deg13);
-    const double q = (r * r) * P;
-    const double s = fkl_from_bits((fkl_to_bits(t) + (uint64_t)1023) << 52);
+    double s, r, q;
+    fk_exp_parts(z, deg13, &s, &r, &q);
     return s + s * (r + q);
 }
 
@@ -110,10 +89,10 @@ static double fkl_exp_slow(double z) { return exp(z); }
  * *bad set for subnormal, negative, inf or NaN m (libm fix-up). full (loop-invariant): the
  * series to s^21, else to s^11 (relative error < 6e-11, for float32 inputs). */
 FK_INLINE double fkl_log(double m, int *bad, const int full) {
-    const uint64_t u = fkl_to_bits(m);
+    const uint64_t u = fk_to_bits(m);
     /* exponent as a double without an int->double conversion (AVX2 has none for int64) */
-    const double e0 = fkl_from_bits((u >> 52) | 0x4330000000000000ULL) - 4503599627370496.0;
-    double f = fkl_from_bits((u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL); /* [1,2) */
+    const double e0 = fk_from_bits((u >> 52) | 0x4330000000000000ULL) - 4503599627370496.0;
+    double f = fk_from_bits((u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL); /* [1,2) */
     const int hi = f > FKL_SQRT2;
     f = hi ? 0.5 * f : f;                         /* [sqrt(1/2), sqrt(2)) */
     const double e = (e0 - 1023.0) + (hi ? 1.0 : 0.0);
@@ -138,7 +117,7 @@ FK_INLINE double fkl_log(double m, int *bad, const int full) {
     const double lf = 2.0 * s + s * (s2 * P);
     *bad |= !(m >= FKL_DBL_MIN) & (m != 0.0);
     *bad |= !(m <= FKL_DBL_MAX);
-    const double lm = e * FKL_LN2_HI + (e * FKL_LN2_LO + lf);
+    const double lm = e * FK_LN2_HI + (e * FK_LN2_LO + lf);
     return (m == 0.0) ? -(double)INFINITY : lm;
 }
 

@@ -53,37 +53,15 @@ typedef struct {
 } fk_params;
 
 /* ------------------------------------------------------------------ constants */
-#define FK_LOG2E 1.4426950408889634074
-#define FK_SHIFT 6755399441055744.0 /* 1.5 * 2**52 */
-#define FK_LN2_HI 6.93147180369123816490e-01 /* 0x3fe62e42fee00000: trailing zero bits */
-#define FK_LN2_LO 1.90821492927058770002e-10
 #define FK_FAST_MAX 700.0
-
-FK_INLINE double fk_from_bits(uint64_t u) {
-    double d;
-    memcpy(&d, &u, sizeof d);
-    return d;
-}
-
-FK_INLINE uint64_t fk_to_bits(double d) {
-    uint64_t u;
-    memcpy(&u, &d, sizeof u);
-    return u;
-}
 
 /* E = e^l - 1 - l and R = e^l for finite |l| <= 700 (docs/kernel_math.md). ``lo`` (a
  * compile-time constant at every call site): the minimax series of fk_exp_series (relative
  * error < 3e-9, for float32 inputs, whose results need 1e-6) instead of the Taylor series to
  * r^13 (float64). */
 FK_INLINE void fk_exp_core(double l, double *E, double *R, const int lo) {
-    const double t = l * FK_LOG2E + FK_SHIFT;
-    const double kf = t - FK_SHIFT;
-    const double r = (l - kf * FK_LN2_HI) - kf * FK_LN2_LO;
-    /* Horner; Estrin measured no faster here: the loop is bound by FMA throughput */
-    const double P = fk_exp_series(r, !lo);
-    const double q = (r * r) * P;
-    /* 2**k: the low mantissa bits of t hold k (+2**51); shift them into the exponent */
-    const double s = fk_from_bits((fk_to_bits(t) + (uint64_t)1023) << 52);
+    double s, r, q;
+    fk_exp_parts(l, !lo, &s, &r, &q);
     *E = s * q + (((s - 1.0) + s * r) - l);
     *R = s + s * (r + q);
 }
