@@ -164,11 +164,24 @@ C13 = 1.0 / 6227020800
 
 
 @njit(nogil=True, cache=True)
-def exp_parts(x):
-    """(s, r, q) with e^x = s * (1 + r + q), s = 2**k, q = e^r - 1 - r (|x| <= FAST_MAX)."""
+def _reduce(x):
+    """(t, r): t holds k = round(x / ln2) in its low mantissa bits, r = x - k ln2."""
     t = fma(x, LOG2E, SHIFT)
     kf = t - SHIFT
     r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))  # the inner fma is exact (= x - kf*LN2_HI)
+    return t, r
+
+
+@njit(nogil=True, cache=True)
+def _scale(t):
+    """2**k from the t of ``_reduce``."""
+    return i64_as_f64((f64_as_i64(t) + 1023) << 52)
+
+
+@njit(nogil=True, cache=True)
+def exp_parts(x):
+    """(s, r, q) with e^x = s * (1 + r + q), s = 2**k, q = e^r - 1 - r (|x| <= FAST_MAX)."""
+    t, r = _reduce(x)
     p = fma(C13, r, C12)
     p = fma(p, r, C11)
     p = fma(p, r, C10)
@@ -180,9 +193,7 @@ def exp_parts(x):
     p = fma(p, r, C4)
     p = fma(p, r, C3)
     p = fma(p, r, C2)
-    q = (r * r) * p
-    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
-    return s, r, q
+    return _scale(t), r, (r * r) * p
 
 
 # Minimax fit (Remez, relative error) of (e^r - 1 - r) / r**2 on |r| <= ln2/2 + 5e-4 by a
@@ -200,14 +211,10 @@ M5 = 0.00019857847267093069348
 def exp_parts_lo(x):
     """``exp_parts`` with the minimax series above (relative error < 3e-9): for float32
     inputs, whose results need 1e-6 (the Cython kernels use the same coefficients)."""
-    t = fma(x, LOG2E, SHIFT)
-    kf = t - SHIFT
-    r = fma(-kf, LN2_LO, fma(-kf, LN2_HI, x))
+    t, r = _reduce(x)
     p = fma(M5, r, M4)
     p = fma(p, r, M3)
     p = fma(p, r, M2)
     p = fma(p, r, M1)
     p = fma(p, r, M0)
-    q = (r * r) * p
-    s = i64_as_f64((f64_as_i64(t) + 1023) << 52)
-    return s, r, q
+    return _scale(t), r, (r * r) * p

@@ -403,6 +403,33 @@ def _task(rows, nblk, n, task):
     return row, j0, min(BLOCK, n - j0)
 
 
+@njit(nogil=True, cache=True)
+def _chunk_sums(tb, wb, mm, has_mask, fixed):
+    """(sum w, sum w t, sum w**2, NaN count, count) of a chunk's terms; without a mask only
+    the sum and the NaN count (``fixed``: some lane went through the fix-up, so NaN terms are
+    possible and skipped)."""
+    if has_mask:
+        return _sums_w(tb, wb, mm)
+    if fixed:
+        ss, nb = _sum8_nn(tb, mm)
+        return 0.0, ss, 0.0, nb, 0
+    return 0.0, _sum8(tb, mm), 0.0, 0, 0
+
+
+@njit(nogil=True, cache=True)
+def _write_part(out, W, S, W2, nbad, cnt, m, has_mask):
+    """The block's partials (M2 left 0.0); without a mask the weights are the counts."""
+    if not has_mask:
+        cnt = m - nbad
+        W = W2 = float(cnt)
+    out[0] = W
+    out[1] = S
+    out[2] = 0.0
+    out[3] = W2
+    out[4] = float(nbad)
+    out[5] = float(cnt)
+
+
 @threaded_kernel
 def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, want_m2,
                      part):
@@ -431,35 +458,23 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
                                    False, lb, xb, eb, tb, gb)
                 if has_mask:
                     _load_x(mb, geo, 2, row, j0 + o, mm, wb)
-                    sw, ss, sv, nb, cn = _sums_w(tb, wb, mm)
-                    W += sw
-                    S += ss
-                    W2 += sv
-                    nbad += nb
-                    cnt += cn
-                elif fixed:
+                if fixed and not has_mask:
                     dirty = True
-                    ss, nb = _sum8_nn(tb, mm)
-                    S += ss
-                    nbad += nb
-                else:
-                    S += _sum8(tb, mm)
+                sw, ss, sv, nb, cn = _chunk_sums(tb, wb, mm, has_mask, fixed)
+                W += sw
+                S += ss
+                W2 += sv
+                nbad += nb
+                cnt += cn
                 o += mm
-            if not has_mask:
-                cnt = m - nbad
-                W = W2 = float(cnt)
             out = part[row, j0 // BLOCK]
-            out[0] = W
-            out[1] = S
-            out[2] = 0.0
+            _write_part(out, W, S, W2, nbad, cnt, m, has_mask)
+            W = out[0]
             if want_m2 and W > 0:
                 mean = S / W
                 out[2] = _dev2(tblk, wblk, mean, m, has_mask, dirty)
                 if m < BLOCK:  # numpy_ref pads a short block with w = t = 0: 0*(0-mean)**2
                     out[2] += 0.0 * (mean * mean)  # (NaN when the mean is +-inf)
-            out[3] = W2
-            out[4] = float(nbad)
-            out[5] = float(cnt)
 
 
 @threaded_kernel
@@ -522,32 +537,17 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
                     for i in range(mm):
                         w = wb[i]
                         ov[i] = 0.0 if w == 0.0 else gb[i] * w * rs
-                    sw, ss, sv, nb, cn = _sums_w(tb, wb, mm)
-                    W += sw
-                    S += ss
-                    W2 += sv
-                    nbad += nb
-                    cnt += cn
                 else:
                     for i in range(mm):
                         ov[i] = gb[i] * rs
-                    if fixed:
-                        ss, nb = _sum8_nn(tb, mm)
-                        S += ss
-                        nbad += nb
-                    else:
-                        S += _sum8(tb, mm)
+                sw, ss, sv, nb, cn = _chunk_sums(tb, wb, mm, has_mask, fixed)
+                W += sw
+                S += ss
+                W2 += sv
+                nbad += nb
+                cnt += cn
                 o += mm
-            if not has_mask:
-                cnt = m - nbad
-                W = W2 = float(cnt)
-            out_p = part[row, j0 // BLOCK]
-            out_p[0] = W
-            out_p[1] = S
-            out_p[2] = 0.0
-            out_p[3] = W2
-            out_p[4] = float(nbad)
-            out_p[5] = float(cnt)
+            _write_part(part[row, j0 // BLOCK], W, S, W2, nbad, cnt, m, has_mask)
 
 
 # --------------------------------------------------------------------------- wrappers
