@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _cython_kernels as _k
 from ._contract import BLOCK, N_PARTIALS
+from .cython_logits import _fit as _fit_2d
 
 if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build mismatch
     raise ImportError(
@@ -33,21 +34,8 @@ def isa() -> str:
 
 
 def _fit(a: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
-    """``a`` as the extension reads it: the same array when it already fits, else a copy."""
-    if a is None:
-        return None
-    a = np.asarray(a)
-    if a.ndim != 2:
-        raise ValueError(f"kernel arrays must be 2-D, got {a.ndim}-D")
-    if (
-        a.dtype == dtype
-        and a.dtype.isnative
-        and a.flags.aligned
-        and a.strides[0] % dtype.itemsize == 0
-        and a.strides[1] % dtype.itemsize == 0
-    ):
-        return a
-    return np.ascontiguousarray(a, dtype=dtype)
+    """``a`` as the extension reads it (``cython_logits._fit``), or None."""
+    return None if a is None else _fit_2d(a, dtype)
 
 
 def _inputs(logq, logp, mask, log_iw):
