@@ -14,7 +14,12 @@ will build the extension:
   ``-ffast-math``: it would break NaN tests and reassociate the (deterministic) sums.
 
 Environment knobs: ``FASTKL_NO_OPENMP=1``, ``FASTKL_NO_CLONES=1``, ``FASTKL_VEC_REPORT=1``
-(GCC vectorizer report on stderr).
+(GCC vectorizer report on stderr), ``FASTKL_REQUIRE_BACKENDS`` (comma-separated backend names; when
+it names ``cython``, a failed build of the extension is an error).
+
+The extension is optional: where no working C compiler exists, the build prints one warning line
+and installs the pure-Python package (the numba and numpy backends); ``fastkl backends`` then
+says why ``cython`` is unavailable.
 
 Development build: ``python setup.py build_ext --inplace``.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
 from setuptools import Extension, setup
@@ -70,8 +76,41 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _cython_required() -> bool:
+    names = os.environ.get("FASTKL_REQUIRE_BACKENDS", "")
+    return "cython" in {n.strip().lower() for n in names.split(",")}
+
+
 class BuildExt(build_ext):
-    """build_ext that probes the compiler for OpenMP, multiversioning and flags."""
+    """build_ext that probes the compiler for OpenMP, multiversioning and flags, and skips the
+    (optional) extension with a one-line warning where it cannot be compiled."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler, a failing compiler or linker, missing headers
+            self._skip(exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._skip(exc)
+
+    _skipped = False
+
+    def _skip(self, exc: BaseException) -> None:
+        if _cython_required():
+            raise exc
+        if self._skipped:  # one line for the whole build (later failures follow the first)
+            return
+        self._skipped = True
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(
+            f"WARNING: fastkl: the Cython extension was not built ({type(exc).__name__}: "
+            f"{msg[:200]}); installing the numba and numpy backends only",
+            file=sys.stderr,
+        )
 
     def _try(self, code: str, cflags: list[str], lflags: list[str]) -> bool:
         tmp = tempfile.mkdtemp(prefix="fastkl_probe_")

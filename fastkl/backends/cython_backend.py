@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _cython_kernels as _k
+try:
+    from . import _cython_kernels as _k
+except ImportError as exc:  # the optional extension was not compiled at install time
+    raise ImportError(
+        "the Cython extension fastkl.backends._cython_kernels is not built (installing it needs "
+        f"a C compiler; reinstall fastkl from source where one exists) [{exc}]"
+    ) from exc
 from ._contract import BLOCK, N_PARTIALS
 from .cython_logits import _fit as _fit_2d
 
