@@ -331,10 +331,13 @@ def cmd_mc(args) -> int:
 
 
 def _compare_lines(rep, label: str) -> list[str]:
+    """The report as llama-perplexity --kl-divergence prints its final statistics (the same
+    lines, order and printf formats), after one fastkl header line."""
     out = [f"fastkl compare: {rep.extra.get('base')} vs {rep.extra.get('test')}: "
            f"{rep.n:,} rows x {rep.extra.get('vocab')} vocab, temperature "
            f"{rep.extra.get('temperature'):g}; percentiles "
-           f"{'exact' if rep.percentiles_exact else 'from a sketch (within 0.1%)'}", ""]
+           f"{'exact' if rep.percentiles_exact else 'from a sketch (within 0.1%)'}"
+           f"{'; llama.cpp arithmetic' if rep.llama_compat else ''}", ""]
     if rep.n_tokens:
         out += [
             "====== Perplexity statistics ======",
@@ -344,6 +347,7 @@ def _compare_lines(rep, label: str) -> list[str]:
             f"Mean ln(PPL(Q)/PPL(base))     : {rep.ln_ppl_ratio:10.6f} ± "
             f"{rep.ln_ppl_ratio_sem:10.6f}",
             f"Mean PPL(Q)/PPL(base)         : {rep.ppl_ratio:10.6f} ± {rep.ppl_ratio_sem:10.6f}",
+            f"Mean PPL(Q)-PPL(base)         : {rep.ppl_diff:10.6f} ± {rep.ppl_diff_sem:10.6f}",
             "",
         ]
     name = {"KLD": "KL divergence", "JSD": "JS divergence", "H": "entropy"}[label]
