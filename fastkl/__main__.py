@@ -338,6 +338,16 @@ def _compare_lines(rep, label: str) -> list[str]:
            f"{rep.extra.get('temperature'):g}; percentiles "
            f"{'exact' if rep.percentiles_exact else 'from a sketch (within 0.1%)'}"
            f"{'; llama.cpp arithmetic' if rep.llama_compat else ''}", ""]
+    if rep.chunks and rep.n_tokens:  # llama.cpp's running per-chunk table
+        out.append("chunk             PPL               ln(PPL(Q)/PPL(base))          "
+                   "KL Divergence              Δp RMS            Same top p")
+        for i, c in enumerate(rep.chunks, 1):
+            out.append(f"{i:4d}    {c['ppl']:9.4f} ± {c['ppl_sem']:9.4f}"
+                       f"    {c['ln_ppl_ratio']:10.5f} ± {c['ln_ppl_ratio_sem']:10.5f}"
+                       f"    {c['kld']:10.5f} ± {c['kld_sem']:10.5f}"
+                       f"    {100 * c['rms_dp']:6.3f} ± {100 * c['rms_dp_sem']:6.3f} %"
+                       f"    {100 * c['same_top']:6.3f} ± {100 * c['same_top_sem']:6.3f} %")
+        out.append("")
     if rep.n_tokens:
         out += [
             "====== Perplexity statistics ======",

@@ -414,9 +414,17 @@ def compare_logits(
                 b, _ = _read_rows(ts, r0, r1, vocab, floor=False)
                 if b.dtype != np.float64:
                     b = b.astype(np.float32, copy=False)
-                acc._add_llama_block(a, b, isinstance(ts, LlamaSource),
-                                     None if tok is None else tok[r0:r1],
-                                     None if keep is None else keep[r0:r1])
+                rpc = bs.rows_per_chunk
+                c0 = r0
+                while c0 < r1:  # llama.cpp's per-chunk table: a snapshot at each chunk end
+                    c1 = min(r1, (c0 // rpc + 1) * rpc)
+                    acc._add_llama_block(a[c0 - r0:c1 - r0], b[c0 - r0:c1 - r0],
+                                         isinstance(ts, LlamaSource),
+                                         None if tok is None else tok[c0:c1],
+                                         None if keep is None else keep[c0:c1])
+                    if c1 % rpc == 0:
+                        acc._mark_chunk()
+                    c0 = c1
                 del a, b
                 bs.release(r0 * vocab, r1 * vocab)
                 ts.release(r0 * vocab, r1 * vocab)

@@ -431,7 +431,10 @@ class LogitsReport:
     ``llama_compat``: the per-row values follow llama.cpp's arithmetic (a llama.cpp base file
     at temperature 1: see docs/llama_compat.md): base entries with log p <= -16 dropped and
     the rest not renormalized, negative per-row KL kept, minimum / maximum / percentiles of
-    the float32 per-row values with llama.cpp's float32 interpolation.
+    the float32 per-row values with llama.cpp's float32 interpolation. ``chunks``: the
+    running statistics after each chunk of a llama.cpp base file (llama.cpp's per-chunk
+    table), dicts with ``rows``, ``ppl``, ``ln_ppl_ratio``, ``kld``, ``rms_dp``,
+    ``same_top`` and their ``*_sem`` (0 up to 10 rows, as llama.cpp prints them).
     """
 
     op: str
@@ -467,6 +470,7 @@ class LogitsReport:
     ppl_diff: float = math.nan
     ppl_diff_sem: float = math.nan
     llama_compat: bool = False
+    chunks: tuple = ()
     extra: dict = field(default_factory=dict)
     # (values, counts) of the quantile sketches ("values", "dp"), for histograms; not in
     # to_dict()
@@ -484,6 +488,8 @@ class LogitsReport:
                 v = {f"{p:g}": float(x) for p, x in v.items()}
             elif k == "extra":
                 v = dict(v)
+            elif k == "chunks":
+                v = [dict(c) for c in v]
             d[k] = v
         return d
 
@@ -556,6 +562,7 @@ class LogitsAccumulator:
         self.n_top = 0
         self.n_same_top = 0
         self.llama = False  # rows added by _add_llama_block (llama.cpp arithmetic)
+        self.chunks: list[dict] = []  # running statistics at chunk ends (_mark_chunk)
 
     def _key(self) -> tuple:
         return (self.op, self.temperature, self.beta, self.nan_policy, self.ignore_index)
@@ -696,6 +703,31 @@ class LogitsAccumulator:
             with np.errstate(invalid="ignore"):
                 self.nll_diff.update(nll - nllb)
 
+    def _mark_chunk(self) -> None:
+        """Record the running statistics of llama.cpp's per-chunk table (cumulative over the
+        rows so far; uncertainties 0 up to 10 rows, as llama.cpp's mean_and_uncertainty)."""
+        pol = self.nan_policy
+        n = self.n_rows
+
+        def sem(m: _Moments) -> float:
+            return m.sem(pol) if m.n + m.nan > 10 else 0.0
+
+        lt = self.nll_test.mean(pol)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ppl = float(np.exp(lt))
+        ms = self.dp2.mean(pol)
+        rms = math.sqrt(ms) if ms >= 0 else math.nan
+        f = self.n_same_top / self.n_top if self.n_top else math.nan
+        self.chunks.append({
+            "rows": n, "ppl": ppl, "ppl_sem": ppl * sem(self.nll_test),
+            "ln_ppl_ratio": self.nll_diff.mean(pol), "ln_ppl_ratio_sem": sem(self.nll_diff),
+            "kld": self.values.mean(pol), "kld_sem": sem(self.values),
+            "rms_dp": rms, "rms_dp_sem": sem(self.dp2) / (2 * rms) if rms > 0 else math.nan,
+            "same_top": f,
+            "same_top_sem": math.sqrt(f * (1 - f) / (self.n_top - 1)) if self.n_top > 1
+            else math.nan,
+        })
+
     def merge(self, other: LogitsAccumulator) -> LogitsAccumulator:
         """Add the rows another accumulator (same op, temperature, beta, NaN policy) saw."""
         if not isinstance(other, LogitsAccumulator):
@@ -732,6 +764,7 @@ class LogitsAccumulator:
             sem=v.sem(pol), minimum=math.nan if prop or not v.n else v.lo,
             maximum=math.nan if prop or not v.n else v.hi, percentiles=pct,
             percentiles_exact=exact, same_top=f, same_top_sem=f_sem, llama_compat=self.llama,
+            chunks=tuple(dict(c) for c in self.chunks),
             histograms={"values": v.sketch.buckets(), "dp": self.dp.sketch.buckets()},
         )
         nt = self.dp.n + self.dp.nan
