@@ -36,6 +36,11 @@ def kl_rows(base_logp: np.ndarray, test: np.ndarray, test_is_logprob: bool,
     ``nll`` = -log q(tok), ``nll_base`` = -log p_base(tok), ``p_diff`` = q(tok) - p(tok)
     in the test's float type.
     """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # inf/NaN logits
+        return _kl_rows(base_logp, test, test_is_logprob, tokens)
+
+
+def _kl_rows(base_logp, test, test_is_logprob, tokens):
     ft = np.float64 if test.dtype == np.float64 else np.float32
     t = test.astype(ft, copy=False)
     lb = base_logp.astype(ft, copy=False)
@@ -45,19 +50,16 @@ def kl_rows(base_logp: np.ndarray, test: np.ndarray, test_is_logprob: bool,
     else:
         mx = t.max(axis=1)
         sum_exp = expf(t - mx[:, None]).sum(axis=1, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            lse = np.log(sum_exp).astype(ft)
+        lse = np.log(sum_exp).astype(ft)
         shift = mx + lse  # max_logit + log_sum_exp, in float
     pb = expf(lb)
-    with np.errstate(invalid="ignore", over="ignore"):
-        term = pb * ((lb - t) + shift[:, None])
+    term = pb * ((lb - t) + shift[:, None])
     term[~(lb > ft(FLOOR))] = 0
     out = {"kld": term.sum(axis=1, dtype=np.float64),
            "same_top": np.argmax(t, axis=1) == np.argmax(lb, axis=1)}
     if tokens is not None:
         r = np.arange(rows)
-        with np.errstate(invalid="ignore"):
-            nll = shift - t[r, tokens]
+        nll = shift - t[r, tokens]
         nll_base = -lb[r, tokens]
         out.update(nll=nll, nll_base=nll_base, p_diff=expf(-nll) - expf(-nll_base))
     return out
@@ -76,7 +78,11 @@ def percentile(sorted_values: np.ndarray, fraction: float) -> float:
     p = fr * f32(v.size - 1)
     ip = int(p)
     p = p - f32(ip)
-    return float((f32(1) - p) * v[ip] + p * v[min(ip + 1, v.size - 1)])
+    lo, hi = v[ip], v[min(ip + 1, v.size - 1)]
+    if not (np.isfinite(lo) and np.isfinite(hi)) and (p == 0 or lo == hi):
+        return float(lo)  # an infinite row value: no 0 * inf in the interpolation
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float((f32(1) - p) * lo + p * hi)
 
 
 def median(sorted_values: np.ndarray) -> float:
@@ -85,4 +91,5 @@ def median(sorted_values: np.ndarray) -> float:
     n = v.size
     if n % 2:
         return float(v[n // 2])
-    return float(np.float32(0.5) * (v[n // 2] + v[n // 2 - 1]))
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.float32(0.5) * (v[n // 2] + v[n // 2 - 1]))

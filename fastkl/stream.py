@@ -616,6 +616,9 @@ class LogitsAccumulator:
         """Native float32/64 ``[rows, V]`` blocks -> statistics. ``token_logp_base`` /
         ``token_logp_test`` override log P(token) / log Q(token) (llama.cpp files store
         them directly)."""
+        if self.llama:
+            raise ValueError("this accumulator holds rows of llama.cpp arithmetic (a llama.cpp "
+                             "base file): exact softmax KL rows cannot join them")
         if keep is not None and not keep.all():
             a = a[keep]
             b = None if b is None else b[keep]

@@ -517,3 +517,36 @@ def test_cli_numbers_are_the_api_numbers(data, capsys):
     assert rc == 0 and js["llama_compat"] is True
     assert js["ppl_diff"] == rep.ppl_diff and js["dp_percentiles"]["75"] == \
         rep.dp_percentiles[75.0]
+
+
+def test_float64_test_logits_and_no_mixing(data):
+    """float64 test logits: the same arithmetic in float64 (llama.cpp's are float32), close to
+    the float32 report; rows of llama.cpp arithmetic and of exact KL never mix."""
+    d, base, test = data
+    np.save(d / "test64.npy", test.astype(np.float64))
+    r64 = fastkl.compare_logits(d / "base.kld", d / "test64.npy")
+    r32 = fastkl.compare_logits(d / "base.kld", d / "test.npy")
+    assert r64.llama_compat
+    assert r64.mean == pytest.approx(r32.mean, rel=1e-5)
+    assert r64.ppl_test == pytest.approx(r32.ppl_test, rel=1e-6)
+    acc = fastkl.LogitsAccumulator()
+    acc._add_llama_block(base[:4], test[:4], False, None, None)
+    with pytest.raises(ValueError, match="llama.cpp"):
+        acc.update(base[:4], test[:4])
+    other = fastkl.LogitsAccumulator().update(base[:4], test[:4])
+    with pytest.raises(ValueError, match="llama.cpp"):
+        acc.merge(other)
+
+
+def test_percentile_next_to_an_infinite_row():
+    """A row with KL = +inf (P > 0 = Q): the percentiles next to it are not 0 * inf = NaN."""
+    import warnings
+
+    from fastkl import _llama
+
+    v = np.array([*range(10), np.inf], dtype=f32)  # 0.9f * 10 rounds to 9.0: weight 0 on inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _llama.percentile(v, 0.9) == 9.0 == ref_percentile(v[:10], f32(1.0))
+        assert _llama.percentile(v, 0.999) == np.inf
+        assert _llama.median(np.array([1, np.inf], f32)) == np.inf
