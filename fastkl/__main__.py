@@ -277,7 +277,9 @@ _COMPARE_EXAMPLES = """examples:
 BASE and TEST hold logits [rows, vocab] (any leading shape, vocabulary last): .npy, .npz,
 .safetensors (FILE::NAME picks a tensor) or llama.cpp --kl-divergence-base files. Prints the
 statistics of llama-perplexity --kl-divergence with its labels; with tokens (--tokens, or
-those of a llama.cpp base file) also perplexities and the probability of the observed token."""
+those of a llama.cpp base file) also perplexities and the probability of the observed token.
+With a llama.cpp base file and the test model's logits it prints llama.cpp's per-chunk
+table and report in llama.cpp's own arithmetic (docs/llama_compat.md)."""
 
 
 def _json_ready(x):
