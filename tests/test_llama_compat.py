@@ -70,7 +70,8 @@ def ref_write(path, tokens, logits, n_ctx) -> None:
 
 def read_base(path):
     """(n_ctx, n_vocab, n_chunk, tokens, rows of uint16 incl. the 4-entry header)."""
-    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        raw = f.read()
     n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", raw[8:20])
     tokens = np.frombuffer(raw[20:20 + 4 * n_ctx * n_chunk], "<i4")
     nv = 2 * ((n_vocab + 1) // 2) + 4
