@@ -277,7 +277,9 @@ _COMPARE_EXAMPLES = """examples:
 BASE and TEST hold logits [rows, vocab] (any leading shape, vocabulary last): .npy, .npz,
 .safetensors (FILE::NAME picks a tensor) or llama.cpp --kl-divergence-base files. Prints the
 statistics of llama-perplexity --kl-divergence with its labels; with tokens (--tokens, or
-those of a llama.cpp base file) also perplexities and the probability of the observed token."""
+those of a llama.cpp base file) also perplexities and the probability of the observed token.
+With a llama.cpp base file and the test model's logits it prints llama.cpp's per-chunk
+table and report in llama.cpp's own arithmetic (docs/llama_compat.md)."""
 
 
 def _json_ready(x):
@@ -331,10 +333,23 @@ def cmd_mc(args) -> int:
 
 
 def _compare_lines(rep, label: str) -> list[str]:
+    """The report as llama-perplexity --kl-divergence prints its final statistics (the same
+    lines, order and printf formats), after one fastkl header line."""
     out = [f"fastkl compare: {rep.extra.get('base')} vs {rep.extra.get('test')}: "
            f"{rep.n:,} rows x {rep.extra.get('vocab')} vocab, temperature "
            f"{rep.extra.get('temperature'):g}; percentiles "
-           f"{'exact' if rep.percentiles_exact else 'from a sketch (within 0.1%)'}", ""]
+           f"{'exact' if rep.percentiles_exact else 'from a sketch (within 0.1%)'}"
+           f"{'; llama.cpp arithmetic' if rep.llama_compat else ''}", ""]
+    if rep.chunks and rep.n_tokens:  # llama.cpp's running per-chunk table
+        out.append("chunk             PPL               ln(PPL(Q)/PPL(base))          "
+                   "KL Divergence              Δp RMS            Same top p")
+        for i, c in enumerate(rep.chunks, 1):
+            out.append(f"{i:4d}    {c['ppl']:9.4f} ± {c['ppl_sem']:9.4f}"
+                       f"    {c['ln_ppl_ratio']:10.5f} ± {c['ln_ppl_ratio_sem']:10.5f}"
+                       f"    {c['kld']:10.5f} ± {c['kld_sem']:10.5f}"
+                       f"    {100 * c['rms_dp']:6.3f} ± {100 * c['rms_dp_sem']:6.3f} %"
+                       f"    {100 * c['same_top']:6.3f} ± {100 * c['same_top_sem']:6.3f} %")
+        out.append("")
     if rep.n_tokens:
         out += [
             "====== Perplexity statistics ======",
@@ -344,6 +359,7 @@ def _compare_lines(rep, label: str) -> list[str]:
             f"Mean ln(PPL(Q)/PPL(base))     : {rep.ln_ppl_ratio:10.6f} ± "
             f"{rep.ln_ppl_ratio_sem:10.6f}",
             f"Mean PPL(Q)/PPL(base)         : {rep.ppl_ratio:10.6f} ± {rep.ppl_ratio_sem:10.6f}",
+            f"Mean PPL(Q)-PPL(base)         : {rep.ppl_diff:10.6f} ± {rep.ppl_diff_sem:10.6f}",
             "",
         ]
     name = {"KLD": "KL divergence", "JSD": "JS divergence", "H": "entropy"}[label]

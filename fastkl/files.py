@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from ._llama import expf as _expf
+
 PAGE = mmap.PAGESIZE
 LLAMA_MAGIC = b"_logits_"
 LLAMA_FLOOR = -16.0  # llama.cpp ignores base entries with log p <= -16 in its KL sum
@@ -274,9 +276,10 @@ class LlamaSource(Source):
     def bytes_per_element(self) -> int:
         return 2
 
-    def decode(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows r0:r1 as float32 logits (log p, with entries at or below -16 as -inf) and
-        the raw decoded log p of each row's observed token."""
+    def decode(self, r0: int, r1: int, floor: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Rows r0:r1 as float32 logits (log p = scale * q + min_log_prob, in float32 as
+        llama.cpp computes it; with ``floor``, entries at or below -16 as -inf) and the raw
+        decoded log p of each row's observed token."""
         raw = self._rows.raw(r0 * self.nv, r1 * self.nv).reshape(r1 - r0, self.nv)
         head = np.ascontiguousarray(raw[:, :4]).view("<f4").astype(np.float32)
         scale, lo = head[:, :1], head[:, 1:2]
@@ -287,6 +290,8 @@ class LlamaSource(Source):
         out += lo
         tok = self.tokens[r0:r1]
         tok_logp = out[np.arange(r1 - r0), tok].astype(np.float64)
+        if not floor:
+            return out, tok_logp
         drop = out <= LLAMA_FLOOR
         drop &= ~drop.all(axis=1, keepdims=True)  # never empty a row
         out[drop] = -np.inf
@@ -501,10 +506,11 @@ def load_small(spec: Any, name: str) -> np.ndarray:
 def write_llama_logits(path: str, tokens: np.ndarray, logits: np.ndarray, n_ctx: int) -> None:
     """Write a llama.cpp ``--kl-divergence-base`` file from full logits (``[n_chunk * (n_ctx -
     1 - n_ctx//2), n_vocab]`` rows, position order) and ``n_ctx * n_chunk`` tokens, quantized
-    the way llama.cpp does (log-softmax, floor at max - 16, 16-bit steps). For tests and
-    examples."""
+    as llama.cpp's ``perplexity`` does (``llama_quantize_rows``). For tests and examples."""
     tokens = np.asarray(tokens, dtype="<i4")
     logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be [rows, n_vocab], got shape {logits.shape}")
     n_vocab = logits.shape[1]
     n_chunk = tokens.size // n_ctx
     rows = n_ctx - 1 - n_ctx // 2
@@ -515,15 +521,35 @@ def write_llama_logits(path: str, tokens: np.ndarray, logits: np.ndarray, n_ctx:
     with open(tmp, "wb") as f:
         f.write(LLAMA_MAGIC + struct.pack("<Iii", n_ctx, n_vocab, n_chunk))
         f.write(tokens.tobytes())
-        for r in range(logits.shape[0]):
-            x = logits[r].astype(np.float64)
-            mx, mn = x.max(), max(x.min(), x.max() - 16)
-            lse = math.log(np.exp(x - mx).sum())
-            min_log_prob = np.float32(mn - mx - lse)
-            scale = np.float32((mx - mn) / 65535.0) if mx > mn else np.float32(0.0)
-            q = np.zeros(nv - 4, dtype="<u2")
-            if scale > 0:
-                q[:n_vocab] = np.clip(np.rint((x - mn) / scale), 0, 65535)
-            f.write(np.array([scale, min_log_prob], dtype="<f4").tobytes())
-            f.write(q.tobytes())
+        step = max(1, (4 << 20) // (8 * n_vocab))
+        for r0 in range(0, logits.shape[0], step):
+            head, q = llama_quantize_rows(logits[r0:r0 + step])
+            out = np.zeros((q.shape[0], nv), dtype="<u2")
+            out[:, :4] = head.astype("<f4").view("<u2")
+            out[:, 4:4 + n_vocab] = q
+            f.write(out.tobytes())
     os.replace(tmp, path)
+
+
+def llama_quantize_rows(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's base-file encoding of float32 logit rows (``log_softmax`` with a uint16
+    output in tools/perplexity/perplexity.cpp), in its float32 arithmetic: per row ``max``,
+    ``min = max(min, max - 16)``, ``lse = (float) log(sum (double) expf(x - max))``,
+    header ``(scale, min_log_prob) = ((max - min) / 65535, (min - max) - lse)`` and
+    ``q = round_half_even((1 / scale) * (x - min))`` where ``x > min``, else 0 (all 0 when
+    ``scale == 0``), stored modulo 2**16. Returns (float32 ``[rows, 2]``, uint16
+    ``[rows, vocab]``)."""
+    x = np.asarray(logits, dtype=np.float32)
+    f32 = np.float32
+    mx = x.max(axis=1)
+    mn = np.maximum(x.min(axis=1), mx - f32(16))
+    sum_exp = _expf(x - mx[:, None]).sum(axis=1, dtype=np.float64)
+    lse = np.log(sum_exp).astype(np.float32)
+    min_log_prob = (mn - mx) - lse
+    scale = (mx - mn) / f32(65535)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale != 0, f32(1) / scale, f32(0)).astype(np.float32)
+    v = np.rint(inv[:, None] * (x - mn[:, None]))  # nearest_int: round half to even
+    v = np.where(x > mn[:, None], v, f32(0)).astype(np.int64) & 0xFFFF
+    v[scale == 0] = 0
+    return np.stack([scale, min_log_prob], axis=1), v.astype(np.uint16)

@@ -282,10 +282,12 @@ def _logits_geometry(s: Source, role: str) -> tuple[int, int]:
     return math.prod(s.shape[:-1]), vocab
 
 
-def _read_rows(s: Source, r0: int, r1: int, vocab: int):
-    """(float32/64 [rows, V], raw token log p or None) for rows r0:r1."""
+def _read_rows(s: Source, r0: int, r1: int, vocab: int, floor: bool = True):
+    """(float32/64 [rows, V], raw token log p or None) for rows r0:r1. ``floor``: entries of
+    a llama.cpp file at or below log p = -16 as -inf (the base side only: llama.cpp floors
+    the base distribution, never the test one)."""
     if isinstance(s, LlamaSource):
-        return s.decode(r0, r1)
+        return s.decode(r0, r1, floor=floor)
     return s.read(r0 * vocab, r1 * vocab).reshape(r1 - r0, vocab), None
 
 
@@ -327,6 +329,13 @@ def compare_logits(
     base file or a ``tokens`` array stored beside the logits): ``Δp = Q(tok) - P(tok)``
     statistics, RMS Δp, PPL(Q) = exp(mean -log Q(tok)), PPL(base), their ratio and ln ratio.
     ``mask``: bool per row, False rows skipped.
+
+    With a llama.cpp base file, ``op="kl"`` and temperature 1, every per-row value follows
+    llama.cpp's own arithmetic (``report.llama_compat``; docs/llama_compat.md): only base
+    entries with log p > -16 count, their stored probabilities are not renormalized, the
+    test side is the full float32 log-softmax of its logits (or, for a second base file, its
+    stored log-probabilities as they are), negative per-row KL is kept, and percentiles
+    interpolate in float32 as llama.cpp does, so the printed report equals llama.cpp's.
 
     Percentiles are exact when the per-row values are kept (``exact_percentiles=True``, or
     "auto" when 16 bytes per row fit in an eighth of ``memory_limit``), else from a quantile
@@ -389,17 +398,41 @@ def compare_logits(
         per_row = _row_cost(bs, vocab) + _row_cost(ts, vocab) + 64
         if be.__name__.endswith("numpy_ref"):
             per_row += vocab * 8 * 12  # the reference materializes float64 temporaries
-        reserve = (rows * 16 if exact else 0) + (4 << 20)
+        use_raw = acc.temperature == 1.0
+        llama = isinstance(bs, LlamaSource) and op == "kl" and use_raw
+        # + the llama.cpp arithmetic's temporaries (at most 1 M elements at a time)
+        reserve = (rows * 16 if exact else 0) + (4 << 20) + ((28 << 20) if llama else 0)
         avail = _budget(limit, reserve)
         step = int(min(max(1, avail // per_row), 1 << 16, max(rows, 1)))
         if avail < per_row:
             warnings.warn(f"memory_limit={limit} bytes is below what one row of {vocab} "
                           "logits needs here; streaming one row at a time", stacklevel=2)
-        use_raw = acc.temperature == 1.0
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
+            if llama:
+                a, _ = bs.decode(r0, r1, floor=False)
+                b, _ = _read_rows(ts, r0, r1, vocab, floor=False)
+                if b.dtype != np.float64:
+                    b = b.astype(np.float32, copy=False)
+                rpc = bs.rows_per_chunk
+                c0 = r0
+                while c0 < r1:  # llama.cpp's per-chunk table: a snapshot at each chunk end
+                    c1 = min(r1, (c0 // rpc + 1) * rpc)
+                    acc._add_llama_block(a[c0 - r0:c1 - r0], b[c0 - r0:c1 - r0],
+                                         isinstance(ts, LlamaSource),
+                                         None if tok is None else tok[c0:c1],
+                                         None if keep is None else keep[c0:c1])
+                    if c1 % rpc == 0:
+                        acc._mark_chunk()
+                    c0 = c1
+                del a, b
+                bs.release(r0 * vocab, r1 * vocab)
+                ts.release(r0 * vocab, r1 * vocab)
+                if bar is not None:
+                    bar.update(r1 - r0)
+                continue
             a, la = _read_rows(bs, r0, r1, vocab)
-            b, lb = _read_rows(ts, r0, r1, vocab)
+            b, lb = _read_rows(ts, r0, r1, vocab, floor=False)
             dt = _checks.compute_dtype(a, b)
             a = _checks.as_kernel_dtype(a, dt)
             b = _checks.as_kernel_dtype(b, dt)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _llama
 from . import mc as _mc
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS, N_PARTIALS
@@ -33,8 +33,10 @@ ArrayLike = Any
 
 _Z95 = 1.959963984540054
 
-# the percentiles llama.cpp prints, highest first (as fractions of 100)
+# the percentiles llama.cpp prints, highest first (as fractions of 100): of the KLD ...
 PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
+# ... and of Δp
+DP_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -320,7 +322,8 @@ class QuantileSketch:
 @dataclass
 class _Moments:
     """Count, sum and centred second moment of a stream of values (unweighted), plus NaN
-    count, min and max; a quantile sketch and optionally the values themselves."""
+    count, min and max; a quantile sketch and optionally the values themselves. With
+    ``llama``, percentiles (of ``pcts``) interpolate as llama.cpp does (float32)."""
 
     keep: bool = False
     n: int = 0
@@ -331,13 +334,19 @@ class _Moments:
     hi: float = -math.inf
     sketch: QuantileSketch | None = None
     values: list = field(default_factory=list)
+    pcts: tuple = PERCENTILES
+    llama: bool = False
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, stored: np.ndarray | None = None) -> None:
+        """Add the values ``x``; ``stored`` (same size, e.g. ``x`` rounded to float32 as
+        llama.cpp keeps its per-row values) replaces them in min, max and percentiles."""
         x = np.asarray(x, dtype=np.float64).ravel()
+        st = None if stored is None else np.asarray(stored, dtype=np.float64).ravel()
         bad = np.isnan(x)
         nbad = int(bad.sum())
         if nbad:
             x = x[~bad]
+            st = None if st is None else st[~bad]
             self.nan += nbad
         if x.size:
             s = float(x.sum())
@@ -345,6 +354,8 @@ class _Moments:
                 m2 = float(((x - s / x.size) ** 2).sum())
             _, self.s, self.m2 = chan_merge(self.n, self.s, self.m2, x.size, s, m2)
             self.n += x.size
+            if st is not None:
+                x = st
             self.lo = min(self.lo, float(x.min()))
             self.hi = max(self.hi, float(x.max()))
             if self.sketch is not None:
@@ -381,14 +392,19 @@ class _Moments:
 
     def percentiles(self, policy: str) -> tuple[dict[float, float], bool]:
         """({percent: value}, exact?)."""
+        pcts = self.pcts
         if self.n == 0 or (policy == "propagate" and self.nan):
-            return {q: math.nan for q in PERCENTILES}, self.keep
+            return {q: math.nan for q in pcts}, self.keep
+        if self.keep and self.llama:
+            v = np.sort(np.concatenate(self.values).astype(np.float32))
+            return {q: _llama.median(v) if q == 50.0 else _llama.percentile(v, round(q / 100, 4))
+                    for q in pcts}, True
         if self.keep:
             v = np.concatenate(self.values)
-            return dict(zip(PERCENTILES, (float(x) for x in np.percentile(v, PERCENTILES)),
+            return dict(zip(pcts, (float(x) for x in np.percentile(v, pcts)),
                             strict=True)), True
-        qs = self.sketch.quantiles(p / 100.0 for p in PERCENTILES)
-        return dict(zip(PERCENTILES, qs, strict=True)), False
+        qs = self.sketch.quantiles(p / 100.0 for p in pcts)
+        return dict(zip(pcts, qs, strict=True)), False
 
 
 # --------------------------------------------------------------------------- logits
@@ -408,8 +424,17 @@ class LogitsReport:
     With tokens (``n_tokens > 0``): ``dp_*`` the statistics of ``Δp = p_test(token) -
     p_base(token)``; ``rms_dp = sqrt(mean Δp²)`` with ``rms_dp_sem = sem(Δp²) / (2 rms_dp)``;
     ``ppl_test = exp(mean NLL_test)``, ``ppl_base`` (``sem`` = ppl * sem(NLL)),
-    ``ln_ppl_ratio = mean(NLL_test - NLL_base)`` with its sem, ``ppl_ratio = exp(ln_ppl_ratio)``
-    and ``cor_ln_ppl`` the correlation of the per-token NLLs.
+    ``ln_ppl_ratio = mean(NLL_test - NLL_base)`` with its sem, ``ppl_ratio = exp(ln_ppl_ratio)``,
+    ``cor_ln_ppl`` the correlation of the per-token NLLs and ``ppl_diff = ppl_test -
+    ppl_base`` with its delta-method sem. ``dp_percentiles`` has 75 and 25 besides.
+
+    ``llama_compat``: the per-row values follow llama.cpp's arithmetic (a llama.cpp base file
+    at temperature 1: see docs/llama_compat.md): base entries with log p <= -16 dropped and
+    the rest not renormalized, negative per-row KL kept, minimum / maximum / percentiles of
+    the float32 per-row values with llama.cpp's float32 interpolation. ``chunks``: the
+    running statistics after each chunk of a llama.cpp base file (llama.cpp's per-chunk
+    table), dicts with ``rows``, ``ppl``, ``ln_ppl_ratio``, ``kld``, ``rms_dp``,
+    ``same_top`` and their ``*_sem`` (0 up to 10 rows, as llama.cpp prints them).
     """
 
     op: str
@@ -442,6 +467,10 @@ class LogitsReport:
     ppl_ratio: float = math.nan
     ppl_ratio_sem: float = math.nan
     cor_ln_ppl: float = math.nan
+    ppl_diff: float = math.nan
+    ppl_diff_sem: float = math.nan
+    llama_compat: bool = False
+    chunks: tuple = ()
     extra: dict = field(default_factory=dict)
     # (values, counts) of the quantile sketches ("values", "dp"), for histograms; not in
     # to_dict()
@@ -459,6 +488,8 @@ class LogitsReport:
                 v = {f"{p:g}": float(x) for p, x in v.items()}
             elif k == "extra":
                 v = dict(v)
+            elif k == "chunks":
+                v = [dict(c) for c in v]
             d[k] = v
         return d
 
@@ -522,7 +553,7 @@ class LogitsAccumulator:
         self.backend = backend
         self.keep_values = bool(keep_values)
         self.values = _Moments(keep=self.keep_values, sketch=QuantileSketch())
-        self.dp = _Moments(keep=self.keep_values, sketch=QuantileSketch())
+        self.dp = _Moments(keep=self.keep_values, sketch=QuantileSketch(), pcts=DP_PERCENTILES)
         self.dp2 = _Moments()
         self.nll_test = _Moments()
         self.nll_base = _Moments()
@@ -530,6 +561,8 @@ class LogitsAccumulator:
         self.n_rows = 0
         self.n_top = 0
         self.n_same_top = 0
+        self.llama = False  # rows added by _add_llama_block (llama.cpp arithmetic)
+        self.chunks: list[dict] = []  # running statistics at chunk ends (_mark_chunk)
 
     def _key(self) -> tuple:
         return (self.op, self.temperature, self.beta, self.nan_policy, self.ignore_index)
@@ -583,6 +616,9 @@ class LogitsAccumulator:
         """Native float32/64 ``[rows, V]`` blocks -> statistics. ``token_logp_base`` /
         ``token_logp_test`` override log P(token) / log Q(token) (llama.cpp files store
         them directly)."""
+        if self.llama:
+            raise ValueError("this accumulator holds rows of llama.cpp arithmetic (a llama.cpp "
+                             "base file): exact softmax KL rows cannot join them")
         if keep is not None and not keep.all():
             a = a[keep]
             b = None if b is None else b[keep]
@@ -631,6 +667,70 @@ class LogitsAccumulator:
                 with np.errstate(invalid="ignore"):
                     self.nll_diff.update(lp - lq)
 
+    def _add_llama_block(self, base_logp: np.ndarray, test: np.ndarray, test_is_logprob: bool,
+                         tok: np.ndarray | None, keep: np.ndarray | None) -> None:
+        """Rows of a llama.cpp base file (decoded float32 log p, not floored) against test
+        logits (or a second base file's log p, ``test_is_logprob``), with llama.cpp's
+        per-row arithmetic (``fastkl._llama.kl_rows``); op "kl", temperature 1 only."""
+        if self.op != "kl" or self.temperature != 1.0:
+            raise ValueError("llama.cpp arithmetic is defined for op='kl' at temperature 1")
+        if self.n_rows and not self.llama:
+            raise ValueError("this accumulator already holds rows of exact softmax KL")
+        self.llama = self.values.llama = self.dp.llama = True
+        if keep is not None and not keep.all():
+            base_logp, test = base_logp[keep], test[keep]
+            tok = None if tok is None else tok[keep]
+        # bound the temporaries of the arithmetic (~24 bytes an element): 1 M elements at a time
+        step = max(1, (1 << 20) // max(1, test.shape[1]))
+        for r0 in range(0, test.shape[0], step):
+            sl = slice(r0, r0 + step)
+            t = None if tok is None else tok[sl]
+            sel = None
+            if t is not None:
+                sel = t != self.ignore_index
+                t = np.where(sel, t, 0)
+            r = _llama.kl_rows(base_logp[sl], test[sl], test_is_logprob, t)
+            kld = r["kld"]
+            self.values.update(kld, stored=kld.astype(np.float32))
+            self.n_rows += kld.size
+            self.n_top += kld.size
+            self.n_same_top += int(r["same_top"].sum())
+            if t is None or not sel.any():
+                continue
+            nll, nllb = r["nll"][sel].astype(np.float64), r["nll_base"][sel].astype(np.float64)
+            dp = r["p_diff"][sel].astype(np.float64)
+            self.dp.update(dp)
+            self.dp2.update(dp * dp)
+            self.nll_test.update(nll)
+            self.nll_base.update(nllb)
+            with np.errstate(invalid="ignore"):
+                self.nll_diff.update(nll - nllb)
+
+    def _mark_chunk(self) -> None:
+        """Record the running statistics of llama.cpp's per-chunk table (cumulative over the
+        rows so far; uncertainties 0 up to 10 rows, as llama.cpp's mean_and_uncertainty)."""
+        pol = self.nan_policy
+        n = self.n_rows
+
+        def sem(m: _Moments) -> float:
+            return m.sem(pol) if m.n + m.nan > 10 else 0.0
+
+        lt = self.nll_test.mean(pol)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ppl = float(np.exp(lt))
+        ms = self.dp2.mean(pol)
+        rms = math.sqrt(ms) if ms >= 0 else math.nan
+        f = self.n_same_top / self.n_top if self.n_top else math.nan
+        self.chunks.append({
+            "rows": n, "ppl": ppl, "ppl_sem": ppl * sem(self.nll_test),
+            "ln_ppl_ratio": self.nll_diff.mean(pol), "ln_ppl_ratio_sem": sem(self.nll_diff),
+            "kld": self.values.mean(pol), "kld_sem": sem(self.values),
+            "rms_dp": rms, "rms_dp_sem": sem(self.dp2) / (2 * rms) if rms > 0 else math.nan,
+            "same_top": f,
+            "same_top_sem": math.sqrt(f * (1 - f) / (self.n_top - 1)) if self.n_top > 1
+            else math.nan,
+        })
+
     def merge(self, other: LogitsAccumulator) -> LogitsAccumulator:
         """Add the rows another accumulator (same op, temperature, beta, NaN policy) saw."""
         if not isinstance(other, LogitsAccumulator):
@@ -638,6 +738,11 @@ class LogitsAccumulator:
         if other._key() != self._key():
             raise ValueError("other was made with a different op, temperature, beta, "
                              "nan_policy or ignore_index")
+        if self.n_rows and other.n_rows and self.llama != other.llama:
+            raise ValueError("cannot merge rows of llama.cpp arithmetic with rows of exact "
+                             "softmax KL")
+        if other.llama:
+            self.llama = self.values.llama = self.dp.llama = True
         for name in ("values", "dp", "dp2", "nll_test", "nll_base", "nll_diff"):
             getattr(self, name).merge(getattr(other, name))
         self.n_rows += other.n_rows
@@ -661,7 +766,8 @@ class LogitsAccumulator:
             op=self.op, n=v.n + v.nan, n_nan=v.nan, mean=v.mean(pol), std=v.std(pol),
             sem=v.sem(pol), minimum=math.nan if prop or not v.n else v.lo,
             maximum=math.nan if prop or not v.n else v.hi, percentiles=pct,
-            percentiles_exact=exact, same_top=f, same_top_sem=f_sem,
+            percentiles_exact=exact, same_top=f, same_top_sem=f_sem, llama_compat=self.llama,
+            chunks=tuple(dict(c) for c in self.chunks),
             histograms={"values": v.sketch.buckets(), "dp": self.dp.sketch.buckets()},
         )
         nt = self.dp.n + self.dp.nan
@@ -678,8 +784,13 @@ class LogitsAccumulator:
             cov = 0.5 * (vt + vb - vd)
             cor = cov / math.sqrt(vt * vb) if vt > 0 and vb > 0 else math.nan
             dpct, _ = d.percentiles(pol)
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"):
                 ppl_t, ppl_b, ratio = (float(np.exp(x)) for x in (lt, lb, ld))
+                # delta method, Var(a X - b Y) with a, b = PPL(Q), PPL(base), written as
+                # (a - b)(a Vx - b Vy) + a b V(X - Y): no cancellation when a ~ b, X ~ Y
+                vdiff = ((ppl_t - ppl_b) * (ppl_t * vt - ppl_b * vb)
+                         + ppl_t * ppl_b * vd) / self.nll_diff.n if self.nll_diff.n else math.nan
+            diff_sem = math.sqrt(vdiff) if vdiff >= 0 else math.nan
             kw.update(
                 n_tokens=nt, dp_mean=d.mean(pol), dp_std=d.std(pol), dp_sem=d.sem(pol),
                 dp_minimum=math.nan if dprop or not d.n else d.lo,
@@ -687,6 +798,7 @@ class LogitsAccumulator:
                 rms_dp=rms, rms_dp_sem=rms_sem, ppl_test=ppl_t, ppl_test_sem=ppl_t * st,
                 ppl_base=ppl_b, ppl_base_sem=ppl_b * sb, ln_ppl_ratio=ld, ln_ppl_ratio_sem=sd,
                 ppl_ratio=ratio, ppl_ratio_sem=ratio * sd, cor_ln_ppl=cor,
+                ppl_diff=ppl_t - ppl_b, ppl_diff_sem=diff_sem,
             )
         return LogitsReport(**kw)
 

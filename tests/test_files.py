@@ -212,12 +212,17 @@ def test_compare_llama_file(tmp_path):
     test = (base + rng.normal(scale=0.3, size=base.shape)).astype(np.float32)
     dec = write_llama(tmp_path / "base.kld", tokens, base, n_ctx)
     np.save(tmp_path / "test.npy", test)
-    # llama.cpp's semantics: entries at or below log p = -16 carry no probability
-    dec_logits = np.where(dec <= -16, -np.inf, dec).astype(np.float32)
+    # llama.cpp's semantics: entries at or below log p = -16 carry no probability, the
+    # others their stored probability as it is (not renormalized); the test side is the
+    # full log-softmax of its logits
     first = n_ctx // 2
     next_tok = np.concatenate([tokens[c * n_ctx + first + 1: c * n_ctx + n_ctx]
                                for c in range(n_chunk)])
-    kl = fastkl.kl_logits(dec_logits, test)
+    d64 = dec.astype(np.float64)
+    t64 = test.astype(np.float64)
+    logq = t64 - t64.max(1, keepdims=True)
+    logq -= np.log(np.exp(logq).sum(1, keepdims=True))
+    kl = np.where(d64 > -16, np.exp(d64) * (d64 - logq), 0.0).sum(1)
     lp = dec[np.arange(rows), next_tok].astype(np.float64)
     lq = fastkl.token_logprobs(test.astype(np.float64), next_tok)
     rep = fastkl.compare_logits(tmp_path / "base.kld", tmp_path / "test.npy", memory_limit=1e9)
