@@ -266,3 +266,92 @@ def test_mutation_fuzz(tmp_path):
             path.unlink()
             n += 1
     assert n == 300
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from fastkl.__main__ import main
+
+    try:
+        rc = main([os.fspath(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_error_line(err: str, cmd: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"fastkl {cmd}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--samples", "inf"), "--samples"),
+    (("--samples", "nan"), "--samples"),
+    (("--samples", "1"), "--samples"),
+    (("--samples", "1e30"), "--samples"),
+    (("--seed", "-1"), "--seed"),
+    (("--repeats", "-3"), "--repeats"),
+    (("--backend", "nope"), "unknown backend 'nope'"),
+])
+def test_cli_demo_bad_arguments(capsys, argv, match):
+    rc, out, err = _cli(capsys, "demo", "--no-bench", *argv)
+    assert rc != 0
+    assert match in _one_error_line(err, "demo")
+
+
+def test_cli_file_errors_are_one_line(capsys, tmp_path):
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((4, 6), np.float32))
+    cases = {
+        "deep.safetensors": FORGED["deep.safetensors"],
+        "strshape.safetensors": FORGED["strshape.safetensors"],
+        "token.npy": FORGED["token.npy"],
+        "bad.npz": _zip_with_forged_size(_good_npy(), 0xFFFFFFF0),
+    }
+    buf = io.BytesIO()
+    np.savez_compressed(buf, logits=np.zeros((4, 6), np.float32))
+    raw = bytearray(buf.getvalue())
+    raw[raw.find(b"logits.npy") + 10 + 30: raw.find(b"logits.npy") + 10 + 40] = bytes(10)
+    cases["zlib.npz"] = bytes(raw)  # deflate stream damaged after the local header
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        for cmd in ("mc", "compare"):
+            rc, out, err = _cli(capsys, cmd, tmp_path / name, good)
+            assert rc == 1, (name, cmd, err)
+            assert name in _one_error_line(err, cmd), (name, cmd)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo.npy")
+        rc, out, err = _cli(capsys, "mc", good, tmp_path / "fifo.npy")
+        assert rc == 1 and "fifo.npy: is a FIFO" in _one_error_line(err, "mc")
+
+
+def test_cli_plot_target_checked_first(capsys, tmp_path):
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((4, 6), np.float32))
+    rc, out, err = _cli(capsys, "compare", good, good, "--plot", tmp_path)
+    assert rc == 1 and "is a directory" in _one_error_line(err, "compare")
+    rc, out, err = _cli(capsys, "compare", good, good, "--plot", tmp_path / "no" / "x.png")
+    assert rc == 1 and "does not exist" in _one_error_line(err, "compare")
+    assert out == ""  # nothing was computed
+
+
+def test_cli_undecodable_file_name(capsys, tmp_path):
+    """A file name with bytes that are not UTF-8 prints escaped on a strict UTF-8 stdout."""
+    name = os.fsdecode(b"q\xff.npy")
+    try:
+        np.save(tmp_path / name, np.zeros(8, np.float32))
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("the file system refuses undecodable names")
+    np.save(tmp_path / "p.npy", np.full(8, -0.5, np.float32))
+    assert sys.stdout.errors == "strict"  # capsys: a strict UTF-8 text stream
+    rc, out, err = _cli(capsys, "mc", tmp_path / name, tmp_path / "p.npy")
+    assert rc == 0, err
+    assert "q\\udcff.npy" in out and "Traceback" not in err
+    rc, out, err = _cli(capsys, "mc", tmp_path / name, tmp_path / "missing.npy")
+    assert rc == 1 and "missing.npy" in _one_error_line(err, "mc")
