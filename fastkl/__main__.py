@@ -494,7 +494,8 @@ def cmd_compare(args) -> int:
     if args.plot is not None:
         problem = _plot_target_problem(args.plot)
         if problem:  # checked before the (possibly long) computation, not after it
-            return _fail("compare", ValueError(f"--plot {args.plot}: {problem}"))
+            return _fail("compare",
+                         ValueError(f"--plot {args.plot}: cannot write there: {problem}"))
         try:
             import matplotlib  # noqa: F401
         except ImportError:
