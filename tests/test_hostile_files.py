@@ -355,3 +355,79 @@ def test_cli_undecodable_file_name(capsys, tmp_path):
     assert "q\\udcff.npy" in out and "Traceback" not in err
     rc, out, err = _cli(capsys, "mc", tmp_path / name, tmp_path / "missing.npy")
     assert rc == 1 and "missing.npy" in _one_error_line(err, "mc")
+
+
+# --------------------------------------------------------------------------- kl_mc_file
+
+
+def _bits(rep) -> tuple:
+    return tuple(float(getattr(rep, f)).hex() for f in ("mean", "std", "sem", "value", "sum"))
+
+
+@pytest.mark.parametrize("shape,red", [
+    ((1_000_000,), "mean"),
+    ((400, 2500), "seq-mean-token-mean"),
+    ((3, 300_001), "seq-mean-token-sum"),  # rows longer than a unit: read in pieces
+])
+def test_kl_mc_file_bits_independent_of_memory(tmp_path, shape, red):
+    rng = np.random.default_rng(8)
+    q = rng.normal(-2, 1, size=shape).astype(np.float32)
+    p = (q + rng.normal(0, 0.5, size=shape)).astype(np.float32)
+    m = rng.random(shape) < 0.8
+    for nm, a in (("q", q), ("p", p), ("m", m)):
+        np.save(tmp_path / f"{nm}.npy", a)
+    kw = dict(reduction=red, mask=tmp_path / "m.npy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the smallest limit is below one unit
+        runs = [fastkl.kl_mc_file(tmp_path / "q.npy", tmp_path / "p.npy", memory_limit=lim,
+                                  **kw) for lim in (4 << 20, 40 << 20, 400 << 20)]
+        big = np.ones(150 << 17)  # 150 MiB more resident memory: a smaller budget
+        runs.append(fastkl.kl_mc_file(tmp_path / "q.npy", tmp_path / "p.npy",
+                                      memory_limit=400 << 20, **kw))
+        del big
+    assert len({_bits(r) for r in runs}) == 1, [_bits(r) for r in runs]
+    ref = fastkl.kl_mc(q, p, reduction=red, mask=m)
+    assert runs[0].value == pytest.approx(ref, rel=1e-12)
+    st = fastkl.kl_mc_stats(q, p, mask=m)
+    assert runs[0].std == pytest.approx(st.std, rel=1e-12)
+
+
+def test_kl_mc_file_bad_mask_names_file_and_index(tmp_path):
+    q = np.zeros((4, 6), np.float32)
+    w = np.ones((4, 6))
+    w[2, 3] = -0.5
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "w.npy", w)
+    with pytest.raises(ValueError, match=r"w.npy: mask weights .* -0.5 at index \(2, 3\)"):
+        fastkl.kl_mc_file(tmp_path / "q.npy", tmp_path / "q.npy", mask=tmp_path / "w.npy")
+
+
+def test_seq_mean_long_row_memory_bound(tmp_path):
+    """One 12e6-element row (48 MB per file) with memory_limit 16 MiB: seq-mean reads it in
+    pieces, so the peak RSS grows by far less than the row (it mapped the whole row)."""
+    n = 12_000_000
+    for nm, v in (("q", -1.0), ("p", -1.25)):
+        a = np.lib.format.open_memmap(tmp_path / f"{nm}.npy", "w+", np.float32, (1, n))
+        a[:] = v
+        a.flush()
+        del a
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        import numpy as np, fastkl
+        fastkl.kl_mc(np.zeros(9, np.float32), np.ones(9, np.float32))  # load, compile
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) << 10
+        h0 = hwm()
+        r = fastkl.kl_mc_file({str(tmp_path / "q.npy")!r}, {str(tmp_path / "p.npy")!r},
+                              reduction="seq-mean-token-mean", memory_limit=16 << 20)
+        print(hwm() - h0, r.value)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    grew, value = res.stdout.split()
+    assert float(value) == pytest.approx(np.expm1(-0.25) + 0.25, rel=1e-6)
+    assert int(grew) < 24 << 20, f"peak RSS grew by {int(grew) >> 20} MiB"
