@@ -431,3 +431,33 @@ def test_seq_mean_long_row_memory_bound(tmp_path):
     grew, value = res.stdout.split()
     assert float(value) == pytest.approx(np.expm1(-0.25) + 0.25, rel=1e-6)
     assert int(grew) < 24 << 20, f"peak RSS grew by {int(grew) >> 20} MiB"
+
+
+# --------------------------------------------------------------------------- broadcast views
+
+
+def test_full_reduction_of_broadcast_view_is_not_copied():
+    """kl_mc / kl_mc_stats over all axes of a broadcast view (2**24 virtual elements, a 128
+    MiB float64 copy per input) read it in segments: the same bits as over the copy, without
+    allocating anything close to its size."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(-1, 1, size=1 << 12)
+    q = np.broadcast_to(a, (1 << 12, 1 << 12))
+    p = np.broadcast_to((a + rng.normal(0, 0.3, a.size))[:, None], (1 << 12, 1 << 12))
+    m = np.broadcast_to(rng.random(1 << 12) < 0.9, (1 << 12, 1 << 12))
+    fastkl.kl_mc(q[:2, :2], p[:2, :2])  # load / compile outside the measurement
+    tracemalloc.start()
+    try:
+        got = fastkl.kl_mc(q, p, mask=m)
+        st = fastkl.kl_mc_stats(q, p, "k1", mask=m)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20, f"peak traced allocation {peak >> 20} MiB"
+    # the reduction reads q in its memory order (the stride-0 axis last), as a copy would be
+    qc, pc, mc = (np.ascontiguousarray(x.T) for x in (q, p, m))
+    assert got == fastkl.kl_mc(qc, pc, mask=mc)  # bit for bit
+    ref = fastkl.kl_mc_stats(qc, pc, "k1", mask=mc)
+    assert (st.mean, st.std, st.n) == (ref.mean, ref.std, ref.n)
