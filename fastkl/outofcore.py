@@ -83,7 +83,10 @@ def _close_all(sources):
 
 # --------------------------------------------------------------------------- kl_mc_file
 
-_UNIT = 16 * BLOCK  # elements per unit of the fixed reduction order of kl_mc_file
+# elements per unit of kl_mc_file's fixed reduction order: each unit costs one merge call in
+# Python (at 16 * BLOCK that was ~20% of the kernel time of a 5e7-element file, here within
+# the noise) and about 10 MB of blocks in flight (float32 pairs, compiled backends)
+_UNIT = 64 * BLOCK
 
 
 def _mc_reads(nrows: int, ncol: int, k: int):
