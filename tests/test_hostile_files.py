@@ -461,3 +461,28 @@ def test_full_reduction_of_broadcast_view_is_not_copied():
     assert got == fastkl.kl_mc(qc, pc, mask=mc)  # bit for bit
     ref = fastkl.kl_mc_stats(qc, pc, "k1", mask=mc)
     assert (st.mean, st.std, st.n) == (ref.mean, ref.std, ref.n)
+
+
+def test_kl_mc_file_broadcast_arrays_not_copied():
+    """kl_mc_file over in-memory broadcast / transposed arrays reads blocks of them (it made
+    a C-contiguous copy of each input first): the same bits as the copies, bounded memory."""
+    import tracemalloc
+
+    rng = np.random.default_rng(6)
+    a = rng.normal(-1, 1, size=1 << 11).astype(np.float32)
+    q = np.broadcast_to(a, (1 << 12, 1 << 11))  # 32 MiB per input if copied
+    p = np.broadcast_to((a + 0.25)[::-1], q.shape)
+    m = rng.random((1 << 11, 1 << 12)) < 0.5
+    fastkl.kl_mc_file(q[:2], p[:2])  # load / compile outside the measurement
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 8 MiB is below one unit of blocks
+        tracemalloc.start()
+        try:
+            got = fastkl.kl_mc_file(q, p, mask=m.T, memory_limit=8 << 20)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        want = fastkl.kl_mc_file(np.ascontiguousarray(q), np.ascontiguousarray(p),
+                                 mask=np.ascontiguousarray(m.T), memory_limit=8 << 20)
+    assert _bits(got) == _bits(want)
+    assert peak < 24 << 20, f"peak traced allocation {peak >> 20} MiB"
