@@ -141,7 +141,6 @@ def _file_mask(v: np.ndarray, path: str, e0: int, shape: tuple) -> np.ndarray:
         raise TypeError(f"{path}: {exc}") from None
 
 
-
 @dataclass(frozen=True)
 class MCFileReport:
     """Result of ``kl_mc_file``: the ``kl_mc_stats`` fields (``mean``, ``std``, ``sem``, ``n``,
