@@ -148,41 +148,30 @@ _SEGMENT = 256 * BLOCK  # elements per segment of _segmented_partials (a multipl
 
 
 def _segmented_partials(backend, inp: _Inputs, want_m2: bool) -> np.ndarray | None:
-    """Partials of a full reduction ``[1, nblk, N_PARTIALS]`` over inputs that cannot be
-    flattened without a copy (broadcast views, whose copy would be as large as the virtual
-    array): their C-order flattening in memory order (as ``_as_rows`` takes it) is read in
-    segments of ``_SEGMENT`` elements, so each kernel block sees the elements it would see in
-    the copy and the partials are bit for bit the same, in bounded memory. None when every
-    input flattens as a view (the plain path is then cheaper)."""
+    """Partials of a full reduction ``[1, nblk, N_PARTIALS]`` over broadcast inputs (a
+    stride-0 axis), whose flattening copy would be as large as the virtual array: their
+    C-order flattening in memory order (as ``_as_rows`` takes it) is read in segments of
+    ``_SEGMENT`` elements, so each kernel block sees the elements it would see in the copy
+    and the partials are bit for bit the same, in bounded memory. None for other inputs
+    (a copy of a strided array is no larger than the array, and faster)."""
+    from .files import _flat_slice
+
+    arrays = _arrays(inp)
+    if not any(a is not None and any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape,
+                                                                         strict=True))
+               for a in arrays):
+        return None
     perm = _memory_perm(inp.logq)
-    arrays = [None if a is None else a.transpose(perm) for a in _arrays(inp)]
+    arrays = [None if a is None else a.transpose(perm) for a in arrays]
     if all(a is None or _flat_view(a) is not None for a in arrays):
         return None
-    ops = [a for a in arrays if a is not None]
-    bufs = [np.empty(_SEGMENT, dtype=a.dtype) for a in ops]
-    parts, fill = [], 0
-
-    def flush(n):
-        segs = iter(b[:n].reshape(1, n) for b in bufs)
-        views = [None if a is None else next(segs) for a in arrays]
+    total = math.prod(inp.shape)
+    parts = []
+    for e0 in range(0, total, _SEGMENT):
+        e1 = min(total, e0 + _SEGMENT)
+        views = [None if a is None else _flat_slice(a, e0, e1).reshape(1, e1 - e0)
+                 for a in arrays]
         parts.append(backend.mc_partials(*views, inp.est, inp.clamp, want_m2))
-
-    it = np.nditer(ops, flags=["external_loop", "buffered", "zerosize_ok"],
-                   op_flags=[["readonly"]] * len(ops), order="C", buffersize=_SEGMENT)
-    for chunks in it:
-        chunks = chunks if isinstance(chunks, tuple) else (chunks,)
-        pos, size = 0, len(chunks[0])
-        while pos < size:
-            take = min(_SEGMENT - fill, size - pos)
-            for b, c in zip(bufs, chunks, strict=True):
-                b[fill:fill + take] = c[pos:pos + take]
-            fill += take
-            pos += take
-            if fill == _SEGMENT:
-                flush(fill)
-                fill = 0
-    if fill:
-        flush(fill)
     return np.concatenate(parts, axis=1)
 
 

@@ -465,6 +465,9 @@ def test_full_reduction_of_broadcast_view_is_not_copied():
     assert got == fastkl.kl_mc(qc, pc, mask=mc)  # bit for bit
     ref = fastkl.kl_mc_stats(qc, pc, "k1", mask=mc)
     assert (st.mean, st.std, st.n) == (ref.mean, ref.std, ref.n)
+    # one broadcast input beside a plain one (read in the broadcast one's memory order)
+    pp = np.ascontiguousarray(p)
+    assert fastkl.kl_mc(q, pp, "k2") == fastkl.kl_mc(qc, np.ascontiguousarray(pp.T), "k2")
 
 
 def test_kl_mc_file_broadcast_arrays_not_copied():
