@@ -185,24 +185,68 @@ def _parse_backends(spec: str | None) -> list[str]:
 
     for name in names:
         if name not in BACKEND_NAMES:
-            raise SystemExit(f"fastkl demo: unknown backend {name!r} (choose from "
+            raise ValueError(f"--backend: unknown backend {name!r} (choose from "
                              f"{', '.join(BACKEND_NAMES)})")
         get_backend(name)  # raises ValueError naming why it is unavailable
     return names
 
 
+_MAX_SAMPLES = 10**9  # two float64 arrays and their temporaries: ~50 GB beyond this
+
+
+def _samples(text: str) -> int:
+    """``--samples``: a whole number in [2, 1e9] written as an int or a float (1e7)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v == int(v) and 2 <= v <= _MAX_SAMPLES):
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 2 to {_MAX_SAMPLES:.0e}, got {text!r}")
+    return int(v)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
+def _shown(path) -> str:
+    """A file name safe to print on any stdout: as given when it encodes, else its repr with
+    the undecodable bytes escaped."""
+    s = os.fspath(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    if isinstance(s, bytes):
+        s = os.fsdecode(s)
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        s.encode(enc)
+        return s
+    except (UnicodeEncodeError, LookupError):
+        return ascii(s)
+
+
 def cmd_demo(args) -> int:
     import fastkl
 
-    n = int(args.samples)
-    if n < 2:
-        raise SystemExit("fastkl demo: --samples must be at least 2")
-    try:
-        backends = _parse_backends(args.backend)
-    except ValueError as exc:
-        raise SystemExit(f"fastkl demo: {exc}") from None
+    n = int(args.samples)  # checked by _samples: 2 <= n <= 1e9
+    backends = _parse_backends(args.backend)  # a ValueError is main's one-line error
     if not backends:
-        raise SystemExit("fastkl demo: no backend selected")
+        raise ValueError("--backend: no backend selected")
     out = sys.stdout
     t_start = time.perf_counter()
 
@@ -296,7 +340,15 @@ def _json_ready(x):
 
 def _fail(cmd: str, exc: BaseException) -> int:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"fastkl {cmd}: error: {msg}", file=sys.stderr)
+    if isinstance(exc, MemoryError):
+        msg = f"out of memory{': ' + msg if msg != 'MemoryError' else ''}"
+    line = f"fastkl {cmd}: error: {msg}"
+    enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+    try:  # a file name with undecodable bytes must not turn the message into a traceback
+        line.encode(enc)
+    except (UnicodeEncodeError, LookupError):
+        line = line.encode(enc, "backslashreplace").decode(enc, "replace")
+    print(line, file=sys.stderr)
     return 1
 
 
@@ -313,14 +365,14 @@ def cmd_mc(args) -> int:
             nan_policy=args.nan_policy, backend=args.backend,
             memory_limit=args.memory_limit * 2**20,
         )
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
         return _fail("mc", exc)
     if args.json:
         print(json.dumps(_json_ready(rep.to_dict())))
         return 0
     target = "KL(p||q)" if args.reverse else "KL(q||p)"
     print(f"fastkl mc: {args.estimator} estimate of {target} from {rep.n:,} samples "
-          f"({args.logq}, {args.logp})")
+          f"({_shown(args.logq)}, {_shown(args.logp)})")
     print(f"Mean    KL: {rep.mean:10.6f} ± {rep.sem:10.6f}")
     print(f"95% CI    : [{rep.ci95[0]:.6f}, {rep.ci95[1]:.6f}]")
     print(f"Std dev   : {rep.std:10.6f}")
@@ -430,22 +482,41 @@ def _plot(rep, path: str, label: str) -> None:
             os.remove(tmp)
 
 
+def _plot_target_problem(path: str) -> str | None:
+    """Why ``--plot PATH`` cannot be written (None when it can): checked up front."""
+    if not path:
+        return "empty file name"
+    full = os.path.abspath(path)
+    if os.path.isdir(full) or path.endswith(os.sep):
+        return "is a directory, not a file name"
+    if os.path.lexists(full):
+        if not os.path.isfile(full):
+            return "exists and is not a regular file"
+        if not os.access(full, os.W_OK):
+            return "exists and is not writable"
+    d = os.path.dirname(full)
+    if not os.path.isdir(d):
+        return f"directory {d} does not exist"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"directory {d} is not writable"
+    return None
+
+
 def cmd_compare(args) -> int:
     import json
 
     import fastkl
 
     if args.plot is not None:
+        problem = _plot_target_problem(args.plot)
+        if problem:  # checked before the (possibly long) computation, not after it
+            return _fail("compare",
+                         ValueError(f"--plot {args.plot}: cannot write there: {problem}"))
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             print("fastkl compare: error: --plot needs matplotlib (pip install 'fastkl[plot]')",
                   file=sys.stderr)
-            return 1
-        d = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            print(f"fastkl compare: error: {args.plot}: cannot write there (directory {d} "
-                  "does not exist or is not writable)", file=sys.stderr)
             return 1
     exact = {"auto": "auto", "exact": True, "sketch": False}[args.percentiles]
     try:
@@ -454,7 +525,7 @@ def cmd_compare(args) -> int:
             beta=args.beta, exact_percentiles=exact, backend=args.backend,
             memory_limit=args.memory_limit * 2**20,
         )
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
         return _fail("compare", exc)
     label = {"kl": "KLD", "jsd": "JSD", "entropy": "H"}[args.op]
     if args.plot is not None:
@@ -476,10 +547,18 @@ def _add_common(p) -> None:
                    help="target peak resident memory in MiB (default: 256)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line ``fastkl CMD: error: ...`` (exit status 2);
+    subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import fastkl
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastkl",
         description="fastkl: fast, accurate KL divergence Monte Carlo estimators.",
         epilog="commands: demo, backends, mc, compare (fastkl COMMAND --help for examples)",
@@ -493,13 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bias and stdev of k1, k2, k3 and reverse k3 beside their closed forms, then one "
         "throughput line per backend against the numpy textbook formula.",
     )
-    demo.add_argument("--samples", type=float, default=1e7,
+    demo.add_argument("--samples", type=_samples, default=10**7,
                       help="samples per mu (default: 1e7)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default: 0)")
     demo.add_argument("--backend", default=None,
                       help="backend(s) to use, comma-separated (default: all available; "
                       "the first one computes the table)")
-    demo.add_argument("--repeats", type=int, default=5,
+    demo.add_argument("--repeats", type=_positive_int, default=5,
                       help="timed calls per implementation, best reported (default: 5)")
     demo.add_argument("--no-bench", action="store_true", help="skip the throughput lines")
     demo.set_defaults(func=cmd_demo)
@@ -557,12 +636,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; errors are one line ``fastkl CMD: error: ...`` on stderr and a
+    non-zero exit status (argparse's usage errors exit with 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    # file names with undecodable bytes (surrogate escapes) print escaped, never raise
+    out = sys.stdout
+    old = getattr(out, "errors", None)
+    reconf = getattr(out, "reconfigure", None)
+    if reconf is not None and old == "strict":
+        try:
+            reconf(errors="backslashreplace")
+        except (ValueError, OSError, TypeError):
+            reconf = None
+    else:
+        reconf = None
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `fastkl ... | head`: stop quietly, as other tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 1
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
+        return _fail(args.command, exc)
+    finally:
+        if reconf is not None:
+            try:
+                reconf(errors=old)
+            except (ValueError, OSError, TypeError):
+                pass
 
 
 if __name__ == "__main__":

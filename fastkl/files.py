@@ -31,8 +31,11 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
+import tokenize
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,41 @@ _ST_DTYPES = {
 
 def _err(path, msg: str) -> ValueError:
     return ValueError(f"{path}: {msg}")
+
+
+# what a parser of an untrusted header may raise besides ValueError: all become a ValueError
+# naming the file (numpy's .npy header parser tokenizes and literal_evals; json recurses)
+_PARSE_ERRORS = (ValueError, TypeError, SyntaxError, EOFError, OverflowError, RecursionError,
+                 MemoryError, struct.error, tokenize.TokenError, zlib.error,
+                 zipfile.BadZipFile, NotImplementedError, RuntimeError)
+_MAX_DIM = 1 << 62  # no array dimension (or element count) beyond what numpy can index
+
+
+def _check_shape(path, shape, what: str) -> tuple:
+    """``shape`` from a header as a tuple of ints, each in [0, 2**62), with fewer than 2**62
+    elements in all; else a ValueError naming the file."""
+    if not isinstance(shape, (list, tuple)) or len(shape) > 64:
+        raise _err(path, f"{what}: shape must be a list of at most 64 integers, got {shape!r}")
+    for d in shape:
+        if type(d) is not int or not 0 <= d < _MAX_DIM:
+            raise _err(path, f"{what}: shape {list(shape)!r} has an invalid dimension {d!r} "
+                             "(dimensions are integers >= 0)")
+    if math.prod(d for d in shape if d) >= _MAX_DIM:
+        raise _err(path, f"{what}: shape {list(shape)!r} has too many elements")
+    return tuple(shape)
+
+
+def _check_regular(path: str) -> int:
+    """The size of ``path`` if it is a regular file; a directory, FIFO, socket or device is a
+    ValueError before anything opens it (opening a FIFO would block)."""
+    st = os.stat(path)
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return st.st_size
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "not a regular file")
+    raise ValueError(f"{path}: is {kind}, not an array file")
 
 
 def split_name(spec) -> tuple[str, str | None]:
@@ -111,9 +149,33 @@ def _native(a: np.ndarray, bf16: bool = False) -> np.ndarray:
     return a
 
 
+def _flat_slice(a: np.ndarray, e0: int, e1: int) -> np.ndarray:
+    """Elements ``e0:e1`` of ``a``'s C-order flattening, copying only those (a view where
+    numpy can): a strided, transposed or broadcast array is never copied whole."""
+    if a.ndim <= 1 or a.flags.c_contiguous:
+        return a.reshape(-1)[e0:e1]
+    if e1 <= e0:
+        return np.empty(0, a.dtype)
+    inner = math.prod(a.shape[1:])
+    r0, o0 = divmod(e0, inner)
+    r1, o1 = divmod(e1, inner)
+    if r0 == r1:
+        return _flat_slice(a[r0], o0, o1)
+    parts = []
+    if o0:
+        parts.append(_flat_slice(a[r0], o0, inner))
+        r0 += 1
+    if r1 > r0:
+        parts.append(a[r0:r1].reshape(-1))  # a copy of these rows only
+    if o1:
+        parts.append(_flat_slice(a[r1], 0, o1))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
 class ArraySource(Source):
-    """An array-like in memory. A C-contiguous ``np.memmap`` (as ``np.load(path,
-    mmap_mode="r")`` returns) gets its pages dropped after each block like a file."""
+    """An array-like in memory, read block by block (a strided or broadcast view is not
+    copied whole). A C-contiguous ``np.memmap`` (as ``np.load(path, mmap_mode="r")``
+    returns) gets its pages dropped after each block like a file."""
 
     def __init__(self, a, name: str):
         from ._checks import _to_numpy
@@ -133,12 +195,12 @@ class ArraySource(Source):
                 del base
             except (TypeError, ValueError, BufferError):
                 pass
-        self._a = np.ascontiguousarray(x)
+        self._a = x if x.ndim else x.reshape(1)
         self.shape = self._a.shape
         self.dtype = self._a.dtype
 
     def read(self, e0, e1):
-        return _native(self._a.reshape(-1)[e0:e1])
+        return _native(_flat_slice(self._a, e0, e1))
 
     def release(self, e0, e1):
         if self._mm is None or e1 <= e0 or not hasattr(mmap, "MADV_DONTNEED"):
@@ -219,7 +281,10 @@ class StreamSource(Source):
         if e0 != self._pos:
             raise ValueError(f"{self.path}: a compressed .npz member can only be read in order")
         n = (e1 - e0) * self.dtype.itemsize
-        buf = self._f.read(n)
+        try:
+            buf = self._f.read(n)
+        except (zlib.error, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            raise _err(self.path, f"corrupt compressed .npz data at element {e0}: {exc}") from None
         if len(buf) != n:
             raise _err(self.path, f"truncated: expected {n} more bytes of data, got {len(buf)}")
         self._pos = e1
@@ -236,7 +301,7 @@ class LlamaSource(Source):
 
     def __init__(self, path: str):
         self.path = path
-        size = os.path.getsize(path)
+        size = _check_regular(path)
         with open(path, "rb") as f:
             head = f.read(20)
             if len(head) < 8 or head[:8] != LLAMA_MAGIC:
@@ -245,7 +310,8 @@ class LlamaSource(Source):
             if len(head) < 20:
                 raise _err(path, "truncated llama.cpp logits file: incomplete header")
             n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", head[8:20])
-            if n_ctx < 2 or n_vocab < 1 or n_chunk < 0:
+            # llama.cpp's n_ctx is an int: a larger uint32 is a corrupt header
+            if not 2 <= n_ctx < 2**31 or n_vocab < 1 or n_chunk < 0:
                 raise _err(path, f"corrupt llama.cpp header: n_ctx={n_ctx}, n_vocab={n_vocab},"
                                  f" n_chunk={n_chunk}")
             self.n_ctx, self.n_vocab, self.n_chunk = n_ctx, n_vocab, n_chunk
@@ -260,13 +326,20 @@ class LlamaSource(Source):
                 raise _err(path, f"{what}: the header (n_ctx={n_ctx}, n_vocab={n_vocab}, "
                                  f"n_chunk={n_chunk}) implies {expected} bytes, the file has "
                                  f"{size}")
+            # everything below is bounded by the file size, checked above
             toks = np.frombuffer(f.read(4 * n_tok), dtype="<i4").astype(np.int64)
-        if toks.size and (toks.min() < 0 or toks.max() >= n_vocab):
-            raise _err(path, f"corrupt llama.cpp file: token ids outside [0, {n_vocab})")
+        bad = (toks < 0) | (toks >= n_vocab)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise _err(path, f"corrupt llama.cpp file: token id {int(toks[i])} at position {i} "
+                             f"(byte {20 + 4 * i}) is outside [0, {n_vocab})")
         # row i of chunk c is position first + i; its observed next token follows it
-        idx = (np.arange(n_chunk)[:, None] * n_ctx + self.first + 1
-               + np.arange(self.rows_per_chunk)[None, :])
-        self.tokens = toks[idx.reshape(-1)]
+        if rows:
+            idx = (np.arange(n_chunk)[:, None] * n_ctx + self.first + 1
+                   + np.arange(self.rows_per_chunk)[None, :])
+            self.tokens = toks[idx.reshape(-1)]
+        else:
+            self.tokens = np.empty(0, np.int64)
         self.all_tokens = toks
         self.shape = (rows, n_vocab)
         self.dtype = np.dtype(np.float32)
@@ -324,10 +397,17 @@ def _npy_header(f, path, where: str = "") -> tuple[np.dtype, tuple, bool]:
             shape, fortran, dtype = fmt.read_array_header_2_0(f)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, OSError, SyntaxError, EOFError) as exc:
-        raise _err(path, f"not a valid .npy{where}: {exc}") from None
+    except OSError:
+        raise
+    except _PARSE_ERRORS as exc:
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise _err(path, f"not a valid .npy{where}: {msg}") from None
     if dtype.hasobject:
         raise _err(path, f"object arrays{where} cannot be streamed")
+    if dtype.itemsize == 0 or dtype.fields is not None or dtype.subdtype is not None:
+        raise _err(path, f"unsupported dtype {dtype}{where}: only arrays of plain numbers can "
+                         "be streamed")
+    shape = _check_shape(path, shape, f".npy header{where}")
     if fortran and len(shape) > 1:
         raise _err(path, f"Fortran-ordered array{where}: save it C-ordered "
                          "(np.save(path, np.ascontiguousarray(a))) to stream it")
@@ -335,7 +415,7 @@ def _npy_header(f, path, where: str = "") -> tuple[np.dtype, tuple, bool]:
 
 
 def _open_npy(path: str) -> Source:
-    size = os.path.getsize(path)
+    size = _check_regular(path)
     with open(path, "rb") as f:
         dtype, shape, _ = _npy_header(f, path)
         off = f.tell()
@@ -362,9 +442,23 @@ def _pick(names: list[str], key: str | None, path: str, what: str,
                      f"'{path}::NAME' (or call the array 'logits')")
 
 
-def _npz_member(path: str, zf: zipfile.ZipFile, name: str) -> Source:
+def _npz_member(path: str, zf: zipfile.ZipFile, name: str, size: int) -> Source:
     info = zf.getinfo(name + ".npy") if name + ".npy" in zf.namelist() else zf.getinfo(name)
+    what = f"member {name!r}"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise _err(path, f"{what}: unsupported zip compression method {info.compress_type} "
+                         "(np.savez / np.savez_compressed write stored or deflated members)")
+    if info.flag_bits & 0x1:
+        raise _err(path, f"{what} is encrypted")
+    if (info.header_offset < 0 or info.compress_size < 0 or info.file_size < 0
+            or info.header_offset + 30 + info.compress_size > size):
+        raise _err(path, f"truncated or corrupt zip directory: {what} claims "
+                         f"{info.compress_size} bytes at offset {info.header_offset}, the file "
+                         f"has {size}")
     if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise _err(path, f"corrupt zip directory: stored {what} has compressed size "
+                             f"{info.compress_size} but size {info.file_size}")
         with open(path, "rb") as f:
             f.seek(info.header_offset)
             lh = f.read(30)
@@ -372,42 +466,90 @@ def _npz_member(path: str, zf: zipfile.ZipFile, name: str) -> Source:
                 raise _err(path, f"corrupt zip entry {name!r}")
             nlen, xlen = struct.unpack("<HH", lh[26:30])
             start = info.header_offset + 30 + nlen + xlen
+            if start + info.file_size > size:
+                raise _err(path, f"truncated zip file: {what} ends at byte "
+                                 f"{start + info.file_size}, the file has {size}")
             f.seek(start)
-            dtype, shape, _ = _npy_header(f, path, f" (member {name!r})")
+            dtype, shape, _ = _npy_header(f, path, f" ({what})")
             off = f.tell()
             need = math.prod(shape) * dtype.itemsize
             if info.file_size - (off - start) != need:
-                raise _err(path, f"member {name!r}: the header says shape {shape} of {dtype} "
+                raise _err(path, f"{what}: the header says shape {shape} of {dtype} "
                                  f"({need} bytes) but the member holds "
                                  f"{info.file_size - (off - start)}")
-            if start + info.file_size > os.path.getsize(path):
-                raise _err(path, "truncated zip file")
             return MappedSource(path, off, dtype, shape, fileobj=f)
+    # deflate expands at most ~1032:1, so a larger claimed size is a forged directory entry
+    if info.file_size > 1100 * info.compress_size + 4096:
+        raise _err(path, f"corrupt zip directory: {what} claims {info.file_size} bytes from "
+                         f"{info.compress_size} compressed bytes")
     fobj = zf.open(info)
-    dtype, shape, _ = _npy_header(fobj, path, f" (member {name!r})")
+    try:
+        dtype, shape, _ = _npy_header(fobj, path, f" ({what})")
+        need = math.prod(shape) * dtype.itemsize
+        have = info.file_size - fobj.tell()
+    except BaseException:
+        fobj.close()
+        raise
+    if have != need:
+        fobj.close()
+        raise _err(path, f"{what}: the header says shape {shape} of {dtype} ({need} bytes) "
+                         f"but the member holds {have}")
     return StreamSource(path, fobj, dtype, shape)
 
 
 def _open_npz(path: str, key: str | None, prefer: str) -> Source:
+    size = _check_regular(path)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (*_PARSE_ERRORS, OSError) as exc:
         raise _err(path, f"not a valid .npz (zip) file: {exc}") from None
-    names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
-    name = _pick(names, key, path, "array", prefer)
+    src = None
     try:
-        src = _npz_member(path, zf, name)
+        names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+        name = _pick(names, key, path, "array", prefer)
+        src = _npz_member(path, zf, name, size)
         if "tokens" in names and name != "tokens":
-            with _npz_member(path, zf, "tokens") as ts:
+            with _npz_member(path, zf, "tokens", size) as ts:
                 if ts.dtype.kind in "iu":
                     src.tokens = ts.read(0, ts.size).reshape(ts.shape)
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (*_PARSE_ERRORS, OSError) as exc:
+        if src is not None:
+            src.close()
+        if isinstance(exc, ValueError) and str(exc).startswith(f"{path}:"):
+            raise  # already names the file
         raise _err(path, f"corrupt .npz file: {exc}") from None
+    finally:
+        zf.close()  # an open member keeps the file open until it is closed
     return src
 
 
+def _st_entry(path, name, meta, avail: int):
+    """(dtype code, shape, begin, end) of a safetensors header entry, every field checked:
+    types, signs, and offsets inside the ``avail`` data bytes that follow the header."""
+    if not isinstance(meta, dict):
+        raise _err(path, f"corrupt safetensors entry {name!r}: expected an object, got "
+                         f"{type(meta).__name__}")
+    dt, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dt, str):
+        raise _err(path, f"corrupt safetensors entry {name!r}: dtype must be a string, got "
+                         f"{dt!r:.80}")
+    shape = _check_shape(path, shape, f"tensor {name!r}")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or any(type(o) is not int for o in offs)):
+        raise _err(path, f"corrupt safetensors entry {name!r}: data_offsets must be two "
+                         f"integers, got {offs!r:.80}")
+    b0, b1 = offs
+    if not 0 <= b0 <= b1:
+        raise _err(path, f"corrupt safetensors entry {name!r}: data_offsets {offs} are not "
+                         "0 <= begin <= end")
+    if b1 > avail:
+        raise _err(path, f"truncated: tensor {name!r} ends at byte {b1} of the data, which "
+                         f"has {avail} bytes")
+    return dt, shape, b0, b1
+
+
 def _open_safetensors(path: str, key: str | None, prefer: str) -> Source:
-    size = os.path.getsize(path)
+    size = _check_regular(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -417,29 +559,25 @@ def _open_safetensors(path: str, key: str | None, prefer: str) -> Source:
             raise _err(path, f"corrupt safetensors header length {n} (file has {size} bytes)")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _err(path, f"corrupt safetensors JSON header: {exc}") from None
+        except (ValueError, RecursionError, MemoryError) as exc:
+            msg = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise _err(path, f"corrupt safetensors JSON header: {msg}") from None
         if not isinstance(header, dict):
             raise _err(path, "corrupt safetensors header: not a JSON object")
         header.pop("__metadata__", None)
         data0 = 8 + n
+        entries = {name: _st_entry(path, name, meta, size - data0)
+                   for name, meta in header.items()}
 
         def tensor(name) -> Source:
-            meta = header[name]
-            try:
-                dt, shape, (b0, b1) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise _err(path, f"corrupt safetensors entry {name!r}: {meta!r}") from None
+            dt, shape, b0, b1 = entries[name]
             if dt not in _ST_DTYPES:
-                raise _err(path, f"tensor {name!r} has unsupported dtype {dt}")
+                raise _err(path, f"tensor {name!r} has unsupported dtype {dt:.40}")
             dtype = np.dtype(_ST_DTYPES[dt])
             need = math.prod(shape) * dtype.itemsize
-            if b1 - b0 != need or b0 < 0:
+            if b1 - b0 != need:
                 raise _err(path, f"tensor {name!r}: shape {list(shape)} of {dt} needs {need} "
                                  f"bytes, data_offsets give {b1 - b0}")
-            if data0 + b1 > size:
-                raise _err(path, f"truncated: tensor {name!r} ends at byte {data0 + b1}, the "
-                                 f"file has {size}")
             return MappedSource(path, data0 + b0, dtype, shape, bf16=(dt == "BF16"), fileobj=f)
 
         name = _pick(list(header), key, path, "tensor", prefer)
@@ -453,6 +591,7 @@ def _open_safetensors(path: str, key: str | None, prefer: str) -> Source:
 
 def sniff(path: str) -> str:
     """The format of a file from its first bytes: "npy", "npz", "safetensors", "llama"."""
+    _check_regular(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:6] == b"\x93NUMPY":
@@ -477,9 +616,7 @@ def open_source(spec: Any, name: str = "array", prefer: str = "logits") -> Sourc
     path, key = split_name(spec)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, not an array file")
-    fmt = sniff(path)
+    fmt = sniff(path)  # refuses directories, FIFOs, sockets and devices before opening
     if fmt == "npy":
         if key is not None:
             raise _err(path, "a .npy file holds one array: drop the '::name'")

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _checks, _dask
 from .backends import get_backend
-from .backends._contract import N_PARTIALS
+from .backends._contract import BLOCK, N_PARTIALS
 
 ArrayLike = Any
 
@@ -113,8 +113,7 @@ def _as_rows(arrays, shape, red_axes):
         rows, out_shape = 1, ()
         if ndim <= 1:  # the common small-input case: nothing to order (saves ~1 us a call)
             return [None if a is None else a.reshape(1, n) for a in arrays], out_shape, (0,)[:ndim]
-        strides = arrays[0].strides
-        perm = sorted(range(ndim), key=lambda i: -abs(strides[i]))
+        perm = _memory_perm(arrays[0])
     else:
         kept = [i for i in range(ndim) if i not in red_axes]
         perm = kept + list(red_axes)
@@ -122,6 +121,58 @@ def _as_rows(arrays, shape, red_axes):
         rows, n = math.prod(out_shape), math.prod(shape[i] for i in red_axes)
     views = [None if a is None else a.transpose(perm).reshape(rows, n) for a in arrays]
     return views, out_shape, perm
+
+
+def _memory_perm(a: np.ndarray) -> list[int]:
+    """The axes of ``a`` from the largest stride to the smallest (its memory order)."""
+    strides = a.strides
+    return sorted(range(a.ndim), key=lambda i: -abs(strides[i]))
+
+
+def _flat_view(a: np.ndarray) -> np.ndarray | None:
+    """``a`` as one ``[1, size]`` row without copying, or None where that needs a copy."""
+    try:
+        return np.reshape(a, (1, a.size), copy=False)
+    except ValueError:
+        return None
+    except TypeError:  # numpy < 2.1: no copy= argument
+        v = a.view()
+        try:
+            v.shape = (1, a.size)
+        except AttributeError:
+            return None
+        return v
+
+
+_SEGMENT = 256 * BLOCK  # elements per segment of _segmented_partials (a multiple of BLOCK)
+
+
+def _segmented_partials(backend, inp: _Inputs, want_m2: bool) -> np.ndarray | None:
+    """Partials of a full reduction ``[1, nblk, N_PARTIALS]`` over broadcast inputs (a
+    stride-0 axis), whose flattening copy would be as large as the virtual array: their
+    C-order flattening in memory order (as ``_as_rows`` takes it) is read in segments of
+    ``_SEGMENT`` elements, so each kernel block sees the elements it would see in the copy
+    and the partials are bit for bit the same, in bounded memory. None for other inputs
+    (a copy of a strided array is no larger than the array, and faster)."""
+    from .files import _flat_slice
+
+    arrays = _arrays(inp)
+    if not any(a is not None and any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape,
+                                                                         strict=True))
+               for a in arrays):
+        return None
+    perm = _memory_perm(inp.logq)
+    arrays = [None if a is None else a.transpose(perm) for a in arrays]
+    if all(a is None or _flat_view(a) is not None for a in arrays):
+        return None
+    total = math.prod(inp.shape)
+    parts = []
+    for e0 in range(0, total, _SEGMENT):
+        e1 = min(total, e0 + _SEGMENT)
+        views = [None if a is None else _flat_slice(a, e0, e1).reshape(1, e1 - e0)
+                 for a in arrays]
+        parts.append(backend.mc_partials(*views, inp.est, inp.clamp, want_m2))
+    return np.concatenate(parts, axis=1)
 
 
 def _natural_rows(arrays, shape):
@@ -151,7 +202,12 @@ def _merge(part: np.ndarray) -> np.ndarray:
 
 
 def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
-    """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows."""
+    """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows
+    (None where the rows were read in segments)."""
+    if red_axes is None and len(inp.shape) >= 2 and math.prod(inp.shape) > _SEGMENT:
+        part = _segmented_partials(backend, inp, want_m2)  # a broadcast view is never copied
+        if part is not None:
+            return _merge(part), (), None
     views, out_shape, perm = _as_rows(_arrays(inp), inp.shape, red_axes)
     rows, n = views[0].shape
     if rows * n == 0:

@@ -8,6 +8,9 @@ the process with ``madvise(MADV_DONTNEED)``. The block size is chosen from ``mem
 minus the resident memory at the start of the call, so peak RSS (as ``/usr/bin/time -v``
 reports it, mapped pages included) stays near ``memory_limit`` whatever the file size (in a
 process that already holds more than that, the blocks take a quarter of ``memory_limit``).
+In ``kl_mc_file`` that choice never reaches the arithmetic: the reduction is cut into units
+fixed by the file's shape (``_UNIT`` elements; a long row in pieces), so the same file gives
+the same bits under any memory limit, process size or thread count.
 """
 
 from __future__ import annotations
@@ -80,6 +83,63 @@ def _close_all(sources):
 
 # --------------------------------------------------------------------------- kl_mc_file
 
+# elements per unit of kl_mc_file's fixed reduction order: each unit costs one merge call in
+# Python (at 16 * BLOCK that was ~20% of the kernel time of a 5e7-element file, here within
+# the noise) and about 10 MB of blocks in flight (float32 pairs, compiled backends)
+_UNIT = 64 * BLOCK
+
+
+def _mc_reads(nrows: int, ncol: int, k: int):
+    """The reads of ``kl_mc_file`` over ``[nrows, ncol]`` (C order), ``k`` units each:
+    ``(e0, e1, view shape, groups)``. Rows of at most ``_UNIT`` elements go in units of
+    ``_UNIT // ncol`` whole rows (groups ``("rows", r0, r1, True)`` index the view's rows);
+    a longer row is read in ``_UNIT``-element pieces (groups ``("piece", b0, b1, last)``
+    index the kernel blocks of the ``[1, n]`` view; ``last`` marks the row's end)."""
+    if nrows * ncol == 0:
+        return
+    if ncol <= _UNIT:
+        per = _UNIT // ncol
+        for r0 in range(0, nrows, per * k):
+            r1 = min(nrows, r0 + per * k)
+            groups = [("rows", g - r0, min(r1, g + per) - r0, True) for g in range(r0, r1, per)]
+            yield r0 * ncol, r1 * ncol, (r1 - r0, ncol), groups
+        return
+    ub = _UNIT // BLOCK
+    for r in range(nrows):
+        for j0 in range(0, ncol, _UNIT * k):
+            j1 = min(ncol, j0 + _UNIT * k)
+            nblk = -(-(j1 - j0) // BLOCK)
+            groups = [("piece", b, min(nblk, b + ub), j1 == ncol and b + ub >= nblk)
+                      for b in range(0, nblk, ub)]
+            yield r * ncol + j0, r * ncol + j1, (1, j1 - j0), groups
+
+
+def _seq_terms(W, S, nbad, reduction: str, policy: str) -> tuple[float, int]:
+    """(sum of the per-row values, number of rows counted) of a seq-mean-* reduction for
+    rows with weights ``W``, sums ``S`` and NaN counts ``nbad`` (as ``kl_mc`` counts them)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_row = S / W if reduction == "seq-mean-token-mean" else np.array(S, dtype=float)
+    has = W > 0
+    if policy == "propagate":
+        per_row = np.where(nbad > 0, np.nan, per_row)
+        has = has | (nbad > 0)
+    return float(per_row[has].sum()), int(has.sum())
+
+
+def _file_mask(v: np.ndarray, path: str, e0: int, shape: tuple) -> np.ndarray:
+    """``_checks.mask_array`` of a block of a mask file; a bad weight names the file and
+    its index."""
+    try:
+        return _checks.mask_array(v, v.shape)
+    except ValueError:
+        w = v.astype(np.float64)
+        i = int(np.flatnonzero(~(np.isfinite(w) & (w >= 0)))[0])
+        idx = tuple(int(j) for j in np.unravel_index(e0 + i, shape))
+        raise ValueError(f"{path}: mask weights must be finite and >= 0; found {float(w[i])!r} at "
+                         f"index {idx}") from None
+    except TypeError as exc:
+        raise TypeError(f"{path}: {exc}") from None
+
 
 @dataclass(frozen=True)
 class MCFileReport:
@@ -137,8 +197,9 @@ def kl_mc_file(
     ``[batch, tokens]`` files "seq-mean-token-mean" / "seq-mean-token-sum" (mean over rows
     with a token of the per-row mean / sum), returned as ``.value``; the report always has
     the token-level mean, std, sem and 95% interval. Peak resident memory stays near
-    ``memory_limit`` bytes (default 256 MiB); ``progress``: a tqdm bar (None: only when
-    stderr is a terminal).
+    ``memory_limit`` bytes (default 256 MiB), long rows included (a seq-mean-* row is read
+    in pieces); the bits of the result do not depend on it. ``progress``: a tqdm bar (None:
+    only when stderr is a terminal).
     """
     acc = MCAccumulator(estimator, reverse=reverse, clamp_log_ratio=clamp_log_ratio,
                         clamp_value=clamp_value, backend=backend)
@@ -183,7 +244,6 @@ def kl_mc_file(
                                       np.empty(0, p.dtype if p.dtype.itemsize <= 8 else "f8"))
         seq = reduction.startswith("seq-")
         total = q.size
-        ncol = q.shape[-1] if seq else 1
         per_el = q.dtype.itemsize + p.dtype.itemsize + 2 * dtype.itemsize + 16
         if m is not None:
             per_el += m.dtype.itemsize + 8
@@ -194,15 +254,21 @@ def kl_mc_file(
         tiny = np.zeros((1, 2), dtype=dtype)
         be.mc_partials(tiny, tiny, None, None, acc._est, acc._clamp, True)  # load / compile
         bar = _progress(total, "fastkl mc", progress, "el")
+        # The reduction order is fixed by the data alone: units of _UNIT elements (groups
+        # of whole short rows, or _UNIT-element pieces of a long row), each merged from its
+        # kernel blocks by one call of the same shape, then folded in file order. The memory
+        # budget only chooses how many units one read covers, so neither it nor the RSS of
+        # the process changes a bit of the result.
+        nrows, ncol = (math.prod(q.shape[:-1]), q.shape[-1]) if seq else (1, total)
+        unit = _UNIT if ncol > _UNIT else _UNIT // max(ncol, 1) * max(ncol, 1)
         avail = _budget(limit, 0)
-        step = max(BLOCK, avail // per_el // BLOCK * BLOCK)
-        step = min(step, 1 << 26)
-        if seq:
-            step = max(ncol, step // max(ncol, 1) * ncol)
+        if avail < unit * per_el:
+            warnings.warn(f"memory_limit={limit} bytes is below what one block of {_UNIT} "
+                          "elements needs here; streaming one block at a time", stacklevel=2)
+        k = int(max(1, min(avail // (unit * per_el), (1 << 26) // unit)))
         seq_sum, seq_rows = 0.0, 0
-        e0 = 0
-        while e0 < total:
-            e1 = min(total, e0 + step)
+        row_acc = [0.0, 0.0, 0.0]  # W, S, NaN count of the long row being read
+        for e0, e1, vshape, groups in _mc_reads(nrows, ncol, k):
             views = []
             for s in (q, p, m, iw):
                 if s is None:
@@ -210,41 +276,49 @@ def kl_mc_file(
                     continue
                 v = s.read(e0, e1)
                 if s is m:
-                    v = _checks.mask_array(v, v.shape)
+                    v = _file_mask(v, m.path, e0, q.shape)
                 else:
                     v = _checks.as_kernel_dtype(v, dtype)
-                views.append(v.reshape(-1, ncol) if seq else v.reshape(1, -1))
+                views.append(v.reshape(vshape))
             part = be.mc_partials(*views, acc._est, acc._clamp, True)
-            rows = merge_block_partials(part)  # [rows, 6]
-            nbad = rows[:, 4]
-            if policy == "raise" and (nbad > 0).any():
-                out = np.empty(views[0].shape, dtype=dtype)
+            if policy == "raise" and (part[..., 4] > 0).any():
+                out = np.empty(vshape, dtype=dtype)
                 be.mc_terms(*views, acc._est, acc._clamp, out)
                 bad = np.isnan(out)
                 if views[2] is not None:
                     bad &= views[2] != 0
-                k = e0 + int(np.flatnonzero(bad.ravel())[0])
-                idx = tuple(int(i) for i in np.unravel_index(k, q.shape))
+                k0 = e0 + int(np.flatnonzero(bad.ravel())[0])
+                idx = tuple(int(i) for i in np.unravel_index(k0, q.shape))
                 raise ValueError(f"{q.path}: nan_policy='raise': the term at index {idx} is "
                                  "NaN")
-            if seq:
-                W, S = rows[:, 0], rows[:, 1]
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    per_row = S / W if reduction == "seq-mean-token-mean" else S.copy()
-                has = W > 0
-                if policy == "propagate":
-                    per_row[nbad > 0] = np.nan
-                    has |= nbad > 0
-                seq_sum += float(per_row[has].sum())
-                seq_rows += int(has.sum())
-            acc.add_partials(merge_block_partials(rows[None])[0])
+            for kind, a0, a1, row_end in groups:
+                if kind == "rows":  # whole short rows [a0, a1) of this read
+                    rows = merge_block_partials(part[a0:a1])  # [rows, 6]
+                    acc.add_partials(merge_block_partials(rows[None])[0])
+                    if seq:
+                        s_, r_ = _seq_terms(rows[:, 0], rows[:, 1], rows[:, 4], reduction,
+                                            policy)
+                        seq_sum += s_
+                        seq_rows += r_
+                else:  # kernel blocks [a0, a1) of one piece of a long row
+                    piece = merge_block_partials(part[:, a0:a1])[0]
+                    acc.add_partials(piece)
+                    if seq:
+                        row_acc[0] += float(piece[0])
+                        row_acc[1] += float(piece[1])
+                        row_acc[2] += float(piece[4])
+                        if row_end:
+                            s_, r_ = _seq_terms(*(np.array([v]) for v in row_acc), reduction,
+                                                policy)
+                            seq_sum += s_
+                            seq_rows += r_
+                            row_acc = [0.0, 0.0, 0.0]
             del views, part
             for s in (q, p, m, iw):
                 if s is not None:
                     s.release(e0, e1)
             if bar is not None:
                 bar.update(e1 - e0)
-            e0 = e1
         if bar is not None:
             bar.close()
     finally:
