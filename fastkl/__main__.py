@@ -286,6 +286,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_warmup(args) -> int:
+    from fastkl.warmup import warmup
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    names = _parse_backends(args.backend) if args.backend else None
+    t0 = time.perf_counter()
+    times = warmup(dtypes, names, progress=False if args.no_progress else None)
+    for key, secs in times.items():
+        print(f"{key:<16} {secs:7.2f} s")
+    print(f"warm: every kernel family compiled or loaded in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_backends(args) -> int:
     import fastkl
     from fastkl.backends import _errors, _try_load
@@ -561,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastkl",
         description="fastkl: fast, accurate KL divergence Monte Carlo estimators.",
-        epilog="commands: demo, backends, mc, compare (fastkl COMMAND --help for examples)",
+        epilog="commands: demo, backends, warmup, mc, compare (fastkl COMMAND --help for examples)",
     )
     parser.add_argument("--version", action="version", version=f"fastkl {fastkl.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -584,6 +597,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     be = sub.add_parser("backends", help="list the backends and whether they work here")
     be.set_defaults(func=cmd_backends)
+    wu = sub.add_parser(
+        "warmup",
+        help="compile every numba kernel once, into numba's on-disk cache",
+        description="Compile (or load) every numba kernel family for the given dtypes, so "
+        "that later processes find them in numba's on-disk cache and their first calls are "
+        "fast. Run it once after installing or upgrading fastkl (or numba), e.g. in a "
+        "container build step; not needed for the Cython backend.",
+    )
+    wu.add_argument("--dtypes", default="float32,float64",
+                    help="comma-separated float dtypes (default: float32,float64)")
+    wu.add_argument("--backend", default=None,
+                    help="backend(s), comma-separated (default: every compiled backend here)")
+    wu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wu.set_defaults(func=cmd_warmup)
 
     raw = argparse.RawDescriptionHelpFormatter
     mc = sub.add_parser(
