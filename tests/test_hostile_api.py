@@ -1,0 +1,170 @@
+"""Hostile inputs at the API level (issue 10, items 3, 6, 9, 12): -inf entries and huge gaps
+in logits rows, extreme mask weights, out-of-range token ids, small API promises and Ctrl-C.
+
+Every compiled backend is checked against the numpy reference: same value (to the backend
+tolerance), same NaN / inf, both raise or neither.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import BACKENDS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastkl.logits import (
+    entropy_logits,
+    jsd_logits,
+    kl_logits,
+    kl_logits_grad,
+    token_logprobs,
+)
+
+COMPILED = [b for b in BACKENDS if b != "numpy"]
+
+
+def _same(got, ref, rtol):
+    """Equal, or both NaN, or within rtol (relative to max(1, |ref|)), elementwise."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape
+    nan_g, nan_r = np.isnan(got), np.isnan(ref)
+    assert (nan_g == nan_r).all(), (got, ref)
+    g, r = got[~nan_r], ref[~nan_r]
+    exact = g == r
+    with np.errstate(invalid="ignore"):  # inf - inf where one side is inf: not close
+        close = np.abs(g - r) <= rtol * np.maximum(1.0, np.abs(r))
+    assert (exact | (np.isfinite(g) & np.isfinite(r) & close)).all(), (got, ref)
+
+
+def _all_ops(a, b, t, backend):
+    """Every logits op on one pair of [rows, V] arrays, as a dict of float64 arrays."""
+    tok = np.zeros(a.shape[0], dtype=np.int64)
+    tok[:] = a.shape[1] - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        val, grad = kl_logits_grad(a, b, temperature=t, reduction="none", backend=backend)
+        return {
+            "kl": kl_logits(a, b, temperature=t, backend=backend),
+            "kl_rev": kl_logits(b, a, temperature=t, backend=backend),
+            "jsd": jsd_logits(a, b, 0.5, temperature=t, backend=backend),
+            "jsd_0.1": jsd_logits(a, b, 0.1, temperature=t, backend=backend),
+            "entropy_p": entropy_logits(a, temperature=t, backend=backend),
+            "entropy_q": entropy_logits(b, temperature=t, backend=backend),
+            "token": token_logprobs(b, tok, temperature=t, backend=backend),
+            "kl_grad_value": val,
+            "kl_grad": grad,
+        }
+
+
+def _check_vs_ref(a, b, t):
+    rtol = 1e-9 if a.dtype == np.float64 else 2e-5
+    ref = _all_ops(a, b, t, "numpy")
+    for be in COMPILED:
+        got = _all_ops(a, b, t, be)
+        for k in ref:
+            try:
+                _same(got[k], ref[k], 1e-6 if k == "kl_grad" else rtol)
+            except AssertionError as exc:
+                raise AssertionError(f"{be} {k} (T={t}, {a.dtype}): {exc}") from None
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def _issue_row(v=1000):
+    """The issue's row: P's maximum (80, 800 after T = 0.1) in a later 256-entry chunk than
+    the -inf of Q: e^(x - max) of entry 0 underflows to 0 only once the max is seen."""
+    a = np.zeros(v)
+    a[300] = 80.0
+    b = a.copy()
+    b[0] = -np.inf
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_before_a_late_huge_max_gives_zero(backend, dtype):
+    a, b = _issue_row()
+    a, b = a[None].astype(dtype), b[None].astype(dtype)
+    assert kl_logits(a, b, temperature=0.1, backend=backend)[0] == 0.0
+    value, _ = kl_logits_grad(a, b, temperature=0.1, backend=backend)
+    assert value == 0.0
+    # one such row must not turn a batch mean into NaN
+    assert kl_logits(np.repeat(a, 3, 0), np.repeat(b, 3, 0), temperature=0.1,
+                     reduction="mean", backend=backend) == 0.0
+
+
+def _hostile_rows():
+    """Rows with -inf entries before, after and among huge maxima (gaps > 745 after the
+    temperature), gaps that overflow float64, NaN among -inf, rows without mass."""
+    rows = {}
+    v = 1100  # crosses the chunk sizes of both compiled backends (256, 512)
+    a, b = _issue_row(v)
+    rows["issue"] = (a, b, 0.1)
+    a = np.zeros(v)
+    a[0], a[1000] = -100.0, 700.0  # -inf of Q at P = e^-800 once the max is 700: 0 term
+    b = np.zeros(v)
+    b[0] = -np.inf
+    rows["inf_term_underflows_later"] = (a, b, 1.0)
+    a2 = a.copy()
+    a2[0] = -10.0  # e^-710 > 0: the term stays +inf
+    rows["inf_term_survives"] = (a2, b, 1.0)
+    a = np.full(v, -1e308)
+    a[700] = 1e308  # the max jumps by 2e308 = inf in float64
+    rows["overflowing_gap_same"] = (a, a.copy(), 1.0)
+    rows["overflowing_gap_p"] = (a, np.zeros(v), 1.0)
+    rows["overflowing_gap_q"] = (np.zeros(v), a, 1.0)
+    a = np.full(v, -1000.0)
+    a[:600] = -np.inf  # whole chunks of -inf before a max far below 0
+    rows["neg_max_after_inf_chunks"] = (a, np.full(v, -1000.0), 1.0)
+    a = np.full(v, -np.inf)
+    a[900] = 1.0
+    a[10] = np.nan  # a NaN in a chunk with nothing finite: the row is NaN
+    rows["nan_among_inf"] = (a, np.zeros(v), 1.0)
+    rows["no_mass_q"] = (np.zeros(v), np.full(v, -np.inf), 1.0)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", sorted(_hostile_rows()))
+def test_hostile_logits_rows_match_reference(name, dtype):
+    a, b, t = _hostile_rows()[name]
+    with np.errstate(over="ignore"):
+        _check_vs_ref(a[None].astype(dtype), b[None].astype(dtype), t)
+
+
+@st.composite
+def _hostile_pair(draw):
+    v = draw(st.sampled_from([1, 5, 257, 600, 1100]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+
+    def one():
+        scale = draw(st.sampled_from([1.0, 30.0, 1e3, 1e5, 1e30]))
+        r = rng.standard_normal(v) * scale
+        for _ in range(draw(st.integers(0, 3))):
+            r[rng.integers(v)] = draw(st.sampled_from([-np.inf, 80.0, -1e3 * scale]))
+        if draw(st.booleans()):
+            r[: rng.integers(0, v + 1)] = -np.inf
+        if draw(st.booleans()):
+            r[rng.integers(v):] += draw(st.sampled_from([700.0, 760.0, 2000.0, 1e6]))
+        return r
+
+    a = one()
+    b = a.copy() if draw(st.booleans()) else one()
+    if draw(st.booleans()):
+        b[rng.integers(v)] = -np.inf
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    t = draw(st.sampled_from([1.0, 0.1, 1e-3, 10.0]))
+    return a[None].astype(dtype), b[None].astype(dtype), t
+
+
+@pytest.mark.skipif(not COMPILED, reason="no compiled backend")
+@given(_hostile_pair())
+def test_hostile_logits_property_every_backend_vs_reference(abt):
+    a, b, t = abt
+    _check_vs_ref(a, b, t)
