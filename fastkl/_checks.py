@@ -223,12 +223,22 @@ def tokens_array(tokens, shape: tuple, vocab: int, ignore_index) -> np.ndarray:
         raise ValueError(
             f"tokens has shape {t.shape} but logits without the vocabulary axis have shape {shape}"
         )
-    t = t.astype(np.int64)
-    bad = ((t < 0) | (t >= vocab)) & (t != ignore)
+    i64 = np.iinfo(np.int64)
+    if not i64.min <= ignore <= i64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore}")
+    # the range is checked in the tokens' own dtype, before any cast: a cast first would wrap
+    # (uint64 2**64 - 100 -> -100, the ignore index) and drop the row silently
+    info = np.iinfo(t.dtype)
+    bad = (t >= vocab) if vocab <= info.max else np.zeros(t.shape, dtype=bool)
+    if t.dtype.kind == "i":
+        bad |= t < 0
+    if info.min <= ignore <= info.max:
+        bad &= t != np.array(ignore, dtype=t.dtype)
     if bad.any():
         i = int(np.flatnonzero(bad.ravel())[0])
+        pos = tuple(int(k) for k in np.unravel_index(i, t.shape))
         raise ValueError(
             f"tokens must be in [0, {vocab}) or equal ignore_index={ignore}; "
-            f"found {int(t.ravel()[i])} at flat index {i}"
+            f"found {int(t.ravel()[i])} at index {pos} (flat index {i})"
         )
-    return t
+    return t.astype(np.int64)  # exact: every value is now in [0, vocab) or ignore

@@ -15,6 +15,7 @@ from conftest import BACKENDS
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastkl
 from fastkl.logits import (
     entropy_logits,
     jsd_logits,
@@ -168,3 +169,49 @@ def _hostile_pair(draw):
 def test_hostile_logits_property_every_backend_vs_reference(abt):
     a, b, t = abt
     _check_vs_ref(a, b, t)
+
+
+# --------------------------------------------------------------------------- item 9
+
+_TOKEN_DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64,
+                 np.int64, ">u8", ">i4"]
+
+
+@pytest.mark.parametrize("dtype", _TOKEN_DTYPES)
+def test_tokens_of_every_integer_dtype_work(dtype):
+    logits = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
+    tok = np.array([1, 9, 0], dtype=dtype)
+    ref = token_logprobs(logits, tok.astype(np.int64))
+    np.testing.assert_array_equal(token_logprobs(logits, tok), ref)
+
+
+@pytest.mark.parametrize("bad, dtype", [(2**64 - 100, np.uint64), (2**64 - 1, np.uint64),
+                                         (2**63, np.uint64), (200, np.uint8), (-5, np.int8),
+                                         (2**32 - 100, np.uint32)])
+def test_out_of_range_token_is_an_error_not_a_wrap(bad, dtype):
+    logits = np.zeros((3, 10), dtype=np.float32)
+    tok = np.array([1, bad, 3], dtype=dtype)
+    with pytest.raises(ValueError, match=rf"tokens.*found {bad} at index \(1,\)"):
+        token_logprobs(logits, tok)
+    acc = fastkl.LogitsAccumulator()
+    with pytest.raises(ValueError, match="tokens.*at index"):
+        acc.update(logits, logits, tokens=tok)
+
+
+def test_uint64_token_file_is_an_error_not_a_wrap(tmp_path):
+    logits = np.zeros((3, 10), dtype=np.float32)
+    np.save(tmp_path / "a.npy", logits)
+    np.save(tmp_path / "t.npy", np.array([1, 2**64 - 100, 3], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"t\.npy.*tokens.*at index \(1,\)"):
+        fastkl.compare_logits(str(tmp_path / "a.npy"), str(tmp_path / "a.npy"),
+                              tokens=str(tmp_path / "t.npy"))
+
+
+def test_ignore_index_of_a_narrow_dtype_and_out_of_int64():
+    logits = np.zeros((3, 10), dtype=np.float32)
+    got = token_logprobs(logits, np.array([1, 255, 3], dtype=np.uint8), ignore_index=255)
+    assert got[1] == 0.0
+    got = token_logprobs(logits, np.array([1, -100, 3], dtype=np.int8))
+    assert got[1] == 0.0
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        token_logprobs(logits, np.array([1, 2, 3]), ignore_index=2**70)
