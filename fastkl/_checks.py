@@ -134,6 +134,35 @@ def mask_array(mask, shape: tuple, ref: str = "logq") -> np.ndarray | None:
     return w
 
 
+# Weights whose largest is outside [2**-250, 2**250] are scaled by a power of two before the
+# kernels sum them wherever only ratios are wanted (means, std, sem, n_eff): sum w**2 of
+# 1e-200 underflows to 0, sum w of 1e308 overflows. Inside the range nothing changes (n * w**2
+# fits for any n < 2**63); a power of two is exact, so ratios keep their bits either way.
+_W_LO, _W_HI = 2.0**-250, 2.0**250
+
+
+def weight_exponent(w: np.ndarray | None) -> int:
+    """e such that ``w / 2**e`` has its largest weight in [0.5, 1) when the largest weight
+    of float64 weights ``w`` (``mask_array``'s) is outside [2**-250, 2**250]; else 0 (and 0
+    for None, a boolean mask or all-zero weights)."""
+    if w is None or w.dtype != np.float64 or w.size == 0:
+        return 0
+    m = float(w.max())
+    if m == 0.0 or _W_LO <= m <= _W_HI:
+        return 0
+    return math.frexp(m)[1]
+
+
+def scale_weights(w: np.ndarray | None) -> int:
+    """Divide ``mask_array``'s float64 weights (a private copy) in place by ``2**e``,
+    ``e = weight_exponent(w)``, and return e (0: unchanged). Sums of the scaled weights are
+    in units of ``2**e``."""
+    e = weight_exponent(w)
+    if e:
+        np.ldexp(w, -e, out=w)
+    return e
+
+
 def log_iw_array(log_iw, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
     if log_iw is None:
         return None

@@ -272,18 +272,7 @@ def _stats_finish(cells, policy):
     """``kl_mc_stats`` from the merged partials: the in-memory formulas."""
     from . import mc
 
-    tot = _merged(cells)
-    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[0])
-    n = int(cnt)
-    if (policy == "propagate" and nbad > 0) or W <= 0:
-        nan = math.nan
-        return mc.KLStats(nan, nan, nan, n, (nan, nan))
-    mean = S / W
-    denom = W - W2 / W
-    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
-    n_eff = W * W / W2
-    sem = std / math.sqrt(n_eff)
-    return mc.KLStats(mean, std, sem, n, (mean - mc._Z95 * sem, mean + mc._Z95 * sem))
+    return mc._stats(_merged(cells)[0], policy)
 
 
 # --------------------------------------------------------------------------- MC: graph

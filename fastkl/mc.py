@@ -33,6 +33,9 @@ ArrayLike = Any
 
 _Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
+# reductions whose value is a ratio of weighted sums (extreme weights may be scaled)
+_RATIO_REDUCTIONS = ("mean", "token-mean", "seq-mean-token-mean")
+
 
 @dataclass(frozen=True)
 class KLStats:
@@ -56,14 +59,17 @@ class KLStats:
 class _Inputs:
     """Validated inputs: converted arrays plus the options the kernels take."""
 
-    __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype")
+    __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype",
+                 "wexp")
 
 
 _NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf)
 
 
 def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None,
-              clamp_value=None) -> _Inputs:
+              clamp_value=None, ratio_only=False) -> _Inputs:
+    """``ratio_only``: only ratios of weighted sums are wanted (means, std, sem), so
+    extreme weights may be scaled by ``2**-inp.wexp`` (``_checks.scale_weights``)."""
     if (type(logq) is np.ndarray and type(logp) is np.ndarray and mask is None
             and log_iw is None and clamp_log_ratio is None and clamp_value is None
             and logq.shape == logp.shape and logq.dtype == logp.dtype
@@ -77,6 +83,7 @@ def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None
         inp.logq, inp.logp, inp.shape = logq, logp, logq.shape
         inp.mask = inp.log_iw = None
         inp.clamp = _NO_CLAMPS
+        inp.wexp = 0
         return inp
     q = _checks.float_array(logq, "logq")
     p = _checks.float_array(logp, "logp")
@@ -89,6 +96,7 @@ def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None
     inp.logp = _checks.as_kernel_dtype(p, inp.dtype)
     inp.shape = q.shape
     inp.mask = _checks.mask_array(mask, q.shape)
+    inp.wexp = _checks.scale_weights(inp.mask) if ratio_only else 0
     inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
     inp.clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
         clamp_value, "clamp_value"
@@ -177,6 +185,24 @@ def _raise_first_nan(backend, inp: _Inputs):
         f"nan_policy='raise': the term at index {tuple(int(i) for i in idx)} is NaN "
         f"(logq={float(q)!r}, logp={float(p)!r})"
     )
+
+
+def _stats(tot: np.ndarray, policy: str) -> KLStats:
+    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n, ...]``: the one
+    place partials become statistics (``kl_mc_stats``, ``MCAccumulator``, files, dask).
+    Every field is a ratio, so the unit of the weight sums (``2**e`` for scaled weights)
+    does not matter."""
+    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[:6])
+    n = int(cnt)
+    if (policy == "propagate" and nbad > 0) or not W > 0:
+        nan = math.nan
+        return KLStats(nan, nan, nan, n, (nan, nan))
+    mean = S / W
+    denom = W - W2 / W
+    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
+    # sum w**2 == 0 only for weights that were never scaled (user partials): no n_eff
+    sem = std / math.sqrt(W * W / W2) if W2 > 0 else math.nan
+    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
 
 
 def _finish_scalar(row: np.ndarray, how: str, policy: str) -> float:
@@ -268,7 +294,8 @@ def kl_mc(
                            axis=axis, mask=mask, log_iw=log_iw,
                            clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
                            nan_policy=nan_policy, backend=backend)
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+                    ratio_only=reduction in _RATIO_REDUCTIONS)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
     policy = _checks.nan_policy(nan_policy)
@@ -330,23 +357,14 @@ def kl_mc_stats(
                                  log_iw=log_iw, clamp_log_ratio=clamp_log_ratio,
                                  clamp_value=clamp_value, nan_policy=nan_policy,
                                  backend=backend)
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+                    ratio_only=True)
     policy = _checks.nan_policy(nan_policy)
     be = get_backend(backend)
     tot, _, _ = _row_partials(be, inp, None, want_m2=True)
-    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[0])
-    if policy == "raise" and nbad > 0:
+    if policy == "raise" and tot[0, 4] > 0:
         _raise_first_nan(be, inp)
-    n = int(cnt)
-    if (policy == "propagate" and nbad > 0) or W <= 0:
-        nan = math.nan
-        return KLStats(nan, nan, nan, n, (nan, nan))
-    mean = S / W
-    denom = W - W2 / W
-    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
-    n_eff = W * W / W2
-    sem = std / math.sqrt(n_eff)
-    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
+    return _stats(tot[0], policy)
 
 
 def kl_mc_grad(
@@ -372,7 +390,8 @@ def kl_mc_grad(
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
         _dask.unsupported("kl_mc_grad")
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw)
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw,
+                    ratio_only=reduction in _RATIO_REDUCTIONS)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
     be = get_backend(backend)

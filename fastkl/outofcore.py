@@ -214,6 +214,7 @@ def kl_mc_file(
                 else:
                     v = _checks.as_kernel_dtype(v, dtype)
                 views.append(v.reshape(-1, ncol) if seq else v.reshape(1, -1))
+            wexp = _checks.scale_weights(views[2])  # extreme weights: sums in 2**wexp units
             part = be.mc_partials(*views, acc._est, acc._clamp, True)
             rows = merge_block_partials(part)  # [rows, 6]
             nbad = rows[:, 4]
@@ -230,14 +231,14 @@ def kl_mc_file(
             if seq:
                 W, S = rows[:, 0], rows[:, 1]
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    per_row = S / W if reduction == "seq-mean-token-mean" else S.copy()
+                    per_row = S / W if reduction == "seq-mean-token-mean" else np.ldexp(S, wexp)
                 has = W > 0
                 if policy == "propagate":
                     per_row[nbad > 0] = np.nan
                     has |= nbad > 0
                 seq_sum += float(per_row[has].sum())
                 seq_rows += int(has.sum())
-            acc.add_partials(merge_block_partials(rows[None])[0])
+            acc.add_partials(np.append(merge_block_partials(rows[None])[0], wexp))
             del views, part
             for s in (q, p, m, iw):
                 if s is not None:
@@ -254,7 +255,7 @@ def kl_mc_file(
     from .stream import stats_from_partials
 
     st = stats_from_partials(tot, "propagate" if policy == "propagate" else "omit")
-    W, S, nbad = float(tot[0]), float(tot[1]), int(tot[4])
+    (S, W), nbad = acc.total, int(tot[4])
     nan_out = policy == "propagate" and nbad > 0
     if reduction in ("mean", "token-mean"):
         value = st.mean

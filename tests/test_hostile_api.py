@@ -7,6 +7,7 @@ tolerance), same NaN / inf, both raise or neither.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -215,3 +216,76 @@ def test_ignore_index_of_a_narrow_dtype_and_out_of_int64():
     assert got[1] == 0.0
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         token_logprobs(logits, np.array([1, 2, 3]), ignore_index=2**70)
+
+
+# --------------------------------------------------------------------------- item 6
+
+_SCALES = [1e-300, 1e-200, 2.0**-260, 1e-100, 3.0, 1e100, 2.0**260, 1e200, 1e300, 1e308]
+
+
+def _mc_data(n=6000):
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal(n)
+    p = q + 0.1 * rng.standard_normal(n)
+    w = rng.random(n)
+    w[::7] = 0.0
+    return q, p, w
+
+
+def _close_stats(got, ref):
+    for f in ("mean", "std", "sem"):
+        assert getattr(got, f) == pytest.approx(getattr(ref, f), rel=1e-12, abs=0), f
+    assert got.n == ref.n
+
+
+@pytest.mark.parametrize("c", _SCALES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_are_scale_invariant_in_the_weights(backend, c):
+    q, p, w = _mc_data()
+    ref = fastkl.kl_mc_stats(q, p, mask=w, backend=backend)
+    assert ref.mean == pytest.approx(0.005, rel=0.1)
+    _close_stats(fastkl.kl_mc_stats(q, p, mask=w * c, backend=backend), ref)
+    assert fastkl.kl_mc(q, p, mask=w * c, backend=backend) == pytest.approx(ref.mean, rel=1e-12)
+    # chunks of different scales merge: a 1e-300 * w chunk next to a w chunk is negligible
+    acc = fastkl.MCAccumulator(backend=backend)
+    acc.update(q[:2500], p[:2500], mask=w[:2500] * c)
+    other = fastkl.MCAccumulator(backend=backend).update(q[2500:], p[2500:], mask=w[2500:] * c)
+    _close_stats(acc.merge(other).result(), ref)
+    s, wsum = acc.total
+    with np.errstate(over="ignore"):
+        assert s == pytest.approx(float(np.sum(w * c * fastkl.kl_mc(q, p, reduction="none"))),
+                                  rel=1e-9)
+        assert wsum == pytest.approx(float(np.sum(w * c)), rel=1e-12)
+    val, grad = fastkl.kl_mc_grad(q, p, mask=w * c, backend=backend)
+    val1, grad1 = fastkl.kl_mc_grad(q, p, mask=w, backend=backend)
+    assert val == pytest.approx(val1, rel=1e-12)
+    np.testing.assert_allclose(grad, grad1, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("c", [1e-200, 1e308])
+def test_file_stats_are_scale_invariant_in_the_weights(tmp_path, c):
+    q, p, w = _mc_data()
+    for name, arr in (("q", q), ("p", p), ("w", w), ("wc", w * c)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    ref = fastkl.kl_mc_file(str(tmp_path / "q.npy"), str(tmp_path / "p.npy"),
+                            mask=str(tmp_path / "w.npy"))
+    got = fastkl.kl_mc_file(str(tmp_path / "q.npy"), str(tmp_path / "p.npy"),
+                            mask=str(tmp_path / "wc.npy"))
+    _close_stats(got, ref)
+
+
+@pytest.mark.parametrize("c", [1e-300, 1e308])
+def test_logits_weighted_mean_is_scale_invariant(c):
+    rng = np.random.default_rng(1)
+    a, b, w = rng.standard_normal((40, 30)), rng.standard_normal((40, 30)), rng.random(40)
+    ref = kl_logits(a, b, mask=w, reduction="mean")
+    assert kl_logits(a, b, mask=w * c, reduction="mean") == pytest.approx(ref, rel=1e-12)
+    val, grad = kl_logits_grad(a, b, mask=w * c)
+    val1, grad1 = kl_logits_grad(a, b, mask=w)
+    assert val == pytest.approx(val1, rel=1e-12)
+    np.testing.assert_allclose(grad, grad1, rtol=1e-12, atol=0)
+
+
+def test_stats_from_partials_without_sum_w2_is_nan_not_an_error():
+    st_ = fastkl.stream.stats_from_partials(np.array([1e-300, 1e-302, 0.0, 0.0, 0, 3]))
+    assert st_.mean == pytest.approx(0.01) and math.isnan(st_.sem)
