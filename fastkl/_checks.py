@@ -36,13 +36,22 @@ def _to_numpy(x):
 
 
 def float_array(x, name: str) -> np.ndarray:
-    """``x`` as a numpy floating array (float16/32/64 kept, longdouble -> float64)."""
+    """``x`` as a numpy floating array (float16/32/64 kept, longdouble -> float64).
+
+    Python sequences and scalars of integers (``[0, 1]``, the README's "lists") become
+    float64; integer *arrays* stay a TypeError (a token-id array passed by mistake)."""
     if x is None:
         raise TypeError(f"{name} must be a float array, got None")
     try:
         a = _to_numpy(x)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    if a.dtype.kind in "iu" and a is not x and not isinstance(x, np.ndarray) and \
+            not (type(x).__module__ or "").startswith("torch"):
+        try:
+            a = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"{name} could not be converted to a float array: {exc}") from None
     if a.dtype.kind != "f":
         raise TypeError(
             f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}"

@@ -425,7 +425,9 @@ def kl_mc_grad(
         part = be.mc_grad(*views, inp.est, rowscale, gperm.reshape(rows, n))
     else:
         part = np.zeros((rows, 1, N_PARTIALS))
-    grad = np.ascontiguousarray(gperm.transpose(np.argsort(perm)))  # a copy only if axis moved
+    grad = gperm.transpose(np.argsort(perm))
+    if not grad.flags.c_contiguous:  # a copy only if an axis moved (ascontiguousarray would
+        grad = grad.copy(order="C")  # also turn a 0-d gradient into shape (1,))
     tot = _merge(part)
 
     if how == "none":

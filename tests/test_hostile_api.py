@@ -289,3 +289,30 @@ def test_logits_weighted_mean_is_scale_invariant(c):
 def test_stats_from_partials_without_sum_w2_is_nan_not_an_error():
     st_ = fastkl.stream.stats_from_partials(np.array([1e-300, 1e-302, 0.0, 0.0, 0, 3]))
     assert st_.mean == pytest.approx(0.01) and math.isnan(st_.sem)
+
+
+# --------------------------------------------------------------------------- item 12
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_0d_input_is_0d(backend, reduction):
+    for dtype in (np.float64, np.float32):
+        q, p = np.array(0.3, dtype), np.array(0.1, dtype)
+        _, grad = fastkl.kl_mc_grad(q, p, reduction=reduction, backend=backend)
+        assert grad.shape == () and grad.dtype == dtype
+        _, g1 = fastkl.kl_mc_grad(q[None], p[None], reduction=reduction, backend=backend)
+        assert grad[()] == g1[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_lists_work_as_float64(backend):
+    assert fastkl.kl_mc([0, 1], [1, 0], backend=backend) == fastkl.kl_mc(
+        [0.0, 1.0], [1.0, 0.0], backend=backend)
+    assert fastkl.kl_mc(0, 1, backend=backend) == fastkl.kl_mc(0.0, 1.0, backend=backend)
+    np.testing.assert_array_equal(kl_logits([[0, 1, 2]], [[1, 1, 1]], backend=backend),
+                                  kl_logits([[0.0, 1, 2]], [[1.0, 1, 1]], backend=backend))
+    # integer arrays, bools, None entries and ints beyond float64 stay a TypeError
+    for bad in (np.array([0, 1]), [True, False], [None, 1.0], [10**400, 1]):
+        with pytest.raises(TypeError, match="logq"):
+            fastkl.kl_mc(bad, [1.0, 0.0], backend=backend)
