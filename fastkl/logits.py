@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import _checks, _dask
+from . import mc as _mc
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS
 
@@ -88,10 +89,19 @@ class _Rows:
         self.mask = _checks.mask_array(mask, self.lead, f"{names[0]} without axis {ax}")
 
     def pieces(self) -> Iterator[tuple[tuple, slice, list]]:
-        """(prefix, row slice, native 2-D views) for every kernel call."""
+        """(prefix, row slice, native 2-D views) for every kernel call: at most
+        ``mc.SLICE`` elements (whole rows) each, so that Ctrl-C is seen between calls."""
+        step = max(1, _mc.SLICE // self.vocab)
         for prefix, views in _plan(self.moved):
             for sl, native in _native_chunks(views, self.dtype):
-                yield prefix, sl, native
+                nrows = sl.stop - sl.start
+                if nrows <= step:
+                    yield prefix, sl, native
+                    continue
+                for k0 in range(0, nrows, step):
+                    k1 = min(nrows, k0 + step)
+                    yield (prefix, slice(sl.start + k0, sl.start + k1),
+                           [v[k0:k1] for v in native])
 
 
 def _rows_of(arr: np.ndarray, prefix: tuple, sl: slice) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _checks, _dask
 from .backends import get_backend
-from .backends._contract import N_PARTIALS
+from .backends._contract import BLOCK, N_PARTIALS
 
 ArrayLike = Any
 
@@ -158,6 +158,62 @@ def _merge(part: np.ndarray) -> np.ndarray:
     return tot
 
 
+# Elements per kernel call. A kernel runs without the GIL and cannot see Ctrl-C, so a long
+# call is cut into slices of whole blocks and rows (partials are per fixed block, so the bits
+# do not change); Python raises KeyboardInterrupt between slices. 2**25 elements take ~10 ms
+# on a core: the extra calls cost nothing measurable.
+SLICE = 1 << 25
+
+
+def _slices(rows: int, n: int):
+    """(row slice, column slice) pieces of a ``[rows, n]`` kernel call, in order: groups of
+    whole rows, or one row in runs of whole BLOCKs when a row alone exceeds ``SLICE``. Each
+    piece of a C-contiguous output is C-contiguous."""
+    if rows * n <= SLICE:
+        yield slice(0, rows), slice(0, n)
+    elif n <= SLICE:
+        step = SLICE // n
+        for r0 in range(0, rows, step):
+            yield slice(r0, min(rows, r0 + step)), slice(0, n)
+    else:
+        step = max(BLOCK, SLICE // BLOCK * BLOCK)
+        for r in range(rows):
+            for c0 in range(0, n, step):
+                yield slice(r, r + 1), slice(c0, min(n, c0 + step))
+
+
+def _sub(views, rs, cs):
+    return [None if v is None else v[rs, cs] for v in views]
+
+
+def _sliced_partials(call, views, rows: int, n: int) -> np.ndarray:
+    """``call(sub_views, rs, cs)`` (a kernel returning block partials) over ``_slices``,
+    assembled into the ``[rows, nblk, N_PARTIALS]`` of one whole call."""
+    pieces = list(_slices(rows, n))
+    if len(pieces) == 1:
+        return call(views, pieces[0][0], pieces[0][1])
+    part = np.empty((rows, max(1, -(-n // BLOCK)), N_PARTIALS))
+    for rs, cs in pieces:
+        p = call(_sub(views, rs, cs), rs, cs)
+        b0 = cs.start // BLOCK
+        part[rs, b0:b0 + p.shape[1]] = p
+    return part
+
+
+def mc_partials_sliced(backend, views, est, clamp, want_m2: bool) -> np.ndarray:
+    """``backend.mc_partials`` (non-empty ``[rows, n]`` views), interruptible."""
+    rows, n = views[0].shape
+    return _sliced_partials(lambda v, rs, cs: backend.mc_partials(*v, est, clamp, want_m2),
+                            views, rows, n)
+
+
+def mc_terms_sliced(backend, views, est, clamp, out: np.ndarray) -> None:
+    """``backend.mc_terms`` (``out`` C-contiguous ``[rows, n]``), interruptible."""
+    rows, n = views[0].shape
+    for rs, cs in _slices(rows, n):
+        backend.mc_terms(*_sub(views, rs, cs), est, clamp, out[rs, cs])
+
+
 def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
     """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows."""
     views, out_shape, perm = _as_rows(_arrays(inp), inp.shape, red_axes)
@@ -165,7 +221,7 @@ def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
     if rows * n == 0:
         part = np.zeros((rows, 1, N_PARTIALS))
     else:
-        part = backend.mc_partials(*views, inp.est, inp.clamp, want_m2)
+        part = mc_partials_sliced(backend, views, inp.est, inp.clamp, want_m2)
     return _merge(part), out_shape, views
 
 
@@ -173,7 +229,7 @@ def _raise_first_nan(backend, inp: _Inputs):
     """nan_policy='raise': find the first NaN term at an included position and say where."""
     views = _natural_rows(_arrays(inp), inp.shape)
     out = np.empty(views[0].shape, dtype=inp.out_dtype)
-    backend.mc_terms(*views, inp.est, inp.clamp, out)
+    mc_terms_sliced(backend, views, inp.est, inp.clamp, out)
     bad = np.isnan(out)
     if inp.mask is not None:
         bad &= views[2] != 0
@@ -305,7 +361,7 @@ def kl_mc(
         out = np.empty(inp.shape, dtype=inp.out_dtype)
         if out.size:
             views = _natural_rows(_arrays(inp), inp.shape)
-            be.mc_terms(*views, inp.est, inp.clamp, out.reshape(views[0].shape))
+            mc_terms_sliced(be, views, inp.est, inp.clamp, out.reshape(views[0].shape))
             if policy == "raise":
                 bad = np.isnan(out)
                 if inp.mask is not None:
@@ -422,7 +478,9 @@ def kl_mc_grad(
 
     gperm = np.empty(tuple(inp.shape[i] for i in perm), dtype=inp.out_dtype)
     if rows * n:
-        part = be.mc_grad(*views, inp.est, rowscale, gperm.reshape(rows, n))
+        g2 = gperm.reshape(rows, n)
+        part = _sliced_partials(
+            lambda v, rs, cs: be.mc_grad(*v, inp.est, rowscale[rs], g2[rs, cs]), views, rows, n)
     else:
         part = np.zeros((rows, 1, N_PARTIALS))
     grad = gperm.transpose(np.argsort(perm))
@@ -434,8 +492,7 @@ def kl_mc_grad(
         value = np.empty(inp.shape, dtype=inp.out_dtype)
         if value.size:
             vviews = _natural_rows(_arrays(inp), inp.shape)
-            be.mc_terms(*vviews, inp.est, (-math.inf, math.inf, -math.inf, math.inf),
-                        value.reshape(vviews[0].shape))
+            mc_terms_sliced(be, vviews, inp.est, _NO_CLAMPS, value.reshape(vviews[0].shape))
         return (value if value.ndim else value[()]), grad
     if how in ("mean", "sum"):
         if out_shape == ():

@@ -135,7 +135,7 @@ class MCAccumulator:
         perm = sorted(range(q.ndim), key=lambda i: -abs(q.strides[i]))
         views = [_flat_memory_order(a, perm) for a in (q, p, m, iw)]
         be = get_backend(self.backend)
-        part = be.mc_partials(*views, self._est, self._clamp, True)
+        part = _mc.mc_partials_sliced(be, views, self._est, self._clamp, True)
         tot = merge_block_partials(part)[0]
         if self.nan_policy == "raise" and tot[4] > 0:
             out = np.empty(views[0].shape, dtype=dtype)

@@ -316,3 +316,94 @@ def test_integer_lists_work_as_float64(backend):
     for bad in (np.array([0, 1]), [True, False], [None, 1.0], [10**400, 1]):
         with pytest.raises(TypeError, match="logq"):
             fastkl.kl_mc(bad, [1.0, 0.0], backend=backend)
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """Kernel calls cut every 3 blocks (the default is 2**25 elements)."""
+    from fastkl import mc
+
+    monkeypatch.setattr(mc, "SLICE", 3 * 4096 + 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_kernel_calls_give_the_same_bits(backend, small_slices):
+    rng = np.random.default_rng(12)
+    q1 = rng.standard_normal(50_000).astype(np.float32)  # one row of several slices
+    p1 = q1 + rng.standard_normal(50_000).astype(np.float32)
+    q2, p2 = q1[:49_000].reshape(7, 7000), p1[:49_000].reshape(7, 7000)  # rows of 7000
+    q3, p3 = q1[:48_000].reshape(400, 120), p1[:48_000].reshape(400, 120)  # groups of rows
+    w1 = rng.random(50_000)
+    from fastkl import mc
+
+    def results():
+        out = []
+        for q, p in ((q1, p1), (q2, p2), (q3, p3), (q1[::-2], p1[::-2])):
+            w = w1[: q.size].reshape(q.shape)
+            out.append(fastkl.kl_mc_stats(q, p, mask=w, backend=backend))
+            for red in ("mean", "sum", "none"):
+                out.append(fastkl.kl_mc(q, p, mask=w, reduction=red, backend=backend))
+                out.extend(fastkl.kl_mc_grad(q, p, mask=w, reduction=red, backend=backend))
+            if q.ndim == 2:
+                out.append(fastkl.kl_mc(q, p, axis=1, reduction="mean", backend=backend))
+                out.append(kl_logits(q, p, backend=backend))
+                out.append(jsd_logits(q, p, backend=backend))
+                out.extend(kl_logits_grad(q, p, backend=backend))
+                tok = np.zeros(q.shape[0], dtype=np.int64)
+                out.append(token_logprobs(q, tok, backend=backend))
+        acc = fastkl.MCAccumulator(backend=backend).update(q1, p1, mask=w1)
+        out.append(acc.result())
+        return out
+
+    sliced = results()
+    assert mc.SLICE < 20_000
+    mc.SLICE = 1 << 40
+    whole = results()
+    for s, w in zip(sliced, whole, strict=True):
+        if isinstance(s, fastkl.KLStats):
+            assert s == w or (math.isnan(s.std) and math.isnan(w.std))
+        else:
+            np.testing.assert_array_equal(s, w)
+
+
+_LONG_CALL = """
+import sys, numpy as np, fastkl
+n = 20_000_000_000  # one long kernel call before slicing (stride 0: ~no memory)
+q = np.broadcast_to(np.float32(-1.0), (n,))
+p = np.broadcast_to(np.float32(-1.5), (n,))
+print("started", flush=True)
+fastkl.kl_mc(q, p)
+print("finished", flush=True)
+"""
+
+
+def test_ctrl_c_interrupts_a_long_call_promptly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(fastkl.__file__)),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", _LONG_CALL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(0.5)  # inside the kernel calls now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the call did not stop within 10 s of SIGINT")
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "KeyboardInterrupt" in err, err
+    assert "finished" not in out
+    assert proc.returncode != 0
+    assert waited < 10
