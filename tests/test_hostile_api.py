@@ -407,3 +407,23 @@ def test_ctrl_c_interrupts_a_long_call_promptly(tmp_path):
     assert "finished" not in out
     assert proc.returncode != 0
     assert waited < 10
+
+
+@pytest.mark.parametrize("c", [1e-300, 1e-200, 1e308])
+def test_dask_stats_are_scale_invariant_in_the_weights(c):
+    da = pytest.importorskip("dask.array")
+    q, p, w = _mc_data()
+    w = w.copy()
+    w[:3000] *= 2.0**-600  # chunks of different exponents in one graph
+    ref = fastkl.kl_mc_stats(q, p, mask=w * c)  # in memory (scale-invariant: tested above)
+    assert ref.mean == pytest.approx(fastkl.kl_mc_stats(q, p, mask=w).mean, rel=0.2)
+    dq, dp = da.from_array(q, chunks=1000), da.from_array(p, chunks=1000)
+    dw = da.from_array(w * c, chunks=1000)
+    _close_stats(fastkl.kl_mc_stats(dq, dp, mask=dw).compute(), ref)
+    assert float(fastkl.kl_mc(dq, dp, mask=dw).compute()) == pytest.approx(ref.mean, rel=1e-12)
+    q2, p2, w2 = (x.reshape(6, 1000) for x in (q, p, w))
+    ref2 = fastkl.kl_mc(q2, p2, mask=w2 * c, reduction="seq-mean-token-mean")
+    got2 = fastkl.kl_mc(da.from_array(q2, chunks=(3, 500)), da.from_array(p2, chunks=(3, 500)),
+                        mask=da.from_array(w2 * c, chunks=(3, 500)),
+                        reduction="seq-mean-token-mean").compute()
+    assert float(got2) == pytest.approx(ref2, rel=1e-12)
