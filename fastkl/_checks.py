@@ -35,18 +35,19 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
-def float_array(x, name: str) -> np.ndarray:
+def float_array(x, name: str, int_lists: bool = False) -> np.ndarray:
     """``x`` as a numpy floating array (float16/32/64 kept, longdouble -> float64).
 
-    Python sequences and scalars of integers (``[0, 1]``, the README's "lists") become
-    float64; integer *arrays* stay a TypeError (a token-id array passed by mistake)."""
+    ``int_lists`` (the sample-based functions, whose README promises lists): Python
+    sequences and scalars of integers (``[0, 1]``) become float64. Integer *arrays* stay a
+    TypeError, and so do integer lists of logits (token ids passed by mistake)."""
     if x is None:
         raise TypeError(f"{name} must be a float array, got None")
     try:
         a = _to_numpy(x)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
-    if a.dtype.kind in "iu" and a is not x and not isinstance(x, np.ndarray) and \
+    if int_lists and a.dtype.kind in "iu" and not isinstance(x, np.ndarray) and \
             not (type(x).__module__ or "").startswith("torch"):
         try:
             a = np.asarray(x, dtype=np.float64)
@@ -175,7 +176,7 @@ def scale_weights(w: np.ndarray | None) -> int:
 def log_iw_array(log_iw, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
     if log_iw is None:
         return None
-    a = float_array(log_iw, "log_iw")
+    a = float_array(log_iw, "log_iw", int_lists=True)
     same_shape(a, shape, "log_iw")
     return as_kernel_dtype(a, dtype)
 

@@ -85,8 +85,8 @@ def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None
         inp.clamp = _NO_CLAMPS
         inp.wexp = 0
         return inp
-    q = _checks.float_array(logq, "logq")
-    p = _checks.float_array(logp, "logp")
+    q = _checks.float_array(logq, "logq", int_lists=True)
+    p = _checks.float_array(logp, "logp", int_lists=True)
     _checks.same_shape(p, q.shape, "logp")
     inp = _Inputs()
     inp.est = _checks.estimator_code(estimator, reverse)

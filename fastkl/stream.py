@@ -89,6 +89,8 @@ class MCAccumulator:
     >>> acc.result().mean                         # doctest: +SKIP
     """
 
+    _e = 0  # the unit exponent of the sums (a class default: states pickled before it)
+
     def __init__(
         self,
         estimator: str = "k3",
@@ -120,8 +122,8 @@ class MCAccumulator:
         """Merged partials ``[W, S, M2, sum w**2, NaN count, n, e]`` of one chunk (validated
         like ``kl_mc_stats``), without adding them: the weight sums are in units of ``2**e``
         (e = 0 unless the weights are extreme, see the class docstring)."""
-        q = _checks.float_array(logq, "logq")
-        p = _checks.float_array(logp, "logp")
+        q = _checks.float_array(logq, "logq", int_lists=True)
+        p = _checks.float_array(logp, "logp", int_lists=True)
         _checks.same_shape(p, q.shape, "logp")
         dtype = _checks.compute_dtype(q, p)
         q = _checks.as_kernel_dtype(q, dtype)
