@@ -35,14 +35,24 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
-def float_array(x, name: str) -> np.ndarray:
-    """``x`` as a numpy floating array (float16/32/64 kept, longdouble -> float64)."""
+def float_array(x, name: str, int_lists: bool = False) -> np.ndarray:
+    """``x`` as a numpy floating array (float16/32/64 kept, longdouble -> float64).
+
+    ``int_lists`` (the sample-based functions, whose README promises lists): Python
+    sequences and scalars of integers (``[0, 1]``) become float64. Integer *arrays* stay a
+    TypeError, and so do integer lists of logits (token ids passed by mistake)."""
     if x is None:
         raise TypeError(f"{name} must be a float array, got None")
     try:
         a = _to_numpy(x)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    if int_lists and a.dtype.kind in "iu" and not isinstance(x, np.ndarray) and \
+            not (type(x).__module__ or "").startswith("torch"):
+        try:
+            a = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"{name} could not be converted to a float array: {exc}") from None
     if a.dtype.kind != "f":
         raise TypeError(
             f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}"
@@ -134,10 +144,39 @@ def mask_array(mask, shape: tuple, ref: str = "logq") -> np.ndarray | None:
     return w
 
 
+# Weights whose largest is outside [2**-250, 2**250] are scaled by a power of two before the
+# kernels sum them wherever only ratios are wanted (means, std, sem, n_eff): sum w**2 of
+# 1e-200 underflows to 0, sum w of 1e308 overflows. Inside the range nothing changes (n * w**2
+# fits for any n < 2**63); a power of two is exact, so ratios keep their bits either way.
+_W_LO, _W_HI = 2.0**-250, 2.0**250
+
+
+def weight_exponent(w: np.ndarray | None) -> int:
+    """e such that ``w / 2**e`` has its largest weight in [0.5, 1) when the largest weight
+    of float64 weights ``w`` (``mask_array``'s) is outside [2**-250, 2**250]; else 0 (and 0
+    for None, a boolean mask or all-zero weights)."""
+    if w is None or w.dtype != np.float64 or w.size == 0:
+        return 0
+    m = float(w.max())
+    if m == 0.0 or _W_LO <= m <= _W_HI:
+        return 0
+    return math.frexp(m)[1]
+
+
+def scale_weights(w: np.ndarray | None) -> int:
+    """Divide ``mask_array``'s float64 weights (a private copy) in place by ``2**e``,
+    ``e = weight_exponent(w)``, and return e (0: unchanged). Sums of the scaled weights are
+    in units of ``2**e``."""
+    e = weight_exponent(w)
+    if e:
+        np.ldexp(w, -e, out=w)
+    return e
+
+
 def log_iw_array(log_iw, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
     if log_iw is None:
         return None
-    a = float_array(log_iw, "log_iw")
+    a = float_array(log_iw, "log_iw", int_lists=True)
     same_shape(a, shape, "log_iw")
     return as_kernel_dtype(a, dtype)
 
@@ -223,12 +262,22 @@ def tokens_array(tokens, shape: tuple, vocab: int, ignore_index) -> np.ndarray:
         raise ValueError(
             f"tokens has shape {t.shape} but logits without the vocabulary axis have shape {shape}"
         )
-    t = t.astype(np.int64)
-    bad = ((t < 0) | (t >= vocab)) & (t != ignore)
+    i64 = np.iinfo(np.int64)
+    if not i64.min <= ignore <= i64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore}")
+    # the range is checked in the tokens' own dtype, before any cast: a cast first would wrap
+    # (uint64 2**64 - 100 -> -100, the ignore index) and drop the row silently
+    info = np.iinfo(t.dtype)
+    bad = (t >= vocab) if vocab <= info.max else np.zeros(t.shape, dtype=bool)
+    if t.dtype.kind == "i":
+        bad |= t < 0
+    if info.min <= ignore <= info.max:
+        bad &= t != np.array(ignore, dtype=t.dtype)
     if bad.any():
         i = int(np.flatnonzero(bad.ravel())[0])
+        pos = tuple(int(k) for k in np.unravel_index(i, t.shape))
         raise ValueError(
             f"tokens must be in [0, {vocab}) or equal ignore_index={ignore}; "
-            f"found {int(t.ravel()[i])} at flat index {i}"
+            f"found {int(t.ravel()[i])} at index {pos} (flat index {i})"
         )
-    return t
+    return t.astype(np.int64)  # exact: every value is now in [0, vocab) or ignore

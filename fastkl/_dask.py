@@ -214,12 +214,24 @@ def _mc_terms_block(q, p, m, iw, *, est, clamp, kdtype, policy, bname, block_inf
     return out
 
 
+class _Scaled:
+    """A cell's block partials whose weight sums are in units of ``2**e`` (extreme weights
+    scaled by ``_checks.scale_weights``)."""
+
+    __slots__ = ("part", "e")
+
+    def __init__(self, part: np.ndarray, e: int) -> None:
+        self.part, self.e = part, e
+
+
 def _mc_partials_block(q, p, m, iw, *, est, clamp, kdtype, want_m2, nred, policy, bname,
-                       perm, ndim, block_info=None):
+                       perm, ndim, ratio_only=False, block_info=None):
     """Per-BLOCK partials of one chunk (reduced axes last), wrapped in a ``[1, ...]`` object
-    array so that dask keeps one grid cell per chunk."""
+    array so that dask keeps one grid cell per chunk. ``ratio_only``: only ratios are
+    wanted, so extreme weights are scaled (the cell is then a ``_Scaled``)."""
     dtype = np.dtype(kdtype)
     arrays = _block_inputs(q, p, m, iw, dtype)
+    wexp = _checks.scale_weights(arrays[2]) if ratio_only else 0
     shape = arrays[0].shape
     nk = len(shape) - nred
     rows, n = math.prod(shape[:nk]), math.prod(shape[nk:])
@@ -233,7 +245,7 @@ def _mc_partials_block(q, p, m, iw, *, est, clamp, kdtype, want_m2, nred, policy
         _raise_block_nan(be, arrays, est, clamp, dtype, _offsets(block_info, len(shape)),
                          perm, ndim)
     cell = np.empty((1,) * len(shape), dtype=object)
-    cell[(0,) * len(shape)] = part
+    cell[(0,) * len(shape)] = _Scaled(part, wexp) if wexp else part
     return cell
 
 
@@ -243,6 +255,18 @@ def _merged(cells: np.ndarray) -> np.ndarray:
     from . import mc
 
     parts = list(cells.reshape(-1))
+    if any(isinstance(c, _Scaled) for c in parts):
+        # one unit for all: the largest exponent of a cell with weight (the others' sums
+        # shrink by powers of two: exact, or negligible where they fall below 2**-1022)
+        es = [(c.e, c.part) if isinstance(c, _Scaled) else (0, c) for c in parts]
+        top = max((e for e, pt in es if (pt[..., 0] > 0).any()), default=0)
+        parts = []
+        for e, pt in es:
+            pt = pt.copy()
+            with np.errstate(under="ignore", over="ignore"):
+                pt[..., 0:3] = np.ldexp(pt[..., 0:3], e - top)
+                pt[..., 3] = np.ldexp(pt[..., 3], 2 * (e - top))
+            parts.append(pt)
     part = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
     return mc._merge(part)
 
@@ -272,18 +296,7 @@ def _stats_finish(cells, policy):
     """``kl_mc_stats`` from the merged partials: the in-memory formulas."""
     from . import mc
 
-    tot = _merged(cells)
-    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[0])
-    n = int(cnt)
-    if (policy == "propagate" and nbad > 0) or W <= 0:
-        nan = math.nan
-        return mc.KLStats(nan, nan, nan, n, (nan, nan))
-    mean = S / W
-    denom = W - W2 / W
-    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
-    n_eff = W * W / W2
-    sem = std / math.sqrt(n_eff)
-    return mc.KLStats(mean, std, sem, n, (mean - mc._Z95 * sem, mean + mc._Z95 * sem))
+    return mc._stats(_merged(cells)[0], policy)
 
 
 # --------------------------------------------------------------------------- MC: graph
@@ -320,7 +333,8 @@ def _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
     return inp
 
 
-def _partials_grid(inp: _MCInputs, red_axes, want_m2: bool, policy: str, bname: str):
+def _partials_grid(inp: _MCInputs, red_axes, want_m2: bool, policy: str, bname: str,
+                   ratio_only: bool = False):
     """A dask object array with one cell per chunk of the (transposed) inputs, each holding
     that chunk's per-BLOCK partials; returns it with the number of kept axes."""
     da = _da()
@@ -340,7 +354,7 @@ def _partials_grid(inp: _MCInputs, red_axes, want_m2: bool, policy: str, bname: 
     cells = da.map_blocks(
         _mc_partials_block, *arrays,
         est=inp.est, clamp=inp.clamp, kdtype=inp.dtype.str, want_m2=want_m2, nred=nred,
-        policy=policy, bname=bname, perm=perm, ndim=nd,
+        policy=policy, bname=bname, perm=perm, ndim=nd, ratio_only=ratio_only,
         chunks=grid_chunks, dtype=object, meta=np.empty((0,) * ref.ndim, dtype=object),
         token="fastkl-mc-partials",
     )
@@ -373,7 +387,9 @@ def kl_mc(logq, logp, estimator="k3", *, reverse=False, reduction="mean", axis=N
         red_axes, how = (1,), None
     else:
         how = reduction
-    cells, kept_chunks, nred = _partials_grid(inp, red_axes, False, policy, bname)
+    cells, kept_chunks, nred = _partials_grid(
+        inp, red_axes, False, policy, bname,
+        ratio_only=how == "mean" or reduction == "seq-mean-token-mean")
     nk = len(kept_chunks)
     red_pos = list(range(nk, cells.ndim))
     if how is None:
@@ -401,7 +417,7 @@ def kl_mc_stats(logq, logp, estimator="k3", *, reverse=False, mask=None, log_iw=
                      clamp_value)
     policy = _checks.nan_policy(nan_policy)
     bname = _backend_name(backend)
-    cells, _, _ = _partials_grid(inp, None, True, policy, bname)
+    cells, _, _ = _partials_grid(inp, None, True, policy, bname, ratio_only=True)
     whole = cells.rechunk(-1).to_delayed().reshape(-1)[0]
     return dask.delayed(_stats_finish, pure=True)(whole, policy)
 

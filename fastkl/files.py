@@ -145,7 +145,11 @@ def _native(a: np.ndarray, bf16: bool = False) -> np.ndarray:
             return a.astype(np.float32)
         return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
     if a.dtype.kind in "iu":
-        return a.astype(np.int64)
+        if np.can_cast(a.dtype, np.int64):
+            return a.astype(np.int64)
+        # uint64 stays uint64 (native): int64 would wrap 2**64 - 100 to -100, the ignore
+        # index; the consumer's check (_checks.tokens_array, mask_array) sees the true value
+        return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
     return a
 
 

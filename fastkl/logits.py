@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import _checks, _dask
+from . import mc as _mc
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS
 
@@ -88,10 +89,19 @@ class _Rows:
         self.mask = _checks.mask_array(mask, self.lead, f"{names[0]} without axis {ax}")
 
     def pieces(self) -> Iterator[tuple[tuple, slice, list]]:
-        """(prefix, row slice, native 2-D views) for every kernel call."""
+        """(prefix, row slice, native 2-D views) for every kernel call: at most
+        ``mc.SLICE`` elements (whole rows) each, so that Ctrl-C is seen between calls."""
+        step = max(1, _mc.SLICE // self.vocab)
         for prefix, views in _plan(self.moved):
             for sl, native in _native_chunks(views, self.dtype):
-                yield prefix, sl, native
+                nrows = sl.stop - sl.start
+                if nrows <= step:
+                    yield prefix, sl, native
+                    continue
+                for k0 in range(0, nrows, step):
+                    k1 = min(nrows, k0 + step)
+                    yield (prefix, slice(sl.start + k0, sl.start + k1),
+                           [v[k0:k1] for v in native])
 
 
 def _rows_of(arr: np.ndarray, prefix: tuple, sl: slice) -> np.ndarray:
@@ -105,6 +115,8 @@ def _float_arrays(*pairs) -> list[np.ndarray]:
 
 def _reduce(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_dtype):
     """Per-row float64 values -> "none" (w * v, input precision) / "mean" / "sum" (float)."""
+    if reduction == "mean":
+        mask = _ratio_weights(mask)
     if mask is not None:
         with np.errstate(invalid="ignore"):
             vals = np.where(mask != 0, vals * mask, 0.0)
@@ -116,6 +128,13 @@ def _reduce(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_dtype
         return total
     weight = float(vals.size) if mask is None else float(np.sum(mask, dtype=np.float64))
     return total / weight if weight > 0 else math.nan
+
+
+def _ratio_weights(mask: np.ndarray | None) -> np.ndarray | None:
+    """Weights for a ratio (a weighted mean): extreme ones scaled by a power of two
+    (``_checks.weight_exponent``), so that 1e-300 or 1e308 weights give the mean of 1s."""
+    e = _checks.weight_exponent(mask)
+    return mask if e == 0 else np.ldexp(mask, -e)
 
 
 def _row_op(op: str, arrays, names, beta, temperature, axis, mask, reduction, log_probs,
@@ -291,6 +310,7 @@ def kl_logits_grad(
     be = get_backend(backend)
     w = np.ones(rows.lead) if rows.mask is None else rows.mask.astype(np.float64)
     if reduction == "mean":
+        w = _ratio_weights(w)
         total = float(w.sum())
         scale = w / total if total > 0 else np.zeros_like(w)
     else:

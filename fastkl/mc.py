@@ -33,6 +33,9 @@ ArrayLike = Any
 
 _Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
+# reductions whose value is a ratio of weighted sums (extreme weights may be scaled)
+_RATIO_REDUCTIONS = ("mean", "token-mean", "seq-mean-token-mean")
+
 
 @dataclass(frozen=True)
 class KLStats:
@@ -56,14 +59,17 @@ class KLStats:
 class _Inputs:
     """Validated inputs: converted arrays plus the options the kernels take."""
 
-    __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype")
+    __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype",
+                 "wexp")
 
 
 _NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf)
 
 
 def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None,
-              clamp_value=None) -> _Inputs:
+              clamp_value=None, ratio_only=False) -> _Inputs:
+    """``ratio_only``: only ratios of weighted sums are wanted (means, std, sem), so
+    extreme weights may be scaled by ``2**-inp.wexp`` (``_checks.scale_weights``)."""
     if (type(logq) is np.ndarray and type(logp) is np.ndarray and mask is None
             and log_iw is None and clamp_log_ratio is None and clamp_value is None
             and logq.shape == logp.shape and logq.dtype == logp.dtype
@@ -77,9 +83,10 @@ def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None
         inp.logq, inp.logp, inp.shape = logq, logp, logq.shape
         inp.mask = inp.log_iw = None
         inp.clamp = _NO_CLAMPS
+        inp.wexp = 0
         return inp
-    q = _checks.float_array(logq, "logq")
-    p = _checks.float_array(logp, "logp")
+    q = _checks.float_array(logq, "logq", int_lists=True)
+    p = _checks.float_array(logp, "logp", int_lists=True)
     _checks.same_shape(p, q.shape, "logp")
     inp = _Inputs()
     inp.est = _checks.estimator_code(estimator, reverse)
@@ -89,6 +96,7 @@ def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None
     inp.logp = _checks.as_kernel_dtype(p, inp.dtype)
     inp.shape = q.shape
     inp.mask = _checks.mask_array(mask, q.shape)
+    inp.wexp = _checks.scale_weights(inp.mask) if ratio_only else 0
     inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
     inp.clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
         clamp_value, "clamp_value"
@@ -201,6 +209,62 @@ def _merge(part: np.ndarray) -> np.ndarray:
     return tot
 
 
+# Elements per kernel call. A kernel runs without the GIL and cannot see Ctrl-C, so a long
+# call is cut into slices of whole blocks and rows (partials are per fixed block, so the bits
+# do not change); Python raises KeyboardInterrupt between slices. 2**25 elements take ~10 ms
+# on a core: the extra calls cost nothing measurable.
+SLICE = 1 << 25
+
+
+def _slices(rows: int, n: int):
+    """(row slice, column slice) pieces of a ``[rows, n]`` kernel call, in order: groups of
+    whole rows, or one row in runs of whole BLOCKs when a row alone exceeds ``SLICE``. Each
+    piece of a C-contiguous output is C-contiguous."""
+    if rows * n <= SLICE:
+        yield slice(0, rows), slice(0, n)
+    elif n <= SLICE:
+        step = SLICE // n
+        for r0 in range(0, rows, step):
+            yield slice(r0, min(rows, r0 + step)), slice(0, n)
+    else:
+        step = max(BLOCK, SLICE // BLOCK * BLOCK)
+        for r in range(rows):
+            for c0 in range(0, n, step):
+                yield slice(r, r + 1), slice(c0, min(n, c0 + step))
+
+
+def _sub(views, rs, cs):
+    return [None if v is None else v[rs, cs] for v in views]
+
+
+def _sliced_partials(call, views, rows: int, n: int) -> np.ndarray:
+    """``call(sub_views, rs, cs)`` (a kernel returning block partials) over ``_slices``,
+    assembled into the ``[rows, nblk, N_PARTIALS]`` of one whole call."""
+    pieces = list(_slices(rows, n))
+    if len(pieces) == 1:
+        return call(views, pieces[0][0], pieces[0][1])
+    part = np.empty((rows, max(1, -(-n // BLOCK)), N_PARTIALS))
+    for rs, cs in pieces:
+        p = call(_sub(views, rs, cs), rs, cs)
+        b0 = cs.start // BLOCK
+        part[rs, b0:b0 + p.shape[1]] = p
+    return part
+
+
+def mc_partials_sliced(backend, views, est, clamp, want_m2: bool) -> np.ndarray:
+    """``backend.mc_partials`` (non-empty ``[rows, n]`` views), interruptible."""
+    rows, n = views[0].shape
+    return _sliced_partials(lambda v, rs, cs: backend.mc_partials(*v, est, clamp, want_m2),
+                            views, rows, n)
+
+
+def mc_terms_sliced(backend, views, est, clamp, out: np.ndarray) -> None:
+    """``backend.mc_terms`` (``out`` C-contiguous ``[rows, n]``), interruptible."""
+    rows, n = views[0].shape
+    for rs, cs in _slices(rows, n):
+        backend.mc_terms(*_sub(views, rs, cs), est, clamp, out[rs, cs])
+
+
 def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
     """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows
     (None where the rows were read in segments)."""
@@ -213,7 +277,7 @@ def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
     if rows * n == 0:
         part = np.zeros((rows, 1, N_PARTIALS))
     else:
-        part = backend.mc_partials(*views, inp.est, inp.clamp, want_m2)
+        part = mc_partials_sliced(backend, views, inp.est, inp.clamp, want_m2)
     return _merge(part), out_shape, views
 
 
@@ -221,7 +285,7 @@ def _raise_first_nan(backend, inp: _Inputs):
     """nan_policy='raise': find the first NaN term at an included position and say where."""
     views = _natural_rows(_arrays(inp), inp.shape)
     out = np.empty(views[0].shape, dtype=inp.out_dtype)
-    backend.mc_terms(*views, inp.est, inp.clamp, out)
+    mc_terms_sliced(backend, views, inp.est, inp.clamp, out)
     bad = np.isnan(out)
     if inp.mask is not None:
         bad &= views[2] != 0
@@ -233,6 +297,24 @@ def _raise_first_nan(backend, inp: _Inputs):
         f"nan_policy='raise': the term at index {tuple(int(i) for i in idx)} is NaN "
         f"(logq={float(q)!r}, logp={float(p)!r})"
     )
+
+
+def _stats(tot: np.ndarray, policy: str) -> KLStats:
+    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n, ...]``: the one
+    place partials become statistics (``kl_mc_stats``, ``MCAccumulator``, files, dask).
+    Every field is a ratio, so the unit of the weight sums (``2**e`` for scaled weights)
+    does not matter."""
+    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[:6])
+    n = int(cnt)
+    if (policy == "propagate" and nbad > 0) or not W > 0:
+        nan = math.nan
+        return KLStats(nan, nan, nan, n, (nan, nan))
+    mean = S / W
+    denom = W - W2 / W
+    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
+    # sum w**2 == 0 only for weights that were never scaled (user partials): no n_eff
+    sem = std / math.sqrt(W * W / W2) if W2 > 0 else math.nan
+    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
 
 
 def _finish_scalar(row: np.ndarray, how: str, policy: str) -> float:
@@ -324,7 +406,8 @@ def kl_mc(
                            axis=axis, mask=mask, log_iw=log_iw,
                            clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
                            nan_policy=nan_policy, backend=backend)
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+                    ratio_only=reduction in _RATIO_REDUCTIONS)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
     policy = _checks.nan_policy(nan_policy)
@@ -334,7 +417,7 @@ def kl_mc(
         out = np.empty(inp.shape, dtype=inp.out_dtype)
         if out.size:
             views = _natural_rows(_arrays(inp), inp.shape)
-            be.mc_terms(*views, inp.est, inp.clamp, out.reshape(views[0].shape))
+            mc_terms_sliced(be, views, inp.est, inp.clamp, out.reshape(views[0].shape))
             if policy == "raise":
                 bad = np.isnan(out)
                 if inp.mask is not None:
@@ -386,23 +469,14 @@ def kl_mc_stats(
                                  log_iw=log_iw, clamp_log_ratio=clamp_log_ratio,
                                  clamp_value=clamp_value, nan_policy=nan_policy,
                                  backend=backend)
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value)
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+                    ratio_only=True)
     policy = _checks.nan_policy(nan_policy)
     be = get_backend(backend)
     tot, _, _ = _row_partials(be, inp, None, want_m2=True)
-    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[0])
-    if policy == "raise" and nbad > 0:
+    if policy == "raise" and tot[0, 4] > 0:
         _raise_first_nan(be, inp)
-    n = int(cnt)
-    if (policy == "propagate" and nbad > 0) or W <= 0:
-        nan = math.nan
-        return KLStats(nan, nan, nan, n, (nan, nan))
-    mean = S / W
-    denom = W - W2 / W
-    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
-    n_eff = W * W / W2
-    sem = std / math.sqrt(n_eff)
-    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
+    return _stats(tot[0], policy)
 
 
 def kl_mc_grad(
@@ -428,7 +502,8 @@ def kl_mc_grad(
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
         _dask.unsupported("kl_mc_grad")
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw)
+    inp = _validate(logq, logp, estimator, reverse, mask, log_iw,
+                    ratio_only=reduction in _RATIO_REDUCTIONS)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
     be = get_backend(backend)
@@ -459,18 +534,21 @@ def kl_mc_grad(
 
     gperm = np.empty(tuple(inp.shape[i] for i in perm), dtype=inp.out_dtype)
     if rows * n:
-        part = be.mc_grad(*views, inp.est, rowscale, gperm.reshape(rows, n))
+        g2 = gperm.reshape(rows, n)
+        part = _sliced_partials(
+            lambda v, rs, cs: be.mc_grad(*v, inp.est, rowscale[rs], g2[rs, cs]), views, rows, n)
     else:
         part = np.zeros((rows, 1, N_PARTIALS))
-    grad = np.ascontiguousarray(gperm.transpose(np.argsort(perm)))  # a copy only if axis moved
+    grad = gperm.transpose(np.argsort(perm))
+    if not grad.flags.c_contiguous:  # a copy only if an axis moved (ascontiguousarray would
+        grad = grad.copy(order="C")  # also turn a 0-d gradient into shape (1,))
     tot = _merge(part)
 
     if how == "none":
         value = np.empty(inp.shape, dtype=inp.out_dtype)
         if value.size:
             vviews = _natural_rows(_arrays(inp), inp.shape)
-            be.mc_terms(*vviews, inp.est, (-math.inf, math.inf, -math.inf, math.inf),
-                        value.reshape(vviews[0].shape))
+            mc_terms_sliced(be, vviews, inp.est, _NO_CLAMPS, value.reshape(vviews[0].shape))
         return (value if value.ndim else value[()]), grad
     if how in ("mean", "sum"):
         if out_shape == ():

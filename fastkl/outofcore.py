@@ -114,16 +114,30 @@ def _mc_reads(nrows: int, ncol: int, k: int):
             yield r * ncol + j0, r * ncol + j1, (1, j1 - j0), groups
 
 
-def _seq_terms(W, S, nbad, reduction: str, policy: str) -> tuple[float, int]:
+def _seq_terms(W, S, nbad, reduction: str, policy: str, e: int = 0) -> tuple[float, int]:
     """(sum of the per-row values, number of rows counted) of a seq-mean-* reduction for
-    rows with weights ``W``, sums ``S`` and NaN counts ``nbad`` (as ``kl_mc`` counts them)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_row = S / W if reduction == "seq-mean-token-mean" else np.array(S, dtype=float)
+    rows with weights ``W``, sums ``S`` (both in units of ``2**e``) and NaN counts ``nbad``
+    (as ``kl_mc`` counts them)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        per_row = S / W if reduction == "seq-mean-token-mean" else np.ldexp(S, e)
     has = W > 0
     if policy == "propagate":
         per_row = np.where(nbad > 0, np.nan, per_row)
         has = has | (nbad > 0)
     return float(per_row[has].sum()), int(has.sum())
+
+
+def _fold_piece(row_acc, piece: np.ndarray, e: int):
+    """Adds one piece's (W, S, NaN count), in units of ``2**e``, to a long row's running
+    ``(W, S, NaN count, unit exponent)`` (None: the row's first piece), both brought to the
+    larger unit exactly (power-of-two scaling)."""
+    w, s_, nb = float(piece[0]), float(piece[1]), float(piece[4])
+    if row_acc is None:
+        return (w, s_, nb, e)
+    W, S, NB, E = row_acc
+    top = max(E, e)
+    return (math.ldexp(W, E - top) + math.ldexp(w, e - top),
+            math.ldexp(S, E - top) + math.ldexp(s_, e - top), NB + nb, top)
 
 
 def _file_mask(v: np.ndarray, path: str, e0: int, shape: tuple) -> np.ndarray:
@@ -267,7 +281,7 @@ def kl_mc_file(
                           "elements needs here; streaming one block at a time", stacklevel=2)
         k = int(max(1, min(avail // (unit * per_el), (1 << 26) // unit)))
         seq_sum, seq_rows = 0.0, 0
-        row_acc = [0.0, 0.0, 0.0]  # W, S, NaN count of the long row being read
+        row_acc = None  # (W, S, NaN count, 2**e unit) of the long row being read
         for e0, e1, vshape, groups in _mc_reads(nrows, ncol, k):
             views = []
             for s in (q, p, m, iw):
@@ -280,6 +294,15 @@ def kl_mc_file(
                 else:
                     v = _checks.as_kernel_dtype(v, dtype)
                 views.append(v.reshape(vshape))
+            # extreme weights: each unit's weights divided by its own 2**e (exact), its sums
+            # kept in 2**e units; per unit, so the bits do not depend on the read size
+            wexp = [0] * len(groups)
+            if views[2] is not None:
+                wflat = views[2].reshape(-1)
+                for g, (kind, a0, a1, _) in enumerate(groups):
+                    lo, hi = (a0 * ncol, a1 * ncol) if kind == "rows" else (a0 * BLOCK,
+                                                                            a1 * BLOCK)
+                    wexp[g] = _checks.scale_weights(wflat[lo:hi])
             part = be.mc_partials(*views, acc._est, acc._clamp, True)
             if policy == "raise" and (part[..., 4] > 0).any():
                 out = np.empty(vshape, dtype=dtype)
@@ -291,28 +314,26 @@ def kl_mc_file(
                 idx = tuple(int(i) for i in np.unravel_index(k0, q.shape))
                 raise ValueError(f"{q.path}: nan_policy='raise': the term at index {idx} is "
                                  "NaN")
-            for kind, a0, a1, row_end in groups:
+            for (kind, a0, a1, row_end), e in zip(groups, wexp, strict=True):
                 if kind == "rows":  # whole short rows [a0, a1) of this read
                     rows = merge_block_partials(part[a0:a1])  # [rows, 6]
-                    acc.add_partials(merge_block_partials(rows[None])[0])
+                    acc.add_partials(np.append(merge_block_partials(rows[None])[0], e))
                     if seq:
                         s_, r_ = _seq_terms(rows[:, 0], rows[:, 1], rows[:, 4], reduction,
-                                            policy)
+                                            policy, e)
                         seq_sum += s_
                         seq_rows += r_
                 else:  # kernel blocks [a0, a1) of one piece of a long row
                     piece = merge_block_partials(part[:, a0:a1])[0]
-                    acc.add_partials(piece)
+                    acc.add_partials(np.append(piece, e))
                     if seq:
-                        row_acc[0] += float(piece[0])
-                        row_acc[1] += float(piece[1])
-                        row_acc[2] += float(piece[4])
+                        row_acc = _fold_piece(row_acc, piece, e)
                         if row_end:
-                            s_, r_ = _seq_terms(*(np.array([v]) for v in row_acc), reduction,
-                                                policy)
+                            s_, r_ = _seq_terms(*(np.array([v]) for v in row_acc[:3]),
+                                                reduction, policy, row_acc[3])
                             seq_sum += s_
                             seq_rows += r_
-                            row_acc = [0.0, 0.0, 0.0]
+                            row_acc = None
             del views, part
             for s in (q, p, m, iw):
                 if s is not None:
@@ -328,7 +349,7 @@ def kl_mc_file(
     from .stream import stats_from_partials
 
     st = stats_from_partials(tot, "propagate" if policy == "propagate" else "omit")
-    W, S, nbad = float(tot[0]), float(tot[1]), int(tot[4])
+    (S, W), nbad = acc.total, int(tot[4])
     nan_out = policy == "propagate" and nbad > 0
     if reduction in ("mean", "token-mean"):
         value = st.mean

@@ -81,12 +81,17 @@ class MCAccumulator:
 
     State: ``W = sum w``, ``S = sum w t``, ``M2 = sum w (t - S/W)**2``, ``sum w**2``, the number
     of NaN terms and of included samples, merged with Chan's formulas (module docstring).
+    Extreme weights (largest outside [2**-250, 2**250]) are scaled by a power of two per
+    chunk (``_checks.scale_weights``): the state then holds the weight sums in units of
+    ``2**e`` (``_e``), so 1e-300 or 1e300 weights give the statistics of weights 1.
 
     >>> acc = MCAccumulator("k3")
     >>> for q, p in chunks:                       # doctest: +SKIP
     ...     acc.update(q, p)
     >>> acc.result().mean                         # doctest: +SKIP
     """
+
+    _e = 0  # the unit exponent of the sums (a class default: states pickled before it)
 
     def __init__(
         self,
@@ -107,6 +112,7 @@ class MCAccumulator:
         get_backend(backend)  # fail early on an unknown backend
         self.backend = backend
         self._tot = np.zeros(N_PARTIALS)  # W, S, M2, sum w**2, NaN count, n
+        self._e = 0  # W, S, M2 are in units of 2**_e, sum w**2 in units of 4**_e
         self.n_updates = 0
 
     # options that must agree for a merge
@@ -115,23 +121,25 @@ class MCAccumulator:
 
     def partials(self, logq: ArrayLike, logp: ArrayLike, mask: ArrayLike | None = None,
                  log_iw: ArrayLike | None = None) -> np.ndarray:
-        """Merged partials ``[W, S, M2, sum w**2, NaN count, n]`` of one chunk (validated
-        like ``kl_mc_stats``), without adding them."""
-        q = _checks.float_array(logq, "logq")
-        p = _checks.float_array(logp, "logp")
+        """Merged partials ``[W, S, M2, sum w**2, NaN count, n, e]`` of one chunk (validated
+        like ``kl_mc_stats``), without adding them: the weight sums are in units of ``2**e``
+        (e = 0 unless the weights are extreme, see the class docstring)."""
+        q = _checks.float_array(logq, "logq", int_lists=True)
+        p = _checks.float_array(logp, "logp", int_lists=True)
         _checks.same_shape(p, q.shape, "logp")
         dtype = _checks.compute_dtype(q, p)
         q = _checks.as_kernel_dtype(q, dtype)
         p = _checks.as_kernel_dtype(p, dtype)
         m = _checks.mask_array(mask, q.shape)
+        e = _checks.scale_weights(m)
         iw = _checks.log_iw_array(log_iw, q.shape, dtype)
         if q.size == 0:
-            return np.zeros(N_PARTIALS)
+            return np.zeros(N_PARTIALS + 1)
         # memory order of logq, as kl_mc_stats reads a full reduction (no copy for views)
         perm = sorted(range(q.ndim), key=lambda i: -abs(q.strides[i]))
         views = [_flat_memory_order(a, perm) for a in (q, p, m, iw)]
         be = get_backend(self.backend)
-        part = be.mc_partials(*views, self._est, self._clamp, True)
+        part = _mc.mc_partials_sliced(be, views, self._est, self._clamp, True)
         tot = merge_block_partials(part)[0]
         if self.nan_policy == "raise" and tot[4] > 0:
             out = np.empty(views[0].shape, dtype=dtype)
@@ -151,14 +159,24 @@ class MCAccumulator:
                 f"{self.n_updates} is NaN (logq={float(q[tuple(idx)])!r}, "
                 f"logp={float(p[tuple(idx)])!r})"
             )
-        return tot
+        return np.append(tot, e)
 
     def add_partials(self, tot: np.ndarray) -> MCAccumulator:
         """Add merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (from ``partials`` or
-        a kernel's ``mc_partials`` merged in block order)."""
+        a kernel's ``mc_partials`` merged in block order), optionally with a 7th entry ``e``:
+        the weight sums are then in units of ``2**e``."""
         a = self._tot
-        W, S, M2 = chan_merge(a[0], a[1], a[2], float(tot[0]), float(tot[1]), float(tot[2]))
-        self._tot = np.array([W, S, M2, a[3] + tot[3], a[4] + tot[4], a[5] + tot[5]])
+        b = np.asarray(tot, dtype=np.float64)[:N_PARTIALS].copy()
+        e = int(tot[N_PARTIALS]) if len(tot) > N_PARTIALS else 0
+        # one unit for both: the larger exponent (the smaller part's sums shrink, exactly
+        # unless they fall below 2**-1022, where they are negligible next to the other part)
+        if b[0] > 0 and (a[0] <= 0 or e > self._e):
+            a = _in_units(a, self._e, e)
+            self._e = e
+        else:
+            b = _in_units(b, e, self._e)
+        W, S, M2 = chan_merge(a[0], a[1], a[2], float(b[0]), float(b[1]), float(b[2]))
+        self._tot = np.array([W, S, M2, a[3] + b[3], a[4] + b[4], a[5] + b[5]])
         self.n_updates += 1
         return self
 
@@ -175,7 +193,7 @@ class MCAccumulator:
         if other._key() != self._key():
             raise ValueError("other was made with a different estimator, clamps or nan_policy")
         n = self.n_updates + other.n_updates
-        self.add_partials(other._tot)
+        self.add_partials(np.append(other._tot, other._e))
         self.n_updates = n
         return self
 
@@ -186,8 +204,11 @@ class MCAccumulator:
 
     @property
     def total(self) -> tuple[float, float]:
-        """``(sum w t, sum w)`` so far: ``kl_mc(..., reduction="sum")`` and its weight."""
-        return float(self._tot[1]), float(self._tot[0])
+        """``(sum w t, sum w)`` so far: ``kl_mc(..., reduction="sum")`` and its weight
+        (+-inf where the true sum overflows float64)."""
+        with np.errstate(over="ignore"):
+            S, W = np.ldexp(self._tot[1:None:-1], self._e)
+        return float(S), float(W)
 
     def result(self) -> KLStats:
         """The ``KLStats`` of every sample seen (NaN fields when there is none, or a NaN term
@@ -199,19 +220,23 @@ class MCAccumulator:
                 f"updates={self.n_updates})")
 
 
+def _in_units(tot: np.ndarray, e_from: int, e_to: int) -> np.ndarray:
+    """Partials with weight sums in units of ``2**e_from`` re-expressed in ``2**e_to``."""
+    if e_from == e_to:
+        return tot
+    out = np.array(tot, dtype=np.float64)
+    d = e_from - e_to
+    with np.errstate(over="ignore", under="ignore"):
+        out[0:3] = np.ldexp(out[0:3], d)
+        out[3] = np.ldexp(out[3], 2 * d)
+    return out
+
+
 def stats_from_partials(tot: np.ndarray, policy: str = "propagate") -> KLStats:
-    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (the formulas
-    of ``kl_mc_stats``)."""
-    W, S, M2, W2, nbad, cnt = (float(v) for v in tot)
-    n = int(cnt)
-    if (policy == "propagate" and nbad > 0) or W <= 0:
-        nan = math.nan
-        return KLStats(nan, nan, nan, n, (nan, nan))
-    mean = S / W
-    denom = W - W2 / W
-    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
-    sem = std / math.sqrt(W * W / W2)
-    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
+    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (an optional
+    7th entry, the exponent of their unit, changes nothing: every statistic is a ratio).
+    The formulas of ``kl_mc_stats`` (``mc._stats``)."""
+    return _mc._stats(np.asarray(tot, dtype=np.float64), policy)
 
 
 # --------------------------------------------------------------------------- sketch

@@ -219,6 +219,8 @@ FK_INLINE int fkl_fused_kl(const double *FK_RESTRICT X, const double *FK_RESTRIC
  * both. In fixed mode (log_probs, inv_t == 1) MA = MB = 0 and no max is taken. */
 typedef struct {
     double MA, MB, ZA, ZB, S;
+    double XI; /* KL: max xa over entries with P > 0 = Q when seen (their +inf terms are kept
+                * out of S: P may underflow to 0 once the max grows); -inf: none */
 } fkl_state;
 
 enum { FKL_S_NONE = 0, FKL_S_KL = 1, FKL_S_ENT = 2 };
@@ -233,7 +235,7 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
     double MA = fixed ? 0.0 : ninf, MB = fixed ? 0.0 : ninf;
-    double ZA = 0.0, ZB = 0.0, S = 0.0;
+    double ZA = 0.0, ZB = 0.0, S = 0.0, XI = ninf;
     ptrdiff_t off, i;
 
     for (off = 0; off < A->V; off += FKL_CHUNK) {
@@ -250,8 +252,10 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                 const double cB = (MB == ninf) ? 0.0 : exp(MB - NB);
                 if (smode == FKL_S_KL) {
                     /* S' = e^-dA (S - (dA - dB) ZA): one combined update, so identical rows
-                     * (dA == dB) keep S == 0 exactly */
-                    if (MA == ninf) {
+                     * (dA == dB) keep S == 0 exactly. cA == 0 (a jump > 745, maybe an
+                     * overflowing one): every old e^(xa - NA) is 0, so is their sum (not
+                     * 0 * inf); a NaN input stays in ZA, ZB */
+                    if (MA == ninf || cA == 0.0) {
                         S = 0.0;
                     } else {
                         /* an unchanged max moves by 0 (not -inf - -inf = NaN) */
@@ -260,10 +264,11 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                         S = cA * (S - (dA - dB) * ZA);
                     }
                 } else if (smode == FKL_S_ENT) {
-                    S = (MA == ninf) ? 0.0 : cA * (S - (NA - MA) * ZA);
+                    S = (MA == ninf || cA == 0.0) ? 0.0 : cA * (S - (NA - MA) * ZA);
                 }
-                ZA = (MA == ninf) ? 0.0 : cA * ZA;
-                ZB = (MB == ninf) ? 0.0 : cB * ZB;
+                /* an old max of -inf: the sums are 0, or NaN from a NaN entry (kept) */
+                ZA = (MA == ninf) ? 0.0 * ZA : cA * ZA;
+                ZB = (MB == ninf) ? 0.0 * ZB : cB * ZB;
                 MA = NA;
                 MB = NB;
             }
@@ -273,7 +278,8 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
             const double mA = (MA == ninf) ? 0.0 : MA, mB = (MB == ninf) ? 0.0 : MB;
             if (smode == FKL_S_KL) {
                 double z[3];
-                if (fkl_fused_kl(X, Y, mA, mB, c, deg13, z)) {
+                const int slow = fkl_fused_kl(X, Y, mA, mB, c, deg13, z);
+                if (slow) {
                     /* a lane needs libm: the chunk again, sums in the same lane order */
                     for (i = 0; i < c; i++) {
                         const double za = X[i] - mA, zb = Y[i] - mB;
@@ -284,6 +290,20 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                     }
                     z[0] = fkl_sum(EA, c);
                     z[1] = fkl_sum(EB, c);
+                    z[2] = fkl_sum(T, c);
+                }
+                if (z[2] == (double)INFINITY) {
+                    /* rare: entries with P > 0 = Q (or an overflowing term). Their x goes to
+                     * XI, the rest of the chunk's terms to S, in the same order, from the
+                     * same exps; fkl_row decides at the end whether P is still > 0 there */
+                    for (i = 0; i < c; i++) {
+                        const double za = X[i] - mA, zb = Y[i] - mB;
+                        int lane_bad = 0;
+                        const double ea = slow ? fkl_exp_slow(za) : fkl_exp(za, deg13, &lane_bad);
+                        const int zero = slow ? (ea == 0.0) : (za < FKL_EXP_ZERO);
+                        if (!zero && zb == ninf && X[i] > XI) XI = X[i];
+                        T[i] = (zero || zb == ninf) ? 0.0 : ea * (za - zb);
+                    }
                     z[2] = fkl_sum(T, c);
                 }
                 ZA += z[0];
@@ -338,6 +358,7 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
     st->ZA = ZA;
     st->ZB = ZB;
     st->S = S;
+    st->XI = XI;
 }
 
 /* The passes are compiled once per exp series (deg13 a constant in each copy): with deg13 a
@@ -393,8 +414,12 @@ FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, d
         fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
         if (keep) {
             const double *ka = keep + off, *kb = keep + A->V + off;
-            fa = exp(keep[2 * A->V + off / FKL_CHUNK] - MA) / ZA;
-            fb = exp(keep[2 * A->V + nch + off / FKL_CHUNK] - MB) / ZB;
+            const double sa = keep[2 * A->V + off / FKL_CHUNK];
+            const double sb = keep[2 * A->V + nch + off / FKL_CHUNK];
+            /* a shift above the row max is the 0 of a chunk of all -inf (exps all 0): its
+             * factor e^(0 - MA) may overflow, and 0 * inf is no probability */
+            fa = (sa > MA) ? 0.0 : exp(sa - MA) / ZA;
+            fb = (sb > MB) ? 0.0 : exp(sb - MB) / ZB;
             for (i = 0; i < c; i++) {
                 PP[i] = ka[i] * fa;
                 QQ[i] = kb[i] * fb;
@@ -506,6 +531,17 @@ static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double l
 }
 
 /* ------------------------------------------------------------------ one row */
+/* KL from pass 1's state: NaN for a row without mass; +inf when an entry with Q = 0 still has P = e^(x - MA - log ZA)
+ * > 0 at the row's final max (the reference's test), NaN kept. */
+static double fkl_kl_value(const fkl_args *A, const fkl_state *st) {
+    const double lza = A->fixed ? 0.0 : log(st->ZA);
+    const double val = A->fixed ? st->S : st->S / st->ZA - log(st->ZA / st->ZB);
+    if (st->ZA == 0.0 || st->ZB == 0.0) return NAN; /* a row without probability mass */
+    if (st->XI > -(double)INFINITY && val == val && exp((st->XI - st->MA) - lza) > 0.0)
+        return (double)INFINITY;
+    return val;
+}
+
 static void fkl_row(const fkl_args *A, ptrdiff_t row) {
     fkl_state st;
     double val;
@@ -530,7 +566,7 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
     if (op == FKL_GRAD) {
         const double rs = A->rowscale[row];
         fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
-        val = st.S / st.ZA - log(st.ZA / st.ZB);
+        val = fkl_kl_value(A, &st);
         A->out[row] = (val < 0.0) ? 0.0 : val;
         if (rs == 0.0) {
             memset((char *)A->grad + (A->f32 ? sizeof(float) : sizeof(double)) * row * A->V, 0,
@@ -551,9 +587,8 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
         if (st.ZA == 0.0) val = NAN;
     } else if (op == FKL_KL) {
         fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
-        val = A->fixed ? st.S : st.S / st.ZA - log(st.ZA / st.ZB);
+        val = fkl_kl_value(A, &st);
         val = (val < 0.0) ? 0.0 : val;
-        if (st.ZA == 0.0 || st.ZB == 0.0) val = NAN;
     } else { /* JSD */
         double SP, SQ, ZP, ZQ, lZA = 0.0, lZB = 0.0;
         double *keep = NULL;

@@ -318,6 +318,36 @@ def _chunk_a(xa, ra, ea, tt, mm, want_h, lo):
                     tt[i] = 0.0 if u == 0.0 else u * da
 
 
+@njit(nogil=True, cache=True)
+def _chunk_finite_s(xa, xb, ra, rb, tt, mm, lo):
+    """The rare chunk whose S sum came out +inf: its terms again from the same exps as
+    ``_chunk_ab``, those with P > 0 = Q left out. Returns (their sum, the largest xa of the
+    left-out entries or -inf): whether P is still > 0 there is known only at the row's end,
+    once the max is final (it may have grown by > 745 since)."""
+    xi = -INF
+    for i in range(mm):
+        da = xa[i] - ra
+        db = xb[i] - rb
+        u = _exp_exact(da) if _exp_bad(da) | _exp_bad(db) else _exp_lane_in(da, lo)
+        if u != 0.0 and db == -INF:
+            xi = max(xi, xa[i])
+            tt[i] = 0.0
+        else:
+            tt[i] = 0.0 if u == 0.0 else u * (da - db)
+    return _tsum(tt, mm), xi
+
+
+@njit(nogil=True, cache=True)
+def _kl_value(MA, ZA, ZB, S, XI):
+    """KL from ``_pass_ab``: +inf when an entry with Q = 0 still has P = e^(xa - MA -
+    log ZA) > 0 at the final max (the reference's test); NaN kept."""
+    val = S / ZA - math.log1p((ZA - ZB) / ZB)
+    if (XI > -INF) & (val == val):
+        if math.exp((XI - MA) - math.log(ZA)) > 0.0:
+            val = INF
+    return val
+
+
 # --------------------------------------------------------------------------- row passes
 
 
@@ -329,8 +359,10 @@ def _ref(m):
 
 @njit(nogil=True, cache=True)
 def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
-    """One pass over a row of a and b: (MA, ZA, MB, ZB, S) with ZA = sum e^(xa - MA),
-    S = sum e^(xa - MA) ((xa - MA) - (xb - MB)). NaN in MA when the row must be NaN."""
+    """One pass over a row of a and b: (MA, ZA, MB, ZB, S, XI) with ZA = sum e^(xa - MA),
+    S = sum e^(xa - MA) ((xa - MA) - (xb - MB)) over the entries with Q > 0 or P = 0, XI the
+    largest xa of an entry with P > 0 = Q (-inf: none; see ``_kl_value``). NaN in MA when the
+    row must be NaN."""
     xa = bufs[0]
     xb = bufs[1]
     ea = bufs[2]
@@ -341,12 +373,14 @@ def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
     ZA = 0.0
     ZB = 0.0
     S = 0.0
+    XI = -INF
+    lo = ab.itemsize == 4
     for j in range(0, V, CH):
         mm = min(CH, V - j)
         ma = _load(ab, geo, 0, row, j, mm, inv_t, xa)
         mb = _load(bb, geo, 1, row, j, mm, inv_t, xb)
         if not ((ma < INF) & (mb < INF)):  # NaN or +inf: the row is NaN
-            return math.nan, 0.0, math.nan, 0.0, math.nan
+            return math.nan, 0.0, math.nan, 0.0, math.nan, -INF
         if (ma > MA) | (mb > MB):
             na = max(MA, ma)
             nb = max(MB, mb)
@@ -360,14 +394,18 @@ def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
                 ZB *= math.exp(-db)
             MA = na
             MB = nb
-        _chunk_ab(xa, xb, _ref(MA), _ref(MB), ea, eb, tt, mm, want_s, ab.itemsize == 4)
+        _chunk_ab(xa, xb, _ref(MA), _ref(MB), ea, eb, tt, mm, want_s, lo)
         ZA += _tsum(ea, mm)
         ZB += _tsum(eb, mm)
         if want_s:
-            S += _tsum(tt, mm)
+            s = _tsum(tt, mm)
+            if s == INF:  # rare: entries with P > 0 = Q (or an overflowing term)
+                s, xi = _chunk_finite_s(xa, xb, _ref(MA), _ref(MB), tt, mm, lo)
+                XI = max(XI, xi)
+            S += s
     if (MA == -INF) | (MB == -INF):
-        return math.nan, 0.0, math.nan, 0.0, math.nan
-    return MA, ZA, MB, ZB, S
+        return math.nan, 0.0, math.nan, 0.0, math.nan, -INF
+    return MA, ZA, MB, ZB, S, XI
 
 
 @njit(nogil=True, cache=True)
@@ -388,7 +426,8 @@ def _pass_a(ab, geo, k, row, V, inv_t, want_h, bufs):
             da = _ref(ma) - _ref(MA)
             if ZA != 0.0:
                 sa = math.exp(-da)
-                H = sa * (H - da * ZA)
+                # sa == 0 (a jump > 745, maybe an overflowing one): every old term is 0
+                H = 0.0 if sa == 0.0 else sa * (H - da * ZA)
                 ZA *= sa
             MA = ma
         _chunk_a(xa, _ref(MA), ea, tt, mm, want_h, ab.itemsize == 4)
@@ -516,12 +555,12 @@ def _row_value(ab, bb, geo, row, V, op, beta, inv_t, lpm, bufs):
         MA, ZA, H = _pass_a(ab, geo, 0, row, V, inv_t, True, bufs)
         return math.log(ZA) - H / ZA if MA == MA else math.nan
     elif op == 0:
-        MA, ZA, MB, ZB, S = _pass_ab(ab, bb, geo, row, V, inv_t, True, bufs)
+        MA, ZA, MB, ZB, S, XI = _pass_ab(ab, bb, geo, row, V, inv_t, True, bufs)
         if MA != MA:
             return math.nan
-        val = S / ZA - math.log1p((ZA - ZB) / ZB)
+        val = _kl_value(MA, ZA, ZB, S, XI)
     else:
-        MA, ZA, MB, ZB, _ = _pass_ab(ab, bb, geo, row, V, inv_t, False, bufs)
+        MA, ZA, MB, ZB, _, _ = _pass_ab(ab, bb, geo, row, V, inv_t, False, bufs)
         if MA != MA:
             return math.nan
         sp, sq, _, _ = _jsd_pass2(ab, bb, geo, row, V, inv_t, MA, math.log(ZA), MB,
@@ -576,11 +615,11 @@ def _grad_kernel(ab, bb, geo, rows, V, inv_t, rowscale, out_val, grad):
         xa = bufs[0]
         xb = bufs[1]
         for r in range(c * rows // nch, (c + 1) * rows // nch):
-            MA, ZA, MB, ZB, S = _pass_ab(ab, bb, geo, r, V, inv_t, True, bufs)
+            MA, ZA, MB, ZB, S, XI = _pass_ab(ab, bb, geo, r, V, inv_t, True, bufs)
             if MA != MA:
                 val = math.nan
             else:
-                val = S / ZA - math.log1p((ZA - ZB) / ZB)
+                val = _kl_value(MA, ZA, ZB, S, XI)
                 if val < 0.0:
                     val = 0.0
             out_val[r] = val
