@@ -18,6 +18,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from . import in_forked_child
 from ._numba_cache import jit
 
 
@@ -129,7 +130,7 @@ SERIAL_WORK = 16384
 #   at its first parallel launch (GNU OpenMP's pool does not survive fork) and libgomp hangs.
 # The serial twin computes the same blocks in the same order: same bits either way.
 _parallel_lock = threading.Lock()
-_forked = False
+_forked = in_forked_child()  # first imported in a forked child: serial from the start
 
 
 def _after_fork_in_child() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cython_kernels as _k
+from . import in_forked_child
 from ._contract import BLOCK, N_PARTIALS
 from .cython_logits import _fit as _fit_2d
 
@@ -20,6 +21,11 @@ if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build
         f"fastkl.backends._cython_kernels was built with BLOCK={_k.BLOCK}, "
         f"N_PARTIALS={_k.N_PARTIALS}; the contract says {BLOCK}, {N_PARTIALS}: rebuild it"
     )
+
+# first imported in a forked child: serial from the start (an OpenMP pool the parent
+# started, e.g. through numba's omp layer, cannot be used here)
+if in_forked_child():
+    _k._after_fork_in_child()
 
 name = "cython"
 
