@@ -91,12 +91,12 @@ def warm_numba_cache():
         ns: dict = {}
         exec(COMPUTE, ns)
         ns["compute"]("numba")
-        saved = _numba_math._forked
-        _numba_math._forked = True  # the serial twins
+        saved = _numba_math._serial_only
+        _numba_math._serial_only = True  # the serial twins
         try:
             ns["compute"]("numba")
         finally:
-            _numba_math._forked = saved
+            _numba_math._serial_only = saved
 
 
 FORK = COMPUTE + """
@@ -197,6 +197,39 @@ def test_python_threads_no_abort_same_bits(be, layer):
     workqueue layer aborted the process) get the same bits as one caller."""
     env = {"NUMBA_THREADING_LAYER": layer} if layer else {}
     assert check_ok(run_py(THREADS, env=env, args=(be,))).strip() == "ok"
+
+
+NO_LAYER = COMPUTE + """
+import warnings
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    d1 = compute("numba")
+    d2 = compute("numba")
+print(d1 == d2, len(caught), caught[0].category.__name__ if caught else None)
+print(d1)
+"""
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba backend not available")
+def test_unloadable_threading_layer_is_one_warning():
+    """An explicit NUMBA_THREADING_LAYER numba cannot load (tbb missing) keeps the user's
+    choice and is one RuntimeWarning, then serial kernels with the usual bits (was: a
+    ValueError from every threaded call)."""
+    import importlib.util
+
+    try:
+        has_tbb = importlib.util.find_spec("tbb") is not None
+        from numba.np.ufunc import tbbpool  # noqa: F401
+    except ImportError:
+        has_tbb = False
+    if has_tbb:
+        pytest.skip("tbb is installed here")
+    out = check_ok(run_py(NO_LAYER, env={"NUMBA_THREADING_LAYER": "tbb"})).split()
+    assert out[:3] == ["True", "1", "RuntimeWarning"]
+    ns: dict = {}
+    exec(COMPUTE, ns)
+    assert out[3] == ns["compute"]("numba")
 
 
 # --------------------------------------------------------------------------- numba cache

@@ -16,8 +16,9 @@ cache file never breaks a call. ``jit`` is ``numba.njit`` with this cache.
 * **Location**, the first directory that is writable: ``$NUMBA_CACHE_DIR/fastkl-<key>`` when
   numba's cache directory is set; ``fastkl/backends/__pycache__/fastkl-<key>`` (next to the
   sources, as numba's own default); the user cache directory (``$XDG_CACHE_HOME/fastkl/numba``
-  or the platform's equivalent); else no disk cache: the kernels compile in each process,
-  silently. ``FASTKL_NUMBA_CACHE=0`` turns the disk cache off.
+  or the platform's equivalent); else (or when the sources are not plain files) no disk
+  cache: the kernels compile in each process, silently. ``FASTKL_NUMBA_CACHE=0`` turns the
+  disk cache off.
 * **Bad files.** A truncated or corrupt index or data file (another process killed while
   writing, a full disk) is a cache miss: the kernel is recompiled and the file rewritten. A
   failed write is ignored. Neither is ever an error of the call.
@@ -107,7 +108,10 @@ def cache_dir() -> str | None:
     """The directory of fastkl's numba cache in this process, or None (no disk cache)."""
     if os.environ.get("FASTKL_NUMBA_CACHE", "").strip().lower() in ("0", "false", "no", "off"):
         return None
-    sub = "fastkl-" + _key()
+    try:
+        sub = "fastkl-" + _key()
+    except OSError:  # the sources are not files (a zip or frozen install): no disk cache
+        return None
     candidates = []
     if numba.config.CACHE_DIR:
         candidates.append(os.path.join(numba.config.CACHE_DIR, sub))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import types as pytypes
+import warnings
 
 import numpy as np
 from llvmlite import ir
@@ -127,15 +128,17 @@ SERIAL_WORK = 16384
 #   Python thread) runs the serial twin instead of waiting. The workqueue layer aborts the
 #   process on concurrent launches; the others would only oversubscribe the cores;
 # * a child made by fork() runs the serial twins only: numba's omp layer kills a forked child
-#   at its first parallel launch (GNU OpenMP's pool does not survive fork) and libgomp hangs.
+#   at its first parallel launch (GNU OpenMP's pool does not survive fork) and libgomp hangs;
+# * a threading layer numba cannot load (an explicit NUMBA_THREADING_LAYER=tbb without tbb)
+#   is one warning, then serial twins, not a ValueError of every call.
 # The serial twin computes the same blocks in the same order: same bits either way.
 _parallel_lock = threading.Lock()
-_forked = in_forked_child()  # first imported in a forked child: serial from the start
+_serial_only = in_forked_child()  # first imported in a forked child: serial from the start
 
 
 def _after_fork_in_child() -> None:
-    global _forked, _parallel_lock
-    _forked = True
+    global _serial_only, _parallel_lock
+    _serial_only = True
     _parallel_lock = threading.Lock()  # a lock held by a parent thread stays held here
 
 
@@ -143,10 +146,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def forked() -> bool:
-    """True in a process made by fork() after fastkl's numba kernels were imported: they run
-    serially there."""
-    return _forked
+def _no_threading_layer(exc: ValueError) -> None:
+    global _serial_only
+    _serial_only = True
+    layer = os.environ.get("NUMBA_THREADING_LAYER", "default")
+    warnings.warn(f"fastkl: numba could not load a threading layer (NUMBA_THREADING_LAYER="
+                  f"{layer}): its kernels run on one thread in this process ({exc})",
+                  RuntimeWarning, stacklevel=3)
 
 
 def specialize(fn, name: str, **globals_):
@@ -169,7 +175,8 @@ def specialize(fn, name: str, **globals_):
 class ThreadedKernel:
     """One kernel source compiled twice: with ``prange`` spread over threads, and serially
     (``prange`` is a plain ``range`` there). ``kernel(work, *args)`` picks the serial one
-    below ``SERIAL_WORK``, in a forked child, and while another threaded call runs."""
+    below ``SERIAL_WORK``, in a forked child, while another threaded call runs, and when numba
+    has no threading layer."""
 
     def __init__(self, fn):
         self.threaded = jit(parallel=True, nogil=True)(fn)
@@ -178,15 +185,20 @@ class ThreadedKernel:
         self.__doc__ = fn.__doc__
 
     def __call__(self, work, *args):
-        if work < SERIAL_WORK or _forked:
+        if work < SERIAL_WORK or _serial_only:
             return self.serial(*args)
         lock = _parallel_lock
         if not lock.acquire(blocking=False):
             return self.serial(*args)
         try:
             return self.threaded(*args)
+        except ValueError as exc:  # raised by numba before any work is done
+            if "threading layer" not in str(exc):
+                raise
+            _no_threading_layer(exc)
         finally:
             lock.release()
+        return self.serial(*args)
 
 
 def threaded_kernel(fn) -> ThreadedKernel:
