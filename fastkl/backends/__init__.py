@@ -7,6 +7,7 @@ takes ~0.5 s to import).
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 # preference order for backend=None: Cython needs no JIT warm-up, numba is next
@@ -16,6 +17,27 @@ _MODULES = {
     "numpy": "fastkl.backends.numpy_ref",
 }
 BACKEND_NAMES = tuple(_MODULES)
+
+# Set in a child made by fork() (os.fork, multiprocessing's "fork" start method) of a process
+# that had imported fastkl: the compiled backends then run serially, as their thread pools
+# (libgomp's, numba's) do not survive fork. A backend first imported in such a child reads
+# it; a loaded one also has its own handler (see ``_numba_math``, ``_cython_kernels.pyx``).
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def in_forked_child() -> bool:
+    """True in a process made by fork() after fastkl was imported (kernels run serially)."""
+    return _forked
+
 
 _loaded: dict[str, ModuleType | None] = {}
 _errors: dict[str, str] = {}

@@ -15,6 +15,8 @@ cimport numpy as cnp
 from libc.math cimport INFINITY
 from cython.parallel cimport prange, threadid
 
+import os
+
 import numpy as np
 
 cnp.import_array()
@@ -56,6 +58,33 @@ N_PARTIALS = FK_NPART
 PARALLEL_MIN = 1 << 16
 
 
+# A child made by fork() runs every kernel on its own thread: the OpenMP runtime's worker
+# pool belongs to the parent (libgomp's threads do not survive fork(), and the child's first
+# parallel region waits for them forever). Serial runs compute the same blocks in the same
+# order, so the child's results have the same bits as the parent's.
+cdef bint _forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked():
+    """True in a process made by fork() after this module was imported: kernels run
+    serially there."""
+    return bool(_forked)
+
+
+cdef inline int _threads() noexcept nogil:
+    """Threads a parallel kernel may use: OpenMP's maximum, 1 after fork()."""
+    return 1 if _forked else fk_max_threads()
+
+
 def isa():
     """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" (with
     FMA) or "default" (the baseline of the platform)."""
@@ -68,8 +97,9 @@ def openmp():
 
 
 def max_threads():
-    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it)."""
-    return fk_max_threads()
+    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it or
+    in a child made by fork())."""
+    return _threads()
 
 
 cdef inline void _set(cnp.ndarray a, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
@@ -150,7 +180,7 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
         parts_arr = np.zeros((rows, nblk, FK_NPART), dtype=np.float64)
         parts = <double *>cnp.PyArray_DATA(parts_arr)
     if rows * n >= PARALLEL_MIN and ntasks > 1:
-        nthreads = min(fk_max_threads(), ntasks)
+        nthreads = min(_threads(), ntasks)
     work_arr = np.empty(max(nthreads, 1) * FK_WORK_DOUBLES, dtype=np.float64)
     with nogil:
         _run(&A, &P, ntasks, max(1, FK_BLOCK // n) if n < FK_BLOCK else 1, parts,

@@ -17,6 +17,8 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t
 from cython.parallel cimport prange
 
+import os
+
 cnp.import_array()
 
 cdef extern from "_fastkl_logits.h" nogil:
@@ -54,6 +56,33 @@ CHUNK = FKL_CHUNK
 PARALLEL_MIN = 1 << 15
 
 
+# A child made by fork() runs every kernel on its own thread: the OpenMP runtime's worker
+# pool belongs to the parent (libgomp's threads do not survive fork(), and the child's first
+# parallel region waits for them forever). Serial runs compute the same blocks in the same
+# order, so the child's results have the same bits as the parent's.
+cdef bint _forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked():
+    """True in a process made by fork() after this module was imported: kernels run
+    serially there."""
+    return bool(_forked)
+
+
+cdef inline int _threads() noexcept nogil:
+    """Threads a parallel kernel may use: OpenMP's maximum, 1 after fork()."""
+    return 1 if _forked else fk_max_threads()
+
+
 def isa():
     """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" or
     "default"."""
@@ -61,8 +90,9 @@ def isa():
 
 
 def max_threads():
-    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it)."""
-    return fk_max_threads()
+    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it or
+    in a child made by fork())."""
+    return _threads()
 
 
 cdef inline void _set(cnp.ndarray x, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
@@ -125,7 +155,7 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fi
     if A.rows == 0 or A.V == 0:
         return
     if A.rows > 1 and A.rows * A.V >= PARALLEL_MIN:
-        nthreads = min(fk_max_threads(), A.rows)
+        nthreads = min(_threads(), A.rows)
     if op == FKL_JSD and not fixed:
         # per thread: a row's exps from pass 1, which pass 2 rescales instead of recomputing
         dims[0] = nthreads * fkl_scratch_doubles(A.V)

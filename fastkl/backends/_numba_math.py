@@ -1,6 +1,6 @@
 """Helpers shared by the numba kernels: float64 <-> int64 reinterpretation, fma, the
-range-reduced exp (``exp_parts``, ``exp_parts_lo``; docs/kernel_math.md), ``flat_buffer`` and
-``threaded_kernel``.
+range-reduced exp (``exp_parts``, ``exp_parts_lo``; docs/kernel_math.md), ``flat_buffer``,
+``specialize`` and ``threaded_kernel`` (serial twins, thread and fork safety).
 
 The reinterpretations are a plain LLVM ``bitcast`` per lane: inside a loop they vectorize
 like any other arithmetic, so the ``2**k`` of the exp is built from bits in the same loop as
@@ -9,12 +9,18 @@ the polynomial (no round trip through an int64 view of a buffer).
 
 from __future__ import annotations
 
+import os
+import threading
 import types as pytypes
+import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.extending import intrinsic
+
+from . import in_forked_child
+from ._numba_cache import jit
 
 
 @intrinsic
@@ -115,24 +121,84 @@ def geometry(g: tuple) -> np.ndarray:
 # choice never changes a bit of the result.
 SERIAL_WORK = 16384
 
+# Threads and fork. fastkl keeps numba's choice of threading layer (NUMBA_THREADING_LAYER, or
+# numba's default: tbb, else omp, else workqueue; 'safe' would fail where tbb is missing) and
+# makes every layer safe for its own calls:
+# * one threaded kernel at a time: a call that finds another one running (from another
+#   Python thread) runs the serial twin instead of waiting. The workqueue layer aborts the
+#   process on concurrent launches; the others would only oversubscribe the cores;
+# * a child made by fork() runs the serial twins only: numba's omp layer kills a forked child
+#   at its first parallel launch (GNU OpenMP's pool does not survive fork) and libgomp hangs;
+# * a threading layer numba cannot load (an explicit NUMBA_THREADING_LAYER=tbb without tbb)
+#   is one warning, then serial twins, not a ValueError of every call.
+# The serial twin computes the same blocks in the same order: same bits either way.
+_parallel_lock = threading.Lock()
+_serial_only = in_forked_child()  # first imported in a forked child: serial from the start
+
+
+def _after_fork_in_child() -> None:
+    global _serial_only, _parallel_lock
+    _serial_only = True
+    _parallel_lock = threading.Lock()  # a lock held by a parent thread stays held here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _no_threading_layer(exc: ValueError) -> None:
+    global _serial_only
+    _serial_only = True
+    layer = os.environ.get("NUMBA_THREADING_LAYER", "default")
+    warnings.warn(f"fastkl: numba could not load a threading layer (NUMBA_THREADING_LAYER="
+                  f"{layer}): its kernels run on one thread in this process ({exc})",
+                  RuntimeWarning, stacklevel=3)
+
+
+def specialize(fn, name: str, **globals_):
+    """A copy of the plain function ``fn`` named ``name`` (qualname too), whose globals are
+    ``fn``'s with ``globals_`` replacing some: one source compiled into several kernels
+    that differ in a helper or a constant. Never a closure: numba names a function's cache
+    files and compiled symbols after its qualname, and two closures from one factory share
+    it (a float64 kernel could load the float32 one from the cache)."""
+    g = fn.__globals__
+    if globals_:
+        g = dict(g)
+        g.update(globals_)
+    f = pytypes.FunctionType(fn.__code__, g, name, fn.__defaults__, fn.__closure__)
+    f.__qualname__ = name
+    f.__doc__ = fn.__doc__
+    f.__module__ = fn.__module__
+    return f
+
 
 class ThreadedKernel:
     """One kernel source compiled twice: with ``prange`` spread over threads, and serially
-    (``prange`` is a plain ``range`` there). ``kernel(work, *args)`` picks by ``work``."""
+    (``prange`` is a plain ``range`` there). ``kernel(work, *args)`` picks the serial one
+    below ``SERIAL_WORK``, in a forked child, while another threaded call runs, and when numba
+    has no threading layer."""
 
     def __init__(self, fn):
-        self.threaded = njit(parallel=True, nogil=True, cache=True)(fn)
-        # a renamed copy: numba's cache files are named after the qualname, and a parallel
-        # and a serial build of one function must not read each other's file
-        twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                                    fn.__defaults__, fn.__closure__)
-        twin.__qualname__ = fn.__qualname__ + "_serial"
-        twin.__doc__ = fn.__doc__
-        self.serial = njit(nogil=True, cache=True)(twin)
+        self.threaded = jit(parallel=True, nogil=True)(fn)
+        # a renamed copy: a parallel and a serial build must not share cache files
+        self.serial = jit(nogil=True)(specialize(fn, fn.__name__ + "_serial"))
         self.__doc__ = fn.__doc__
 
     def __call__(self, work, *args):
-        return (self.serial if work < SERIAL_WORK else self.threaded)(*args)
+        if work < SERIAL_WORK or _serial_only:
+            return self.serial(*args)
+        lock = _parallel_lock
+        if not lock.acquire(blocking=False):
+            return self.serial(*args)
+        try:
+            return self.threaded(*args)
+        except ValueError as exc:  # raised by numba before any work is done
+            if "threading layer" not in str(exc):
+                raise
+            _no_threading_layer(exc)
+        finally:
+            lock.release()
+        return self.serial(*args)
 
 
 def threaded_kernel(fn) -> ThreadedKernel:
@@ -163,7 +229,7 @@ C12 = 1.0 / 479001600
 C13 = 1.0 / 6227020800
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _reduce(x):
     """(t, r): t holds k = round(x / ln2) in its low mantissa bits, r = x - k ln2."""
     t = fma(x, LOG2E, SHIFT)
@@ -172,13 +238,13 @@ def _reduce(x):
     return t, r
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _scale(t):
     """2**k from the t of ``_reduce``."""
     return i64_as_f64((f64_as_i64(t) + 1023) << 52)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def exp_parts(x):
     """(s, r, q) with e^x = s * (1 + r + q), s = 2**k, q = e^r - 1 - r (|x| <= FAST_MAX)."""
     t, r = _reduce(x)
@@ -207,7 +273,7 @@ M4 = 0.0013933726747929464043
 M5 = 0.00019857847267093069348
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def exp_parts_lo(x):
     """``exp_parts`` with the minimax series above (relative error < 3e-9): for float32
     inputs, whose results need 1e-6 (the Cython kernels use the same coefficients)."""

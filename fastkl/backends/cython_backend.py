@@ -18,6 +18,7 @@ except ImportError as exc:  # the optional extension was not compiled at install
         "the Cython extension fastkl.backends._cython_kernels is not built (installing it needs "
         f"a C compiler; reinstall fastkl from source where one exists) [{exc}]"
     ) from exc
+from . import in_forked_child
 from ._contract import BLOCK, N_PARTIALS
 from .cython_logits import _fit as _fit_2d
 
@@ -26,6 +27,11 @@ if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build
         f"fastkl.backends._cython_kernels was built with BLOCK={_k.BLOCK}, "
         f"N_PARTIALS={_k.N_PARTIALS}; the contract says {BLOCK}, {N_PARTIALS}: rebuild it"
     )
+
+# first imported in a forked child: serial from the start (an OpenMP pool the parent
+# started, e.g. through numba's omp layer, cannot be used here)
+if in_forked_child():
+    _k._after_fork_in_child()
 
 name = "cython"
 

@@ -13,6 +13,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cython_logits as _k
+from . import in_forked_child
+
+# first imported in a forked child: serial from the start (an OpenMP pool the parent
+# started, e.g. through numba's omp layer, cannot be used here)
+if in_forked_child():
+    _k._after_fork_in_child()
 
 name = "cython"
 

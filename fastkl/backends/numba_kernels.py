@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ._contract import BLOCK, N_PARTIALS
+from ._numba_cache import jit
 from ._numba_math import exp_parts as _exp_parts
 from ._numba_math import exp_parts_lo as _exp_parts_lo
-from ._numba_math import f64_as_i64, flat_buffer, fma, geometry, threaded_kernel
+from ._numba_math import f64_as_i64, flat_buffer, fma, geometry, specialize, threaded_kernel
 
 name = "numba"
 
@@ -38,26 +39,26 @@ ABS_BITS = 0x7FFFFFFFFFFFFFFF
 # --------------------------------------------------------------------------- lane math
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _em1x(x, s, r, q):
     """e^x - 1 - x from _exp_parts; for k == 0 (s == 1, r == x) exactly q."""
     return fma(s, q, fma(s, r, s - 1.0) - x)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _ex(s, r, q):
     """e^x from _exp_parts."""
     return fma(s, r + q, s)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _clip(x, lo, hi):
     """clip keeping NaN."""
     x = lo if x < lo else x
     return hi if x > hi else x
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _term_scalar(l, est):
     """(term, d term / d logq) with libm, for any l: numpy_ref.term_and_grad, one element."""
     if est == 0:
@@ -96,7 +97,7 @@ def _term_scalar(l, est):
 # without), load 0.5, sum 0.4.
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _load_l(qb, pb, geo, row, j, mm, lb):
     """lb[:mm] = float64(logp) - float64(logq) for row ``row`` from column j."""
     qs = geo[0, 2]
@@ -113,7 +114,7 @@ def _load_l(qb, pb, geo, row, j, mm, lb):
             lb[i] = np.float64(pb[po + i * ps]) - np.float64(qb[qo + i * qs])
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _load_x(xb, geo, k, row, j, mm, out):
     """out[:mm] = float64 of array k (geo row k) for row ``row`` from column j."""
     s = geo[k, 2]
@@ -127,91 +128,91 @@ def _load_x(xb, geo, k, row, j, mm, out):
             out[i] = np.float64(xb[o + i * s])
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _clip_pass(x, mm, lo, hi):
     for i in range(mm):
         x[i] = _clip(x[i], lo, hi)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _slow(x):
     """True where the fast path does not apply (NaN, +-inf, |x| > FAST_MAX)."""
     return not abs(x) <= FAST_MAX
 
 
-def _make_terms_stage(exp_parts):
-    """The terms stage over one ``exp_parts`` (the series degree is then a constant of each
-    compiled copy: a loop-invariant flag inside the loops stopped LLVM vectorizing them)."""
+# The terms stage over one exp series (the series degree is then a constant of each compiled
+# copy: a loop-invariant flag inside the loops stopped LLVM vectorizing them). One source,
+# two kernels with their own names (``specialize``): ``_stage_exp`` is the series.
+_stage_exp = _exp_parts
 
-    @njit(nogil=True, cache=True)
-    def _terms_stage(lb, tb, gb, mm, est, want_g):
-        """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped.
 
-        Returns True when some lane went through the libm fix-up (its term may be NaN/inf)."""
-        mx = 0  # max |bits| of l: > FAST_BITS iff some lane is NaN, inf or beyond FAST_MAX
-        if est <= 1:  # exact for every l (NaN and inf included): no fix-up, but NaN must count
-            if est == 0:
-                for i in range(mm):
-                    l = lb[i]
-                    tb[i] = -l
-                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
-            else:
-                for i in range(mm):
-                    l = lb[i]
-                    tb[i] = 0.5 * l * l
-                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
-            if want_g:
-                for i in range(mm):
-                    gb[i] = 1.0 if est == 0 else -lb[i]
-            return mx > FAST_BITS
-        if est == 2:
-            if want_g:
-                for i in range(mm):
-                    l = lb[i]
-                    s, r, q = exp_parts(l)
-                    e = _em1x(l, s, r, q)
-                    tb[i] = e
-                    gb[i] = -(e + l)
-                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
-            else:
-                for i in range(mm):
-                    l = lb[i]
-                    s, r, q = exp_parts(l)
-                    tb[i] = _em1x(l, s, r, q)
-                    mx = max(mx, f64_as_i64(l) & ABS_BITS)
-        elif est == 3:
+def _terms_stage(lb, tb, gb, mm, est, want_g):
+    """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped.
+
+    Returns True when some lane went through the libm fix-up (its term may be NaN/inf)."""
+    mx = 0  # max |bits| of l: > FAST_BITS iff some lane is NaN, inf or beyond FAST_MAX
+    if est <= 1:  # exact for every l (NaN and inf included): no fix-up, but NaN must count
+        if est == 0:
             for i in range(mm):
                 l = lb[i]
-                s, r, q = exp_parts(l)
-                rr = _ex(s, r, q)
-                tb[i] = rr * l
-                gb[i] = -rr * (l + 1.0)  # gb is scratch when not want_g: cheaper than a 2nd loop
+                tb[i] = -l
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
         else:
             for i in range(mm):
                 l = lb[i]
-                s, r, q = exp_parts(l)
-                e = _em1x(l, s, r, q)
-                rr = _ex(s, r, q)
-                tb[i] = rr * (l - 1.0) + 1.0 if l < -1.0 else l * l + (l - 1.0) * e
-                gb[i] = -rr * l
+                tb[i] = 0.5 * l * l
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
-        if mx <= FAST_BITS:
-            return False
+        if want_g:
+            for i in range(mm):
+                gb[i] = 1.0 if est == 0 else -lb[i]
+        return mx > FAST_BITS
+    if est == 2:
+        if want_g:
+            for i in range(mm):
+                l = lb[i]
+                s, r, q = _stage_exp(l)
+                e = _em1x(l, s, r, q)
+                tb[i] = e
+                gb[i] = -(e + l)
+                mx = max(mx, f64_as_i64(l) & ABS_BITS)
+        else:
+            for i in range(mm):
+                l = lb[i]
+                s, r, q = _stage_exp(l)
+                tb[i] = _em1x(l, s, r, q)
+                mx = max(mx, f64_as_i64(l) & ABS_BITS)
+    elif est == 3:
         for i in range(mm):
             l = lb[i]
-            if _slow(l):
-                tb[i], gb[i] = _term_scalar(l, est)
-        return True
+            s, r, q = _stage_exp(l)
+            rr = _ex(s, r, q)
+            tb[i] = rr * l
+            gb[i] = -rr * (l + 1.0)  # gb is scratch when not want_g: cheaper than a 2nd loop
+            mx = max(mx, f64_as_i64(l) & ABS_BITS)
+    else:
+        for i in range(mm):
+            l = lb[i]
+            s, r, q = _stage_exp(l)
+            e = _em1x(l, s, r, q)
+            rr = _ex(s, r, q)
+            tb[i] = rr * (l - 1.0) + 1.0 if l < -1.0 else l * l + (l - 1.0) * e
+            gb[i] = -rr * l
+            mx = max(mx, f64_as_i64(l) & ABS_BITS)
+    if mx <= FAST_BITS:
+        return False
+    for i in range(mm):
+        l = lb[i]
+        if _slow(l):
+            tb[i], gb[i] = _term_scalar(l, est)
+    return True
 
-    return _terms_stage
+
+_terms_stage13 = jit(nogil=True)(specialize(_terms_stage, "_terms_stage13"))
+_terms_stage_lo = jit(nogil=True)(  # float32 inputs
+    specialize(_terms_stage, "_terms_stage_lo", _stage_exp=_exp_parts_lo))
 
 
-_terms_stage13 = _make_terms_stage(_exp_parts)
-_terms_stage_lo = _make_terms_stage(_exp_parts_lo)  # float32 inputs
-
-
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _exp_stage(xb, eb, mm):
     """eb[:mm] = exp(xb[:mm]); returns True when some lane was computed by libm."""
     mx = 0
@@ -229,7 +230,7 @@ def _exp_stage(xb, eb, mm):
     return True
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, eb, tb, gb):
     """Terms (clamped, times exp(log_iw)) of ``mm`` elements of a row into tb (and
     dt/dlogq * exp(log_iw) into gb if want_g, unclamped: the grad kernel passes no clamps).
@@ -262,7 +263,7 @@ def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, 
 # array that LLVM vectorizes measured 0.30 vs 0.38 cycles/element here: not worth it.)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _sum8(x, m):
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
     m8 = m - m % 8
@@ -281,13 +282,13 @@ def _sum8(x, m):
     return (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) + tail
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _nz(t):
     """t, or 0.0 where t is NaN."""
     return t if t == t else 0.0
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _sum8_nn(x, m):
     """(sum of the non-NaN values, number of NaNs)."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
@@ -310,7 +311,7 @@ def _sum8_nn(x, m):
     return (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) + tail, nbad
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _sums_w(t, w, m):
     """Over the included elements (w != 0, t not NaN): (sum w, sum w*t, sum w*w, nbad, cnt)."""
     w0 = w1 = w2 = w3 = s0 = s1 = s2 = s3 = v0 = v1 = v2 = v3 = 0.0
@@ -352,7 +353,7 @@ def _sums_w(t, w, m):
             ((v0 + v1) + (v2 + v3)) + tv, nbad, cnt)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _wdev2(t, u, c):
     """w * (t - c)**2 with t, w zeroed for an excluded element, as numpy_ref (0 * inf = NaN)."""
     ok = (t == t) & (u != 0.0)
@@ -360,7 +361,7 @@ def _wdev2(t, u, c):
     return (u if ok else 0.0) * (d * d)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _dev2(t, w, c, m, has_w, skip_nan):
     """sum w * (t - c)**2 over the block (w == 1 when not has_w; NaN terms excluded)."""
     a0 = a1 = a2 = a3 = 0.0
@@ -396,14 +397,14 @@ def _dev2(t, w, c, m, has_w, skip_nan):
 # --------------------------------------------------------------------------- kernels
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _task(rows, nblk, n, task):
     row = task // nblk
     j0 = (task - row * nblk) * BLOCK
     return row, j0, min(BLOCK, n - j0)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _chunk_sums(tb, wb, mm, has_mask, fixed):
     """(sum w, sum w t, sum w**2, NaN count, count) of a chunk's terms; without a mask only
     the sum and the NaN count (``fixed``: some lane went through the fix-up, so NaN terms are
@@ -416,7 +417,7 @@ def _chunk_sums(tb, wb, mm, has_mask, fixed):
     return 0.0, _sum8(tb, mm), 0.0, 0, 0
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _write_part(out, W, S, W2, nbad, cnt, m, has_mask):
     """The block's partials (M2 left 0.0); without a mask the weights are the counts."""
     if not has_mask:

@@ -24,7 +24,8 @@ rows are used as log-probabilities directly (no max, no normaliser).
 Inputs reach the kernels as 1-D read-only buffers spanning their memory plus (offset, row
 stride, column stride) in elements, so one compiled specialization per dtype serves C-ordered,
 transposed and negative-stride views (no copies). Nothing is compiled at import; the kernels
-compile on first use (``cache=True``: later processes load them from ``__pycache__``).
+compile on first use, and later processes load them from the on-disk cache
+(``_numba_cache``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from ._numba_cache import jit
 from ._numba_math import (
     LN2_HI,
     LN2_LO,
@@ -81,14 +83,14 @@ INF = math.inf
 # --------------------------------------------------------------------------- lane math
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _exp_fast(x):
     """e^x for EXP_LO <= x <= EXP_HI (NaN stays NaN); other lanes: see ``_exp_lane_in``."""
     s, r, q = exp_parts(x)
     return fma(s, r + q, s)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _exp_fast_lo(x):
     """``_exp_fast`` with the degree-5 minimax series (``exp_parts_lo``, relative error
     < 3e-9): enough for float32 inputs (the Cython kernels make the same choice), six FMAs
@@ -97,7 +99,7 @@ def _exp_fast_lo(x):
     return fma(s, r + q, s)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _exp_lane_in(x, lo):
     """e^x, branch-free: exact 0.0 below EXP_ZERO (``-inf`` included); by the shorter series
     when ``lo`` (float32 inputs; loop-invariant, so the compiler unswitches the loops that
@@ -106,13 +108,13 @@ def _exp_lane_in(x, lo):
     return 0.0 if x < EXP_ZERO else e
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _exp_bad(x):
     """1 where ``_exp_lane_in`` is not valid (subnormal result, or x > EXP_HI), else 0."""
     return np.int64((x < EXP_LO) & (x >= EXP_ZERO)) | np.int64(x > EXP_HI)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _exp_exact(x):
     """Scalar e^x for every x (the fix-up)."""
     if x < EXP_ZERO:
@@ -125,7 +127,7 @@ def _exp_exact(x):
 # error_model="numpy": numba's default ("python") guards every float division with a
 # ZeroDivisionError branch, which kept LLVM from vectorizing any loop calling this (f + 1.0
 # is never 0 here). Measured: the JSD pass ran scalar, half the Cython kernel's speed.
-@njit(nogil=True, cache=True, error_model="numpy")
+@jit(nogil=True, error_model="numpy")
 def _log_reduce(m):
     """(k, s, z) with m = 2**k f, f in [sqrt(1/2), sqrt(2)), s = (f - 1) / (f + 1), z = s*s."""
     b = f64_as_i64(m)
@@ -135,14 +137,14 @@ def _log_reduce(m):
     return np.float64(k), s, s * s
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _log_join(m, kf, s, z, p):
     """k ln2 + 2 s + s z p (p: the series from 2/3 up), and -inf for m == 0."""
     v = fma(kf, LN2_HI, fma(s * z, p, fma(kf, LN2_LO, L1 * s)))
     return -INF if m == 0.0 else v
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@jit(nogil=True, error_model="numpy")
 def _log_lane(m):
     """log m for normal finite m > 0, and -inf for m == 0; other lanes: ``_log_bad``."""
     kf, s, z = _log_reduce(m)
@@ -159,7 +161,7 @@ def _log_lane(m):
     return _log_join(m, kf, s, z, p)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@jit(nogil=True, error_model="numpy")
 def _log_lane_lo(m):
     """``_log_lane`` with the series cut at s**11 (relative error < 6e-11, |s| <= 0.1716):
     for float32 inputs, six FMAs fewer."""
@@ -171,19 +173,19 @@ def _log_lane_lo(m):
     return _log_join(m, kf, s, z, p)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
+@jit(nogil=True, error_model="numpy")
 def _log_lane_in(m, lo):
     """``_log_lane``, by the shorter series only when ``lo`` (loop-invariant)."""
     return _log_lane_lo(m) if lo else _log_lane(m)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _log_bad(m):
     """1 where ``_log_lane`` is not valid (subnormal, > MAX_FINITE, negative, NaN)."""
     return np.int64(not ((m >= MIN_NORMAL) & (m <= MAX_FINITE))) & np.int64(m != 0.0)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _log_mix(beta, omb, p, q, lp, lq):
     """log(beta p + omb q) by libm, in log space where the sum underflows."""
     m = beta * p + omb * q
@@ -195,7 +197,7 @@ def _log_mix(beta, omb, p, q, lp, lq):
     return hi + math.log1p(math.exp(min(u, v) - hi))
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _log_exact(m):
     if m == 0.0:
         return -INF
@@ -204,14 +206,14 @@ def _log_exact(m):
     return math.log(m)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _key(x):
     """An int64 that orders like the float64 x."""
     b = f64_as_i64(x)
     return b ^ ((b >> 63) & ABS_BITS)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _unkey(k):
     return i64_as_f64(k ^ ((k >> 63) & ABS_BITS))
 
@@ -219,7 +221,7 @@ def _unkey(k):
 # --------------------------------------------------------------------------- chunk stages
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _load(buf, geo, k, row, j, mm, inv_t, dst):
     """dst[:mm] = float64(array k)[row, j:j+mm] * inv_t; returns their max (NaN ignored
     unless its sign bit is clear, in which case it may come back as NaN)."""
@@ -241,7 +243,7 @@ def _load(buf, geo, k, row, j, mm, inv_t, dst):
     return _unkey(km)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _tsum(x, mm):
     """Sum of x[:mm] by in-place halving (x has room for the next power of two >= 8)."""
     n = 8
@@ -257,7 +259,7 @@ def _tsum(x, mm):
     return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s, lo):
     """ea = e^(xa - ra), eb = e^(xb - rb), tt = ea * ((xa - ra) - (xb - rb)) (0 where ea
     == 0) if want_s; ``lo``: float32 inputs (``_exp_lane_in``)."""
@@ -291,7 +293,7 @@ def _chunk_ab(xa, xb, ra, rb, ea, eb, tt, mm, want_s, lo):
                     tt[i] = 0.0 if u == 0.0 else u * (da - db)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _chunk_a(xa, ra, ea, tt, mm, want_h, lo):
     """ea = e^(xa - ra), tt = ea * (xa - ra) (0 where ea == 0) if want_h; ``lo``: float32
     inputs (``_exp_lane_in``)."""
@@ -318,7 +320,7 @@ def _chunk_a(xa, ra, ea, tt, mm, want_h, lo):
                     tt[i] = 0.0 if u == 0.0 else u * da
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _chunk_finite_s(xa, xb, ra, rb, tt, mm, lo):
     """The rare chunk whose S sum came out +inf: its terms again from the same exps as
     ``_chunk_ab``, those with P > 0 = Q left out. Returns (their sum, the largest xa of the
@@ -337,7 +339,7 @@ def _chunk_finite_s(xa, xb, ra, rb, tt, mm, lo):
     return _tsum(tt, mm), xi
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _kl_value(MA, ZA, ZB, S, XI):
     """KL from ``_pass_ab``: +inf when an entry with Q = 0 still has P = e^(xa - MA -
     log ZA) > 0 at the final max (the reference's test); NaN kept."""
@@ -351,13 +353,13 @@ def _kl_value(MA, ZA, ZB, S, XI):
 # --------------------------------------------------------------------------- row passes
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _ref(m):
     """The shift actually used for a running max m: 0 while the row is all -inf so far."""
     return m if m > -INF else 0.0
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
     """One pass over a row of a and b: (MA, ZA, MB, ZB, S, XI) with ZA = sum e^(xa - MA),
     S = sum e^(xa - MA) ((xa - MA) - (xb - MB)) over the entries with Q > 0 or P = 0, XI the
@@ -408,7 +410,7 @@ def _pass_ab(ab, bb, geo, row, V, inv_t, want_s, bufs):
     return MA, ZA, MB, ZB, S, XI
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _pass_a(ab, geo, k, row, V, inv_t, want_h, bufs):
     """One pass over a row of array k: (MA, ZA, H) with H = sum e^(xa - MA) (xa - MA)."""
     xa = bufs[0]
@@ -439,7 +441,7 @@ def _pass_a(ab, geo, k, row, V, inv_t, want_h, bufs):
     return MA, ZA, H
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _jsd_pass2(ab, bb, geo, row, V, inv_t, ra, la, rb, lb, beta, lo, bufs):
     """(sum p (lp - lm), sum q (lq - lm), sum p, sum q) with lp = xa - ra - la, lq = xb - rb -
     lb; elements with lp == lq add exactly 0 (identical rows give 0.0). ``lo``: the shorter
@@ -505,7 +507,7 @@ def _jsd_pass2(ab, bb, geo, row, V, inv_t, ra, la, rb, lb, beta, lo, bufs):
     return SP, SQ, ZP, ZQ
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
     """log_probs at inv_t == 1: rows are log P, log Q as given (no max, no normaliser).
     Returns (S1, S2, sum P, sum Q): the op's sums and the rows' masses (0 for a row without
@@ -536,13 +538,13 @@ def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
     return S, 0.0, ZA, (ZA if op == 2 else ZB)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _jsd_value(beta, sp, sq):
     """beta sp + (1 - beta) sq, a zero weight dropping its sum (sp may be +inf at beta 0)."""
     return (0.0 if beta == 0.0 else beta * sp) + (0.0 if beta == 1.0 else (1.0 - beta) * sq)
 
 
-@njit(nogil=True, cache=True)
+@jit(nogil=True)
 def _row_value(ab, bb, geo, row, V, op, beta, inv_t, lpm, bufs):
     if lpm:
         s1, s2, za, zb = _row_logprobs(ab, bb, geo, row, V, op, beta, bufs)
