@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 
-import arrays
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+# numba sizes its thread pool once, at import, from NUMBA_NUM_THREADS (default: the CPU
+# count); test_accumulation.py compares 1, 2 and 3 threads, so the pool must hold 3 even on a
+# 2-core machine. The default thread count stays the CPU count (set after the import).
+_CPUS = os.cpu_count() or 1
+if "NUMBA_NUM_THREADS" not in os.environ and _CPUS < 3:
+    os.environ["NUMBA_NUM_THREADS"] = "3"
+    import numba
 
-import fastkl
+    numba.set_num_threads(_CPUS)
+
+import arrays  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import fastkl  # noqa: E402
 
 BACKENDS = fastkl.available_backends()
 
