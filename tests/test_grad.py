@@ -180,6 +180,7 @@ def _far_rows(dtype, seed=6):
     a[4, far[:5]] = -np.inf
     b[4, far[5:10]] = -np.inf
     b[5, far] = -720.0 + rng.normal(0, 1e-3, far.size)
+    a[1, far[:4]] = [5e-324, -5e-324, 1e-310, -2.5e-308]  # subnormal logits themselves
     return a.astype(dtype), b.astype(dtype)
 
 
