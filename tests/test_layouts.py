@@ -97,3 +97,35 @@ def test_temperature_really_applies(backend):
     k1 = fastkl.kl_logits(a, b, temperature=2.3, backend=backend)
     k2 = fastkl.kl_logits(a, b, temperature=1 / 2.3, backend=backend)
     assert (np.abs(k1 - k2) > 0.1 * np.abs(k1)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("t", [1.0, 0.7])
+def test_row_max_grows_in_different_chunks(backend, dtype, t):
+    """The kernels keep running maxima of a and b per 512-entry chunk and rescale their sums
+    when one grows (``S' = e^-dA (S - (dA - dB) ZA)``). With a and b of similar rows both
+    maxima grow together (dA ~ dB) and a wrong rescale hides; here they grow by moderate,
+    different steps in different chunks (a large step would make the old sums negligible)."""
+    rng = np.random.default_rng(31)
+    rows, vocab = 8, 4 * 512 + 100
+    a = rng.normal(0.0, 1.0, (rows, vocab))
+    b = rng.normal(0.0, 1.0, (rows, vocab))
+    for r in range(rows):  # a's max steps up by ~1 in chunks 2 and 3; b's in chunk 4 or 1
+        a[r, 600 + r] = 4.0 + 0.1 * r
+        a[r, 1100 + 7 * r] = 5.0 + 0.2 * r
+        b[r, 30 + r] = 4.5
+        b[r, 1600 + 11 * r] = 5.0 + 0.3 * r if r % 2 else 3.0
+    a, b = a.astype(dtype), b.astype(dtype)
+    rtol, atol = TOL[np.dtype(dtype)]
+    what = f"{backend} {np.dtype(dtype).name} T={t}"
+    tok = np.arange(rows) * 131 % vocab
+    for name, fn in {
+        "kl": lambda x, y, be: fastkl.kl_logits(x, y, temperature=t, backend=be),
+        "kl reversed": lambda x, y, be: fastkl.kl_logits(y, x, temperature=t, backend=be),
+        "jsd": lambda x, y, be: fastkl.jsd_logits(x, y, 0.3, temperature=t, backend=be),
+        "entropy": lambda x, y, be: fastkl.entropy_logits(x, temperature=t, backend=be),
+        "token": lambda x, y, be: fastkl.token_logprobs(x, tok, temperature=t, backend=be),
+        "grad": lambda x, y, be: fastkl.kl_logits_grad(x, y, temperature=t, backend=be)[1],
+    }.items():
+        close(fn(a, b, backend), fn(a, b, "numpy"), rtol, atol, f"{what} {name}")

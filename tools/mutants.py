@@ -144,7 +144,8 @@ MUTANTS: list[Mutant] = [
            "token log-prob adds log Z instead of subtracting it (Cython)"),
     Mutant("numba-rescale-sign", B + "numba_logits.py",
            "sa * (S - (da - db) * ZA)", "sa * (S + (da - db) * ZA)",
-           _t("tests/test_logits.py", "-k", "running_max and numba"),
+           _t("tests/test_logits.py", "tests/test_layouts.py", "-k",
+              "(running_max or grows) and numba"),
            "sign in the KL running-sum rescale when the row max grows (numba)"),
     # ---- the numpy reference ------------------------------------------------------------
     Mutant("ref-rk3-grad", B + "numpy_ref.py",
