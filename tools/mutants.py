@@ -312,7 +312,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         m = r["m"]
         sel = " ".join(m.tests).replace("|", "\\|")
-        rows.append(f"| {r['i']} | `{m.name}` | `{m.path}` | {m.what} | `{sel}` | "
+        what = m.what.replace("|", "\\|")
+        rows.append(f"| {r['i']} | `{m.name}` | `{m.path}` | {what} | `{sel}` | "
                     f"{r['status']} | {r.get('seconds', 0):.0f} |")
     counted = [r for r in results if r["status"] in ("caught", "missed", "timeout")]
     caught = sum(r["status"] == "caught" for r in counted)
