@@ -202,8 +202,8 @@ def extensions():
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for name, headers in (
-            ("_cython_kernels", ["_fastkl_common.h", "_fastkl_math.h"]),
-            ("_cython_logits", ["_fastkl_common.h", "_fastkl_logits.h"]),
+            ("_cython_kernels", ["_fastkl_common.h", "_fastkl_math.h", "_fork.pxi"]),
+            ("_cython_logits", ["_fastkl_common.h", "_fastkl_logits.h", "_fork.pxi"]),
         )
     ]
     return cythonize(

@@ -206,24 +206,19 @@ def _samples(text: str) -> int:
     return int(v)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return v
+def _int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``."""
 
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text!r}")
+        return v
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
+    return parse
 
 
 def _shown(path) -> str:
@@ -587,11 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--samples", type=_samples, default=10**7,
                       help="samples per mu (default: 1e7)")
-    demo.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default: 0)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0,
+                      help="random seed >= 0 (default: 0)")
     demo.add_argument("--backend", default=None,
                       help="backend(s) to use, comma-separated (default: all available; "
                       "the first one computes the table)")
-    demo.add_argument("--repeats", type=_positive_int, default=5,
+    demo.add_argument("--repeats", type=_int_at_least(1), default=5,
                       help="timed calls per implementation, best reported (default: 5)")
     demo.add_argument("--no-bench", action="store_true", help="skip the throughput lines")
     demo.set_defaults(func=cmd_demo)
