@@ -30,8 +30,11 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
     SOURCE_DATE_EPOCH="$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || echo 315532800)"
 fi
 export SOURCE_DATE_EPOCH
-# no build paths in the compiled code (the wheel is built from an unpacked sdist in a temp dir)
-export CFLAGS="${CFLAGS:-} -ffile-prefix-map=$TMP=. -g0"
+# no build paths in the compiled code (the wheel is built from an unpacked sdist in a temp dir):
+# no debug info, prefix maps. Recent setuptools lets $CFLAGS replace Python's own CFLAGS
+# (-DNDEBUG -fwrapv ...), so they are restated first.
+PYCFLAGS="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("CFLAGS") or "")')"
+export CFLAGS="$PYCFLAGS ${CFLAGS:-} -ffile-prefix-map=$TMP=. -g0"
 
 echo "== tools venv"
 "$PYTHON" -m venv "$TMP/tools"
