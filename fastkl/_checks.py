@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 
-from .backends._contract import EST_CODES
+from . import _estimators
 
 NAN_POLICIES = ("propagate", "omit", "raise")
 PLAIN_REDUCTIONS = ("none", "mean", "sum")
@@ -84,15 +84,18 @@ def same_shape(a: np.ndarray, shape: tuple, name: str, ref: str = "logq") -> Non
 def estimator_code(estimator, reverse) -> int:
     if not isinstance(reverse, (bool, np.bool_)):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
-    if estimator not in ("k1", "k2", "k3"):
-        raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
-    code = EST_CODES.get((estimator, bool(reverse)))
-    if code is None:
+    names = _estimators.NAMES
+    if not isinstance(estimator, str) or estimator not in names:
+        choices = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+        raise ValueError(f"estimator must be {choices}, got {estimator!r}")
+    row = _estimators.lookup(estimator, reverse)
+    if row is None:
+        rev = " or ".join(repr(n) for n in _estimators.REVERSIBLE)
         raise ValueError(
-            f"estimator {estimator!r} has no reverse (KL(p||q)) form; use 'k1' or 'k3' "
+            f"estimator {estimator!r} has no reverse (KL(p||q)) form; use {rev} "
             "with reverse=True"
         )
-    return code
+    return row.code
 
 
 def reduction(value, ndim: int, allow_rl: bool = True) -> str:

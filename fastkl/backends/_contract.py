@@ -35,11 +35,13 @@ Functions:
 Backends must agree with the reference to the per-term tolerance of the public docs.
 """
 
+from .._estimators import ESTIMATORS
+
 BLOCK = 4096  # elements per partial; fixed so results never depend on the thread count
 N_PARTIALS = 6
 
-# (estimator, reverse) -> code, shared by every backend
-EST_CODES = {("k1", False): 0, ("k2", False): 1, ("k3", False): 2, ("k1", True): 3, ("k3", True): 4}
+# (estimator, reverse) -> code, shared by every backend; the rows live in ``fastkl._estimators``
+EST_CODES = {(e.name, e.reverse): e.code for e in ESTIMATORS}
 
 # ---------------------------------------------------------------------------------------
 # Full-distribution (logits) ops. Rows of the vocabulary: ``a`` (P) and ``b`` (Q) are 2-D
