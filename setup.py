@@ -1,5 +1,5 @@
-"""Build of the Cython extensions ``fastkl.backends._cython_kernels`` (Monte Carlo terms) and
-``_cython_logits`` (full-vocabulary ops); metadata: pyproject.toml.
+"""Build of the Cython extensions ``fastkl.backends.cython._mc`` (Monte Carlo terms) and
+``_logits`` (full-vocabulary ops); metadata: pyproject.toml.
 
 What the build probes, by test-compiling (and linking) a tiny program with the compiler that
 will build the extension:
@@ -35,7 +35,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PKG = os.path.join("fastkl", "backends")
+PKG = os.path.join("fastkl", "backends", "cython")
 
 OPENMP_TEST = r"""
 #include <omp.h>
@@ -195,15 +195,15 @@ def extensions():
 
     exts = [
         Extension(
-            f"fastkl.backends.{name}",
+            f"fastkl.backends.cython.{name}",
             sources=[os.path.join(PKG, f"{name}.pyx")],
             include_dirs=[np.get_include(), PKG],
             depends=[os.path.join(PKG, h) for h in headers],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for name, headers in (
-            ("_cython_kernels", ["_fastkl_common.h", "_fastkl_math.h", "_fork.pxi"]),
-            ("_cython_logits", ["_fastkl_common.h", "_fastkl_logits.h", "_fork.pxi"]),
+            ("_mc", ["common.h", "mc.h", "fork.pxi"]),
+            ("_logits", ["common.h", "logits.h", "fork.pxi"]),
         )
     ]
     return cythonize(

@@ -55,7 +55,7 @@ def machine(threads: int | None) -> dict:
         except ImportError:
             pass
     try:
-        from fastkl.backends import cython_backend
+        from fastkl.backends import cython as cython_backend
 
         info["cython_isa"] = cython_backend.isa()
     except ImportError:

@@ -263,7 +263,7 @@ def kl_mc_file(
             per_el += m.dtype.itemsize + 8
         if iw is not None:
             per_el += iw.dtype.itemsize + dtype.itemsize
-        if getattr(be, "name", "") == "numpy" or be.__name__.endswith("numpy_ref"):
+        if getattr(be, "name", "") == "numpy":
             per_el += 80  # the reference allocates float64 temporaries
         tiny = np.zeros((1, 2), dtype=dtype)
         be.mc_partials(tiny, tiny, None, None, acc._est, acc._clamp, True)  # load / compile
@@ -491,7 +491,7 @@ def compare_logits(
         be.logits_token(tiny, np.zeros(1, np.int64), 1.0, -100, np.empty(1))
         bar = _progress(rows, "fastkl compare", progress, "row")
         per_row = _row_cost(bs, vocab) + _row_cost(ts, vocab) + 64
-        if be.__name__.endswith("numpy_ref"):
+        if getattr(be, "name", "") == "numpy":
             per_row += vocab * 8 * 12  # the reference materializes float64 temporaries
         use_raw = acc.temperature == 1.0
         llama = isinstance(bs, LlamaSource) and op == "kl" and use_raw

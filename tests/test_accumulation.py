@@ -121,7 +121,7 @@ class _Threads:
                 pytest.skip("numba's pool has fewer than 3 threads (NUMBA_NUM_THREADS < 3)")
             self.saved = numba.get_num_threads()
         else:
-            from fastkl.backends import _cython_kernels
+            from fastkl.backends.cython import _mc as _cython_kernels
 
             if not _cython_kernels.openmp():
                 pytest.skip("the Cython extension was built without OpenMP")

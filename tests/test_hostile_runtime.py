@@ -86,7 +86,7 @@ def warm_numba_cache():
     (what a forked child runs): a cold cache costs minutes of compiling on a busy machine,
     which the subprocess timeouts are not meant for."""
     if HAS_NUMBA:
-        from fastkl.backends import _numba_math
+        from fastkl.backends.numba import common as _numba_math
 
         ns: dict = {}
         exec(COMPUTE, ns)
@@ -139,7 +139,7 @@ CROSS = COMPUTE + """
 rng = np.random.default_rng(1)
 q = rng.normal(size=(32, 4096))
 fastkl.kl_mc(q, q + 0.1, backend="numba")  # threaded: numba's pool (omp layer: libgomp's)
-assert "fastkl.backends.cython_backend" not in sys.modules
+assert "fastkl.backends.cython.mc" not in sys.modules
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
@@ -238,18 +238,18 @@ def test_unloadable_threading_layer_is_one_warning():
 def test_cache_key_follows_helper_source():
     """Issue 15: the cache key changes when the source of a helper module, the contract or
     fastkl's version changes (computed from a modified copy of the text; nothing edited)."""
-    from fastkl.backends import _numba_cache
+    from fastkl.backends.numba import cache as _numba_cache
 
     src = _numba_cache.source_texts()
     key = _numba_cache.cache_key()
     assert key == _numba_cache.cache_key(dict(src)) == _numba_cache.cache_key()
-    math_src = src["_numba_math.py"]
+    math_src = src["numba/common.py"]
     assert b"C13 = 1.0 / 6227020800" in math_src
     for name, text in [
-        ("_numba_math.py", math_src.replace(b"C13 = 1.0 / 6227020800", b"C13 = 0.0")),
-        ("_numba_math.py", math_src + b"\n# a comment\n"),
+        ("numba/common.py", math_src.replace(b"C13 = 1.0 / 6227020800", b"C13 = 0.0")),
+        ("numba/common.py", math_src + b"\n# a comment\n"),
         ("_contract.py", src["_contract.py"].replace(b"BLOCK = 4096", b"BLOCK = 2048")),
-        ("numba_logits.py", src["numba_logits.py"].replace(b"CH = 512", b"CH = 256")),
+        ("numba/logits.py", src["numba/logits.py"].replace(b"CH = 512", b"CH = 256")),
     ]:
         assert text != src[name]
         assert _numba_cache.cache_key({**src, name: text}) != key, name
@@ -263,7 +263,10 @@ def test_cached_kernels_have_own_names_and_the_key():
     names cache files and symbols after it); each is stamped with the full cache key."""
     from numba.core.dispatcher import Dispatcher
 
-    from fastkl.backends import _numba_cache, _numba_math, numba_kernels, numba_logits
+    from fastkl.backends.numba import cache as _numba_cache
+    from fastkl.backends.numba import common as _numba_math
+    from fastkl.backends.numba import logits as numba_logits
+    from fastkl.backends.numba import mc as numba_kernels
 
     seen = {}
     for mod in (_numba_math, numba_kernels, numba_logits):
@@ -281,8 +284,8 @@ def test_cached_kernels_have_own_names_and_the_key():
                 if _numba_cache.cache_dir() is not None:
                     stamp = d._cache._impl.locator.get_source_stamp()
                     assert stamp == _numba_cache.cache_key()
-    assert ("fastkl.backends.numba_kernels", "_terms_stage13") in seen
-    assert ("fastkl.backends.numba_kernels", "_terms_stage_lo") in seen
+    assert ("fastkl.backends.numba.mc", "_terms_stage13") in seen
+    assert ("fastkl.backends.numba.mc", "_terms_stage_lo") in seen
 
 
 STAGES = """
@@ -290,7 +293,7 @@ import sys
 import mpmath
 mpmath.mp.dps = 50
 import numpy as np
-from fastkl.backends import numba_kernels as nk
+from fastkl.backends.numba import mc as nk
 
 rng = np.random.default_rng(3)
 l = rng.normal(scale=0.3, size=512)
@@ -313,7 +316,7 @@ def test_cache_serves_each_stage_its_own_code(tmp_path):
     """Issue 10.2: the float64 and float32 terms stages, compiled by one process into a
     shared NUMBA_CACHE_DIR, are served from the cache to another process that loads them
     in the other order, each its own code (float64 within 1e-15 of e^l - 1 - l by mpmath)."""
-    from fastkl.backends import _numba_cache
+    from fastkl.backends.numba import cache as _numba_cache
 
     env = {"NUMBA_CACHE_DIR": str(tmp_path)}
     first = check_ok(run_py(STAGES, env=env, args=("_terms_stage_lo", "_terms_stage13")))
@@ -329,7 +332,7 @@ def test_cache_serves_each_stage_its_own_code(tmp_path):
 
 
 TINY = """
-from fastkl.backends._numba_math import exp_parts
+from fastkl.backends.numba.common import exp_parts
 
 s, r, q = exp_parts(0.75)
 print(repr(s * (1.0 + r + q)), sum(exp_parts.stats.cache_hits.values()),
@@ -385,7 +388,7 @@ def test_no_disk_cache_when_disabled(tmp_path):
 def test_cache_dir_falls_back_where_not_writable(tmp_path, monkeypatch):
     """A read-only install (site-packages, no NUMBA_CACHE_DIR): the cache goes to the user
     cache directory; with nowhere writable there is no disk cache (and no error)."""
-    from fastkl.backends import _numba_cache as nc
+    from fastkl.backends.numba import cache as nc
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("FASTKL_NUMBA_CACHE", raising=False)
@@ -427,7 +430,7 @@ def test_float32_then_float64_grad_across_processes(tmp_path):
     """Issue 10.2: float32-then-float64 ``kl_mc_grad(backend="numba")`` in two processes
     sharing one cache dir: the float64 result has the bits of an uncached run and matches
     numpy_ref to 1e-15; a corrupted cache in between changes nothing."""
-    from fastkl.backends import _numba_cache
+    from fastkl.backends.numba import cache as _numba_cache
 
     env = {"NUMBA_CACHE_DIR": str(tmp_path)}
     args = ("float32", "float64")

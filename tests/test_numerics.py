@@ -179,7 +179,7 @@ def test_textbook_float32_fails_the_tolerance():
 def _exact_mean(q: np.ndarray, p: np.ndarray, est, chunk=1 << 22) -> float:
     """math.fsum mean of float64 terms (the reference's float64 formulas are within a few
     ulp per term, far below the 1e-12 tolerance) computed from the exact float64 l."""
-    from fastkl.backends import numpy_ref
+    from fastkl.backends import numpy as numpy_ref
 
     code = {("k1", False): 0, ("k2", False): 1, ("k3", False): 2, ("k1", True): 3,
             ("k3", True): 4}[est]

@@ -59,7 +59,7 @@ def _run(args: list[str], timeout: float) -> str:
 
 @pytest.mark.skipif("numba" not in fastkl.available_backends(), reason="numba not available")
 def test_after_warmup_a_new_process_compiles_nothing():
-    from fastkl.backends import _numba_cache
+    from fastkl.backends.numba import cache as _numba_cache
 
     if _numba_cache.cache_dir() is None:
         pytest.skip("no writable numba cache directory here (or FASTKL_NUMBA_CACHE=0)")

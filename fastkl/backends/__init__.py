@@ -12,16 +12,16 @@ from types import ModuleType
 
 # preference order for backend=None: Cython needs no JIT warm-up, numba is next
 _MODULES = {
-    "cython": "fastkl.backends.cython_backend",
-    "numba": "fastkl.backends.numba_kernels",
-    "numpy": "fastkl.backends.numpy_ref",
+    "cython": "fastkl.backends.cython",
+    "numba": "fastkl.backends.numba",
+    "numpy": "fastkl.backends.numpy",
 }
 BACKEND_NAMES = tuple(_MODULES)
 
 # Set in a child made by fork() (os.fork, multiprocessing's "fork" start method) of a process
 # that had imported fastkl: the compiled backends then run serially, as their thread pools
 # (libgomp's, numba's) do not survive fork. A backend first imported in such a child reads
-# it; a loaded one also has its own handler (see ``_numba_math``, ``_cython_kernels.pyx``).
+# it; a loaded one also has its own handler (see ``numba.common``, ``cython/fork.pxi``).
 _forked = False
 
 
@@ -65,7 +65,7 @@ def get_backend(name: str | None) -> ModuleType:
             mod = _try_load(n)
             if mod is not None:
                 return mod
-        raise RuntimeError("no fastkl backend could be loaded")  # numpy_ref always loads
+        raise RuntimeError("no fastkl backend could be loaded")  # the numpy backend always loads
     if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"backend must be None or one of {list(BACKEND_NAMES)}, got {name!r}")
     mod = _try_load(name)

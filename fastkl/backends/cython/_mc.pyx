@@ -1,13 +1,13 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, language_level=3
 # cython: initializedcheck=False, nonecheck=False
-"""Compiled kernels of the Cython backend (see ``cython_backend`` for the contract).
+"""Compiled kernels of the Cython backend (see ``mc`` for the contract).
 
-The arithmetic lives in ``_fastkl_math.h`` (branch-free C, compiled once per ISA through
+The arithmetic lives in ``mc.h`` (branch-free C, compiled once per ISA through
 target_clones); this module only unpacks the arrays into raw pointers and element strides and
 runs the (row, block) tasks, in parallel with OpenMP ``prange`` when the build has it. Every
 task writes its own partials slot, so results never depend on the thread count.
 
-The wrapper ``cython_backend`` hands over 2-D native-order arrays of the kernel dtype whose
+The wrapper ``mc`` hands over 2-D native-order arrays of the kernel dtype whose
 byte strides are multiples of the item size (any sign); ``out`` is C-contiguous.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 cnp.import_array()
 
-cdef extern from "_fastkl_math.h" nogil:
+cdef extern from "mc.h" nogil:
     int FK_BLOCK
     int FK_NPART
     int FK_WORK_DOUBLES
@@ -58,7 +58,7 @@ N_PARTIALS = FK_NPART
 PARALLEL_MIN = 1 << 16
 
 
-include "_fork.pxi"
+include "fork.pxi"
 
 
 def isa():

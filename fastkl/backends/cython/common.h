@@ -1,4 +1,4 @@
-/* What both Cython headers share (_fastkl_math.h: Monte Carlo terms; _fastkl_logits.h: the
+/* What both Cython headers share (mc.h: Monte Carlo terms; logits.h: the
  * logits ops): includes, inlining/alignment macros, function multiversioning and the
  * OpenMP queries. */
 #ifndef FASTKL_COMMON_H
@@ -49,7 +49,7 @@ FK_INLINE uint64_t fk_to_bits(double d) {
  * docs/kernel_math.md). full: the Taylor series to 1/13! (float64, < 1e-16 relative). Else a
  * degree-5 minimax fit (Remez, relative error 2.7e-9 = 0.05 float32 ulp; for float32
  * inputs, whose results need 1e-6): two FMAs fewer than the Taylor series to 1/9! it
- * replaces. The numba kernels use the same coefficients (_numba_math.M0..M5). ``full`` is a
+ * replaces. The numba kernels use the same coefficients (numba.common.M0..M5). ``full`` is a
  * compile-time constant or loop-invariant at every call site. */
 FK_INLINE double fk_exp_series(double r, const int full) {
     double P;

@@ -3,7 +3,7 @@ cache file never breaks a call. ``jit`` is ``numba.njit`` with this cache.
 
 * **Key.** numba keys a cached function by its own bytecode and the stamp of its own source
   file, but a compiled kernel also contains the helpers it calls from other modules
-  (``_numba_math``) and the constants it reads (``_contract.BLOCK``): with numba's key a
+  (``common``) and the constants it reads (``_contract.BLOCK``): with numba's key a
   changed helper kept serving kernels compiled with the old one. Here every cached function
   is stamped with ``cache_key()``: fastkl's version, numba's and Python's, and a hash of the
   source of every module the compiled code depends on (``KEY_MODULES``). The cache directory
@@ -12,7 +12,7 @@ cache file never breaks a call. ``jit`` is ``numba.njit`` with this cache.
 * **Names.** numba names a function's cache files (and its compiled symbols) after its
   qualname and first line: two functions built by one factory (closures) share them, and
   numba hashed their closure cells through a per-process identity. fastkl caches no closure:
-  a specialised copy of a function gets its own qualname (``_numba_math.specialize``).
+  a specialised copy of a function gets its own qualname (``common.specialize``).
 * **Location**, the first directory that is writable: ``$NUMBA_CACHE_DIR/fastkl-<key>`` when
   numba's cache directory is set; ``fastkl/backends/__pycache__/fastkl-<key>`` (next to the
   sources, as numba's own default); the user cache directory (``$XDG_CACHE_HOME/fastkl/numba``
@@ -37,17 +37,18 @@ import tempfile
 import numba
 from numba import njit
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # fastkl/backends/numba
+BACKENDS = os.path.dirname(HERE)  # KEY_MODULES are relative to fastkl/backends
 
 # every module whose source reaches the compiled numba code
-KEY_MODULES = ("_contract.py", "_numba_math.py", "numba_kernels.py", "numba_logits.py")
+KEY_MODULES = ("_contract.py", "numba/common.py", "numba/mc.py", "numba/logits.py")
 
 
 def source_texts() -> dict[str, bytes]:
     """The source bytes of ``KEY_MODULES`` as installed."""
     out = {}
     for name in KEY_MODULES:
-        with open(os.path.join(HERE, name), "rb") as f:
+        with open(os.path.join(BACKENDS, name), "rb") as f:
             out[name] = f.read()
     return out
 
@@ -60,7 +61,7 @@ def fastkl_version() -> str:
     if isinstance(v, str):
         return v
     try:
-        with open(os.path.join(os.path.dirname(HERE), "__init__.py"), encoding="utf-8") as f:
+        with open(os.path.join(os.path.dirname(BACKENDS), "__init__.py"), encoding="utf-8") as f:
             m = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", f.read(), re.M)
         return m.group(1) if m else "unknown"
     except OSError:

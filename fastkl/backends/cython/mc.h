@@ -1,6 +1,6 @@
 /* Branch-free term arithmetic and per-block loops of the Cython backend.
  *
- * The algorithm is docs/kernel_math.md; the semantics are fastkl/backends/numpy_ref.py.
+ * The algorithm is docs/kernel_math.md; the semantics are fastkl/backends/numpy/mc.py.
  *
  * One call of fk_task() handles one (row, block) task: FK_BLOCK consecutive elements of a row,
  * processed in chunks of FK_CHUNK elements through small buffers that stay in L1:
@@ -24,7 +24,7 @@
 #ifndef FASTKL_MATH_H
 #define FASTKL_MATH_H
 
-#include "_fastkl_common.h"
+#include "common.h"
 
 #define FK_BLOCK 4096 /* must equal fastkl.backends._contract.BLOCK */
 #define FK_CHUNK 512  /* elements per L1-resident chunk; divides FK_BLOCK, multiple of FK_NACC */
@@ -66,7 +66,7 @@ FK_INLINE void fk_exp_core(double l, double *E, double *R, const int lo) {
     *R = s + s * (r + q);
 }
 
-/* numpy_ref.term_and_grad for one lane outside the fast path (NaN, +-inf, |l| > 700). */
+/* numpy.mc.term_and_grad for one lane outside the fast path (NaN, +-inf, |l| > 700). */
 static void fk_term_slow(double l, int est, double *t, double *g) {
     const double inf = (double)INFINITY;
     double e, r, tt = l, gg = 1.0;

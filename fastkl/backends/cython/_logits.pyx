@@ -1,13 +1,13 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, language_level=3
 # cython: initializedcheck=False, nonecheck=False
-"""Compiled logits kernels of the Cython backend (see ``cython_logits`` for the contract).
+"""Compiled logits kernels of the Cython backend (see ``logits`` for the contract).
 
-The arithmetic lives in ``_fastkl_logits.h`` (branch-free C, compiled once per ISA through
+The arithmetic lives in ``logits.h`` (branch-free C, compiled once per ISA through
 target_clones); this module only unpacks the arrays into raw pointers and element strides and
 runs the rows, in parallel with OpenMP ``prange`` when the build has it. One row is computed
 by one thread in a fixed order, so results never depend on the thread count.
 
-The wrapper ``cython_logits`` hands over 2-D native-order arrays of float32/float64 whose byte
+The wrapper ``logits`` hands over 2-D native-order arrays of float32/float64 whose byte
 strides are multiples of the item size (any sign, read-only is fine); ``out`` is a contiguous
 float64 ``[rows]``, ``active``/``tokens``/``rowscale`` contiguous ``[rows]`` arrays, ``grad``
 C-contiguous ``[rows, V]`` of the input dtype.
@@ -21,7 +21,7 @@ import os
 
 cnp.import_array()
 
-cdef extern from "_fastkl_logits.h" nogil:
+cdef extern from "logits.h" nogil:
     int FKL_KL
     int FKL_JSD
     int FKL_ENT
@@ -56,7 +56,7 @@ CHUNK = FKL_CHUNK
 PARALLEL_MIN = 1 << 15
 
 
-include "_fork.pxi"
+include "fork.pxi"
 
 
 def isa():

@@ -19,8 +19,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import in_forked_child
-from ._numba_cache import jit
+from .. import in_forked_child
+from .cache import jit
 
 
 @intrinsic

@@ -1,5 +1,5 @@
-# Included by _cython_kernels.pyx and _cython_logits.pyx (each extension keeps its own flag;
-# both need ``import os`` and ``fk_max_threads`` from _fastkl_common.h).
+# Included by _mc.pyx and _logits.pyx (each extension keeps its own flag;
+# both need ``import os`` and ``fk_max_threads`` from common.h).
 
 # A child made by fork() runs every kernel on its own thread: the OpenMP runtime's worker
 # pool belongs to the parent (libgomp's threads do not survive fork(), and the child's first

@@ -1,6 +1,6 @@
 /* Per-row logits kernels of the Cython backend (KL, JSD, entropy, token log-prob, KL grad).
  *
- * Algorithm: docs/logits_math.md; semantics: fastkl/backends/numpy_ref.py (logits_*);
+ * Algorithm: docs/logits_math.md; semantics: fastkl/backends/numpy/logits.py;
  * contract: fastkl/backends/_contract.py (bottom half).
  *
  * One row is computed by one thread, in chunks of FKL_CHUNK elements, always in the same
@@ -15,8 +15,8 @@
  *
  * exp is the range-reduced polynomial of docs/kernel_math.md (degree 13 for float64 inputs,
  * degree 9 for float32 inputs: relative error < 1e-11, far inside the float32 tolerance);
- * log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa. Shares _fastkl_common.h
- * (macros, multiversioning, OpenMP queries) with _fastkl_math.h.
+ * log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa. Shares common.h
+ * (macros, multiversioning, OpenMP queries) with mc.h.
  *
  * No -ffast-math: NaN/inf semantics and the order of every sum matter. Build with -O3
  * -fno-math-errno; -fno-trapping-math lets the compiler if-convert the selects.
@@ -24,7 +24,7 @@
 #ifndef FASTKL_LOGITS_H
 #define FASTKL_LOGITS_H
 
-#include "_fastkl_common.h"
+#include "common.h"
 
 #define FKL_CHUNK 256 /* elements per L1-resident chunk; multiple of FKL_NACC */
 #define FKL_NACC 8    /* independent accumulators per sum (fixed: the summation order) */

@@ -1,5 +1,5 @@
 """The Cython backend: the kernel contract (``_contract``) over the compiled extension
-``fastkl.backends._cython_kernels``.
+``fastkl.backends.cython._mc``.
 
 Importing this module raises ImportError when the extension is not built, which makes the
 registry mark the backend unavailable. This wrapper only makes sure the arrays are what the
@@ -12,19 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 try:
-    from . import _cython_kernels as _k
+    from . import _mc as _k
 except ImportError as exc:  # the optional extension was not compiled at install time
     raise ImportError(
-        "the Cython extension fastkl.backends._cython_kernels is not built (installing it needs "
+        "the Cython extension fastkl.backends.cython._mc is not built (installing it needs "
         f"a C compiler; reinstall fastkl from source where one exists) [{exc}]"
     ) from exc
-from . import in_forked_child
-from ._contract import BLOCK, N_PARTIALS
-from .cython_logits import _fit as _fit_2d
+from .. import in_forked_child
+from .._contract import BLOCK, N_PARTIALS
+from .logits import _fit as _fit_2d
 
 if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build mismatch
     raise ImportError(
-        f"fastkl.backends._cython_kernels was built with BLOCK={_k.BLOCK}, "
+        f"fastkl.backends.cython._mc was built with BLOCK={_k.BLOCK}, "
         f"N_PARTIALS={_k.N_PARTIALS}; the contract says {BLOCK}, {N_PARTIALS}: rebuild it"
     )
 
@@ -33,7 +33,6 @@ if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build
 if in_forked_child():
     _k._after_fork_in_child()
 
-name = "cython"
 
 _TERMS, _PARTIALS, _GRAD = 0, 1, 2
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -46,7 +45,7 @@ def isa() -> str:
 
 
 def _fit(a: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
-    """``a`` as the extension reads it (``cython_logits._fit``), or None."""
+    """``a`` as the extension reads it (``logits._fit``), or None."""
     return None if a is None else _fit_2d(a, dtype)
 
 
@@ -101,4 +100,3 @@ def mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad):
 
 
 # the logits half of the contract, over the second extension
-from .cython_logits import logits_kl_grad, logits_rows, logits_token  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""Numba backend of the kernel contract (``_contract``; spec: ``numpy_ref``).
+"""Numba backend of the kernel contract (``_contract``; spec: ``backends.numpy``).
 
 Terms follow ``docs/kernel_math.md``: float64 lanes, Cody-Waite range reduction, ``2**k``
 built from bits, a degree-13 Taylor polynomial, and a scalar libm fix-up for lanes outside
@@ -20,13 +20,12 @@ import math
 import numpy as np
 from numba import prange
 
-from ._contract import BLOCK, N_PARTIALS
-from ._numba_cache import jit
-from ._numba_math import exp_parts as _exp_parts
-from ._numba_math import exp_parts_lo as _exp_parts_lo
-from ._numba_math import f64_as_i64, flat_buffer, fma, geometry, specialize, threaded_kernel
+from .._contract import BLOCK, N_PARTIALS
+from .cache import jit
+from .common import exp_parts as _exp_parts
+from .common import exp_parts_lo as _exp_parts_lo
+from .common import f64_as_i64, flat_buffer, fma, geometry, specialize, threaded_kernel
 
-name = "numba"
 
 SUB = 512  # elements per sub-chunk: the l / exp(log_iw) scratch buffers stay in L1
 NCHUNK = 256  # parallel chunks of consecutive tasks (any value gives the same bits)
@@ -60,7 +59,7 @@ def _clip(x, lo, hi):
 
 @jit(nogil=True)
 def _term_scalar(l, est):
-    """(term, d term / d logq) with libm, for any l: numpy_ref.term_and_grad, one element."""
+    """(term, d term / d logq) with libm, for any l: numpy.mc.term_and_grad, one element."""
     if est == 0:
         return -l, 1.0
     if est == 1:
@@ -355,7 +354,7 @@ def _sums_w(t, w, m):
 
 @jit(nogil=True)
 def _wdev2(t, u, c):
-    """w * (t - c)**2 with t, w zeroed for an excluded element, as numpy_ref (0 * inf = NaN)."""
+    """w * (t - c)**2 with t, w zeroed for an excluded element, as the numpy reference (0 * inf = NaN)."""
     ok = (t == t) & (u != 0.0)
     d = (t if ok else 0.0) - c
     return (u if ok else 0.0) * (d * d)
@@ -474,7 +473,7 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
             if want_m2 and W > 0:
                 mean = S / W
                 out[2] = _dev2(tblk, wblk, mean, m, has_mask, dirty)
-                if m < BLOCK:  # numpy_ref pads a short block with w = t = 0: 0*(0-mean)**2
+                if m < BLOCK:  # the numpy reference pads a short block with w = t = 0: 0*(0-mean)**2
                     out[2] += 0.0 * (mean * mean)  # (NaN when the mean is +-inf)
 
 
@@ -659,4 +658,3 @@ def mc_grad(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
 
 
 # the logits half of the contract lives in its own module
-from .numba_logits import logits_kl_grad, logits_rows, logits_token  # noqa: E402, F401

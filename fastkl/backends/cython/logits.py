@@ -1,7 +1,7 @@
 """The logits half of the Cython backend: the kernel contract (``_contract``, bottom half)
-over the compiled extension ``fastkl.backends._cython_logits``.
+over the compiled extension ``fastkl.backends.cython._logits``.
 
-``cython_backend`` re-exports ``logits_rows``, ``logits_token`` and ``logits_kl_grad`` from
+The package re-exports ``logits_rows``, ``logits_token`` and ``logits_kl_grad`` from
 here. Importing this module raises ImportError when the extension is not built. The wrappers
 only make sure the arrays are what the extension reads (2-D, native order, float32/float64,
 element-aligned strides of any sign; the big arrays are copied only in the rare cases where
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _cython_logits as _k
-from . import in_forked_child
+from . import _logits as _k
+from .. import in_forked_child
 
 # first imported in a forked child: serial from the start (an OpenMP pool the parent
 # started, e.g. through numba's omp layer, cannot be used here)
 if in_forked_child():
     _k._after_fork_in_child()
 
-name = "cython"
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 _OPS = {0: 0, 1: 1, 2: 2}  # contract op code -> extension op code (KL, JSD, entropy)

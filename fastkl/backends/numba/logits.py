@@ -1,5 +1,5 @@
 """Numba kernels of the logits ops (contract: bottom half of ``_contract``; spec:
-``numpy_ref.logits_rows`` / ``logits_token`` / ``logits_kl_grad``; algorithm:
+``numpy.logits.logits_rows`` / ``logits_token`` / ``logits_kl_grad``; algorithm:
 ``docs/logits_math.md``).
 
 One row is computed by one thread, in chunks of ``CH`` consecutive vocabulary entries, in a
@@ -25,7 +25,7 @@ Inputs reach the kernels as 1-D read-only buffers spanning their memory plus (of
 stride, column stride) in elements, so one compiled specialization per dtype serves C-ordered,
 transposed and negative-stride views (no copies). Nothing is compiled at import; the kernels
 compile on first use, and later processes load them from the on-disk cache
-(``_numba_cache``).
+(``cache``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import math
 import numpy as np
 from numba import prange
 
-from ._numba_cache import jit
-from ._numba_math import (
+from .cache import jit
+from .common import (
     LN2_HI,
     LN2_LO,
     exp_parts,

@@ -1,0 +1,16 @@
+"""The Cython backend of the kernel contract (``backends/_contract.py``).
+
+``mc`` and ``logits`` are thin wrappers (array layout only, never a modified input) over the
+compiled extensions ``_mc`` and ``_logits``, whose arithmetic is in the C headers ``mc.h``
+and ``logits.h`` (with ``common.h``: the exp pieces, multiversioning and OpenMP helpers).
+Importing this package raises ImportError when the extensions are not built, which makes the
+registry mark the backend unavailable.
+"""
+
+from .logits import logits_kl_grad, logits_rows, logits_token
+from .mc import isa, mc_grad, mc_partials, mc_terms
+
+name = "cython"
+
+__all__ = ["isa", "logits_kl_grad", "logits_rows", "logits_token", "mc_grad", "mc_partials",
+           "mc_terms", "name"]
