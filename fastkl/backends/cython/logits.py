@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _logits as _k
 from .. import in_forked_child
+from . import _logits as _k
 
 # first imported in a forked child: serial from the start (an OpenMP pool the parent
 # started, e.g. through numba's omp layer, cannot be used here)

@@ -26,7 +26,6 @@ from .common import exp_parts as _exp_parts
 from .common import exp_parts_lo as _exp_parts_lo
 from .common import f64_as_i64, flat_buffer, fma, geometry, specialize, threaded_kernel
 
-
 SUB = 512  # elements per sub-chunk: the l / exp(log_iw) scratch buffers stay in L1
 NCHUNK = 256  # parallel chunks of consecutive tasks (any value gives the same bits)
 
@@ -354,7 +353,7 @@ def _sums_w(t, w, m):
 
 @jit(nogil=True)
 def _wdev2(t, u, c):
-    """w * (t - c)**2 with t, w zeroed for an excluded element, as the numpy reference (0 * inf = NaN)."""
+    """w * (t - c)**2 with t, w zeroed for an excluded element, as the reference (0 * inf = NaN)."""
     ok = (t == t) & (u != 0.0)
     d = (t if ok else 0.0) - c
     return (u if ok else 0.0) * (d * d)
@@ -473,7 +472,7 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
             if want_m2 and W > 0:
                 mean = S / W
                 out[2] = _dev2(tblk, wblk, mean, m, has_mask, dirty)
-                if m < BLOCK:  # the numpy reference pads a short block with w = t = 0: 0*(0-mean)**2
+                if m < BLOCK:  # the reference pads a short block with w = t = 0: 0*(0-mean)**2
                     out[2] += 0.0 * (mean * mean)  # (NaN when the mean is +-inf)
 
 

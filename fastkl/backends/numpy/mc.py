@@ -30,7 +30,6 @@ import numpy as np
 
 from .._contract import BLOCK, N_PARTIALS
 
-
 _TAYLOR_N = 20
 _TAYLOR_CUT = 0.5
 
