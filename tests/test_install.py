@@ -44,7 +44,7 @@ def test_missing_extension_says_why():
         "import importlib.abc, sys\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
-        "        if name.startswith('fastkl.backends._cython_'):\n"
+        "        if name.startswith('fastkl.backends.cython._'):\n"
         "            raise ImportError(f'No module named {name!r}')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import fastkl\n"

@@ -7,8 +7,17 @@ Importing this package raises ImportError when the extensions are not built, whi
 registry mark the backend unavailable.
 """
 
-from .logits import logits_kl_grad, logits_rows, logits_token
-from .mc import isa, mc_grad, mc_partials, mc_terms
+try:
+    from . import _logits, _mc  # noqa: F401
+except ImportError as exc:  # the optional extensions were not compiled at install time
+    raise ImportError(
+        f"the Cython extension {getattr(exc, 'name', None) or 'fastkl.backends.cython'} is not "
+        "built (installing it needs a C compiler; reinstall fastkl from source where one "
+        f"exists) [{exc}]"
+    ) from exc
+
+from .logits import logits_kl_grad, logits_rows, logits_token  # noqa: E402
+from .mc import isa, mc_grad, mc_partials, mc_terms  # noqa: E402
 
 name = "cython"
 

@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    from . import _mc as _k
-except ImportError as exc:  # the optional extension was not compiled at install time
-    raise ImportError(
-        "the Cython extension fastkl.backends.cython._mc is not built (installing it needs "
-        f"a C compiler; reinstall fastkl from source where one exists) [{exc}]"
-    ) from exc
 from .. import in_forked_child
 from .._contract import BLOCK, N_PARTIALS
+from . import _mc as _k
 from .logits import _fit as _fit_2d
 
 if _k.BLOCK != BLOCK or _k.N_PARTIALS != N_PARTIALS:  # pragma: no cover - build mismatch
