@@ -177,6 +177,8 @@ _MC_EXAMPLES = """examples:
 LOGQ and LOGP are .npy files of the same shape (log q(x), log p(x) of samples x ~ q; also
 .npz / .safetensors, FILE::NAME picks an array); streamed in blocks, so they may be larger
 than memory. JSON keys: mean, sem, n, ci95 (and std, value, sum, weight, n_nan)."""
+_MC_FILES = {"LOGQ": "log q(x) of the samples (.npy)",
+             "LOGP": "log p(x) of the same samples (.npy)"}
 
 
 def cmd_mc(args) -> int:
@@ -220,6 +222,8 @@ statistics of llama-perplexity --kl-divergence with its labels; with tokens (--t
 those of a llama.cpp base file) also perplexities and the probability of the observed token.
 With a llama.cpp base file and the test model's logits it prints llama.cpp's per-chunk
 table and report in llama.cpp's own arithmetic (docs/llama_compat.md)."""
+_COMPARE_FILES = {"BASE": "base model logits (or llama.cpp .kld file)",
+                  "TEST": "test model logits"}
 
 _STAT_LABEL = {"kl": "KLD", "jsd": "JSD", "entropy": "H"}  # --op: llama.cpp-style label
 _STAT_NAME = {"KLD": "KL divergence", "JSD": "JS divergence", "H": "entropy"}
@@ -405,8 +409,54 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_file_options(p) -> None:
-    """The options mc and compare share."""
+# command: (its line in fastkl --help, its description in fastkl COMMAND --help)
+_ABOUT = {
+    "demo": (
+        "reproduce Schulman's 'Approximating KL Divergence' table and time the backends",
+        "Reproduce Schulman's experiment (q = N(0,1), p = N(0.1,1) and N(1,1)): bias and "
+        "stdev of k1, k2, k3 and reverse k3 beside their closed forms, then one throughput "
+        "line per backend against the numpy textbook formula."),
+    "backends": ("list the backends and whether they work here", None),
+    "warmup": (
+        "compile every numba kernel once, into numba's on-disk cache",
+        "Compile (or load) every numba kernel family for the given dtypes, so that later "
+        "processes find them in numba's on-disk cache and their first calls are fast. Run it "
+        "once after installing or upgrading fastkl (or numba), e.g. in a container build "
+        "step; not needed for the Cython backend."),
+    "mc": (
+        "Monte Carlo KL estimate with its error bar from two .npy files",
+        "Monte Carlo estimate of KL(q||p) (or KL(p||q) with --reverse) from log-densities of "
+        "samples x ~ q, streamed from files in bounded memory."),
+    "compare": (
+        "llama.cpp-style KL divergence report between two logit files",
+        "Compare the next-token distributions of a base and a test model row by row "
+        "(KL(P_base || P_test), top-1 agreement, and with tokens Δp and perplexities), "
+        "streaming both files in bounded memory."),
+}
+
+
+def _command(sub, name: str, func, epilog: str | None = None):
+    """The parser of command ``name`` (described in ``_ABOUT``), run by ``func(args)``; the
+    ``epilog`` (examples) is printed as written."""
+    help_, description = _ABOUT[name]
+    kw = {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter} \
+        if epilog else {}
+    p = sub.add_parser(name, help=help_, description=description, **kw)
+    p.set_defaults(func=func)
+    return p
+
+
+def _file_command(sub, name: str, func, epilog: str, files: dict[str, str]):
+    """``_command`` for a command that reads files (mc, compare), with positional ``files``
+    (metavar: help). Its own options follow, then ``_file_options``."""
+    p = _command(sub, name, func, epilog)
+    for metavar, text in files.items():
+        p.add_argument(metavar.lower(), metavar=metavar, help=text)
+    return p
+
+
+def _file_options(p) -> None:
+    """The options mc and compare share (listed last in their --help)."""
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--backend", default=None, help="cython, numba or numpy (default: fastest)")
     p.add_argument("--memory-limit", type=float, default=256, metavar="MB",
@@ -414,13 +464,7 @@ def _add_file_options(p) -> None:
 
 
 def _add_demo(sub) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="reproduce Schulman's 'Approximating KL Divergence' table and time the backends",
-        description="Reproduce Schulman's experiment (q = N(0,1), p = N(0.1,1) and N(1,1)): "
-        "bias and stdev of k1, k2, k3 and reverse k3 beside their closed forms, then one "
-        "throughput line per backend against the numpy textbook formula.",
-    )
+    demo = _command(sub, "demo", cmd_demo)
     demo.add_argument("--samples", type=_samples, default=10**7,
                       help="samples per mu (default: 1e7)")
     demo.add_argument("--seed", type=_int_at_least(0), default=0,
@@ -431,35 +475,19 @@ def _add_demo(sub) -> None:
     demo.add_argument("--repeats", type=_int_at_least(1), default=5,
                       help="timed calls per implementation, best reported (default: 5)")
     demo.add_argument("--no-bench", action="store_true", help="skip the throughput lines")
-    demo.set_defaults(func=cmd_demo)
 
 
 def _add_warmup(sub) -> None:
-    wu = sub.add_parser(
-        "warmup",
-        help="compile every numba kernel once, into numba's on-disk cache",
-        description="Compile (or load) every numba kernel family for the given dtypes, so "
-        "that later processes find them in numba's on-disk cache and their first calls are "
-        "fast. Run it once after installing or upgrading fastkl (or numba), e.g. in a "
-        "container build step; not needed for the Cython backend.",
-    )
+    wu = _command(sub, "warmup", cmd_warmup)
     wu.add_argument("--dtypes", default="float32,float64",
                     help="comma-separated float dtypes (default: float32,float64)")
     wu.add_argument("--backend", default=None,
                     help="backend(s), comma-separated (default: every compiled backend here)")
     wu.add_argument("--no-progress", action="store_true", help="no progress bar")
-    wu.set_defaults(func=cmd_warmup)
 
 
 def _add_mc(sub) -> None:
-    mc = sub.add_parser(
-        "mc", help="Monte Carlo KL estimate with its error bar from two .npy files",
-        description="Monte Carlo estimate of KL(q||p) (or KL(p||q) with --reverse) from "
-        "log-densities of samples x ~ q, streamed from files in bounded memory.",
-        epilog=_MC_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    mc.add_argument("logq", metavar="LOGQ", help="log q(x) of the samples (.npy)")
-    mc.add_argument("logp", metavar="LOGP", help="log p(x) of the same samples (.npy)")
+    mc = _file_command(sub, "mc", cmd_mc, _MC_EXAMPLES, _MC_FILES)
     mc.add_argument("--estimator", default="k3", choices=NAMES,
                     help="k1 = -l, k2 = l^2/2, k3 = (r-1) - l (default: k3)")
     mc.add_argument("--reverse", action="store_true",
@@ -474,20 +502,11 @@ def _add_mc(sub) -> None:
     mc.add_argument("--clamp-log-ratio", type=float, nargs=2, metavar=("LO", "HI"))
     mc.add_argument("--clamp-value", type=float, nargs=2, metavar=("LO", "HI"))
     mc.add_argument("--nan-policy", default="propagate", choices=("propagate", "omit", "raise"))
-    _add_file_options(mc)
-    mc.set_defaults(func=cmd_mc)
+    _file_options(mc)
 
 
 def _add_compare(sub) -> None:
-    cmp_ = sub.add_parser(
-        "compare", help="llama.cpp-style KL divergence report between two logit files",
-        description="Compare the next-token distributions of a base and a test model row by "
-        "row (KL(P_base || P_test), top-1 agreement, and with tokens Δp and perplexities), "
-        "streaming both files in bounded memory.",
-        epilog=_COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cmp_.add_argument("base", metavar="BASE", help="base model logits (or llama.cpp .kld file)")
-    cmp_.add_argument("test", metavar="TEST", help="test model logits")
+    cmp_ = _file_command(sub, "compare", cmd_compare, _COMPARE_EXAMPLES, _COMPARE_FILES)
     cmp_.add_argument("--tokens", metavar="T", default=None,
                       help="observed next token per row (.npy of ints)")
     cmp_.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
@@ -499,8 +518,7 @@ def _add_compare(sub) -> None:
                       "(default: exact when it fits in an eighth of the memory limit)")
     cmp_.add_argument("--plot", metavar="FILE.png", default=None,
                       help="write a KLD (log axis) and Δp histogram (needs matplotlib)")
-    _add_file_options(cmp_)
-    cmp_.set_defaults(func=cmd_compare)
+    _file_options(cmp_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,8 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastkl {fastkl.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
-    be = sub.add_parser("backends", help="list the backends and whether they work here")
-    be.set_defaults(func=cmd_backends)
+    _command(sub, "backends", cmd_backends)
     _add_warmup(sub)
     _add_mc(sub)
     _add_compare(sub)
