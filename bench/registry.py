@@ -27,8 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-OPS = ("k1", "k2", "k3", "stats k3", "seq-mean-token-mean k3", "none k3", "grad k3")
-_EST = {"k1": 0, "k2": 1, "k3": 2}  # fastkl.backends._contract.EST_CODES (forward)
+from fastkl._estimators import ESTIMATORS, K3
+
+# op name -> row of fastkl's estimator table: the forward estimators (k1, k2, k3), whose op is
+# the mean of their terms
+_EST = {e.label: e for e in ESTIMATORS if not e.reverse}
+OPS = (*_EST, "stats k3", "seq-mean-token-mean k3", "none k3", "grad k3")
 SEQ_COLS = 500  # tokens per row of the 2-D reshape
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -98,7 +102,7 @@ def reference(op: str, case: Case):
     """The exact value of ``op`` for the case's arrays: float64 terms from the numpy
     reference backend's formulas, summed in float64 chunk by chunk (bounded memory)."""
     if op in _EST:
-        est = _EST[op]
+        est = _EST[op].code
         total = 0.0
         for i in range(0, case.n, _CHUNK):
             total += float(np.sum(_ref_terms(case.logq[i:i + _CHUNK], case.logp[i:i + _CHUNK],
@@ -109,7 +113,7 @@ def reference(op: str, case: Case):
         mean = reference("k3", case)
         m2 = 0.0
         for i in range(0, case.n, _CHUNK):
-            t = _ref_terms(case.logq[i:i + _CHUNK], case.logp[i:i + _CHUNK], 2)
+            t = _ref_terms(case.logq[i:i + _CHUNK], case.logp[i:i + _CHUNK], K3)
             m2 += float(np.sum((t - mean) ** 2))
         return mean, math.sqrt(m2 / (case.n - 1)) if case.n > 1 else math.nan
     if op in ("none k3", "grad k3"):
@@ -118,7 +122,7 @@ def reference(op: str, case: Case):
         for i in range(0, case.n, _CHUNK):
             sl = slice(i, i + _CHUNK)
             l = case.logp[sl].astype(np.float64) - case.logq[sl].astype(np.float64)
-            t[sl] = _ref_terms(case.logq[sl], case.logp[sl], 2)
+            t[sl] = _ref_terms(case.logq[sl], case.logp[sl], K3)
             g[sl] = -np.expm1(l) / case.n
         return t if op == "none k3" else (float(np.mean(t)), g)
     if op == "seq-mean-token-mean k3":
@@ -126,7 +130,7 @@ def reference(op: str, case: Case):
         step = max(1, _CHUNK // max(case.logq2.shape[1], 1))
         sums, counts = np.zeros(rows), np.zeros(rows)
         for i in range(0, rows, step):
-            t = _ref_terms(case.logq2[i:i + step], case.logp2[i:i + step], 2)
+            t = _ref_terms(case.logq2[i:i + step], case.logp2[i:i + step], K3)
             m = case.mask2[i:i + step]
             sums[i:i + step] = np.where(m, t, 0.0).sum(axis=1)
             counts[i:i + step] = m.sum(axis=1)
@@ -278,7 +282,7 @@ def _fastkl(backend: str) -> dict[str, Callable[[Case], object]]:
     def grad_k3(c):
         return fastkl.kl_mc_grad(c.logq, c.logp, "k3", backend=backend)
 
-    return {"k1": mean_of("k1"), "k2": mean_of("k2"), "k3": mean_of("k3"),
+    return {**{op: mean_of(e.name) for op, e in _EST.items()},
             "stats k3": stats_k3, "seq-mean-token-mean k3": seq_k3, "none k3": none_k3,
             "grad k3": grad_k3}
 

@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
-BLOCK = 4096  # mirrors fastkl.backends._contract.BLOCK (checked in test_backends.py)
+from fastkl import _estimators
 
-# (estimator, reverse) pairs: every estimator the API offers
-ESTIMATORS = [("k1", False), ("k2", False), ("k3", False), ("k1", True), ("k3", True)]
-EST_IDS = ["k1", "k2", "k3", "rk1", "rk3"]
+BLOCK = 4096  # mirrors fastkl.backends._contract.BLOCK (checked in test_numerics.py)
+
+# (estimator, reverse) pairs: every estimator the API offers (fastkl's estimator table, in its
+# order: k1, k2, k3, rk1, rk3)
+ESTIMATORS = [(e.name, e.reverse) for e in _estimators.ESTIMATORS]
+EST_IDS = [e.label for e in _estimators.ESTIMATORS]
 
 # per-term relative tolerances of the issue (times max(1, |log r|))
 RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-14}

@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 import fastkl
+from fastkl import _estimators
 
 BACKENDS = fastkl.available_backends()
 COMPILED = [b for b in BACKENDS if b != "numpy"]
-ESTIMATORS = [("k1", False), ("k2", False), ("k3", False), ("k1", True), ("k3", True)]
-EST_IDS = ["k1", "k2", "k3", "rk1", "rk3"]
+# (estimator, reverse) pairs and their ids, from fastkl's estimator table
+ESTIMATORS = [(e.name, e.reverse) for e in _estimators.ESTIMATORS]
+EST_IDS = [e.label for e in _estimators.ESTIMATORS]
 
 
 def close(got, ref, rtol: float, atol: float = 0.0, what: str = "") -> None:

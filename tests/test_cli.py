@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastkl
-from fastkl.__main__ import main
+from fastkl.cli import main
 
 LLAMA_LABELS = ["Mean    KLD:", "Maximum KLD:", "99.9%   KLD:", "99.0%   KLD:", "95.0%   KLD:",
                 "90.0%   KLD:", "Median  KLD:", "10.0%   KLD:", " 5.0%   KLD:", " 1.0%   KLD:",

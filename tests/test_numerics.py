@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fastkl
+from fastkl._estimators import BY_KEY
 
 mpmath.mp.dps = 60
 
@@ -176,13 +177,19 @@ def test_textbook_float32_fails_the_tolerance():
 # --------------------------------------------------------------------------- accumulation
 
 
+def test_cases_cross_the_kernels_blocks():
+    """The array cases' sizes cross BLOCK boundaries (arrays.BLOCK): the kernels' BLOCK."""
+    from fastkl.backends._contract import BLOCK
+
+    assert arrays.BLOCK == BLOCK
+
+
 def _exact_mean(q: np.ndarray, p: np.ndarray, est, chunk=1 << 22) -> float:
     """math.fsum mean of float64 terms (the reference's float64 formulas are within a few
     ulp per term, far below the 1e-12 tolerance) computed from the exact float64 l."""
     from fastkl.backends import numpy as numpy_ref
 
-    code = {("k1", False): 0, ("k2", False): 1, ("k3", False): 2, ("k1", True): 3,
-            ("k3", True): 4}[est]
+    code = BY_KEY[est].code
     parts = []
     for i in range(0, q.size, chunk):
         l = p[i:i + chunk].astype(np.float64) - q[i:i + chunk].astype(np.float64)
