@@ -275,7 +275,7 @@ def test_mutation_fuzz(tmp_path):
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
-    from fastkl.__main__ import main
+    from fastkl.cli import main
 
     try:
         rc = main([os.fspath(a) for a in argv])

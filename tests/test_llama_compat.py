@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fastkl
-from fastkl.__main__ import main
+from fastkl.cli import main
 
 f32 = np.float32
 

@@ -21,7 +21,8 @@ import pytest
 from gaps_util import BACKENDS, close
 
 import fastkl
-from fastkl.__main__ import closed_form, gaussian_samples, main
+from fastkl._demo import closed_form, gaussian_samples
+from fastkl.cli import main
 
 Z95 = 1.959963984540054
 

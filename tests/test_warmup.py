@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import fastkl
-from fastkl.__main__ import main
+from fastkl.cli import main
 from fastkl.warmup import warmup
 
 # A workload unlike warmup's own inputs in shape and values (same dtypes and layouts): every
