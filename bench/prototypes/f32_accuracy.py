@@ -145,7 +145,7 @@ def specials(libs) -> list[str]:
         q = np.array(list(q) + [0.0] * 100, F32)
         p = np.array(list(p) + [0.0] * 100, F32)
         res = []
-        for kname in ("k3_fused", "k3_split"):
+        for kname in ("k3_fused_lanes64", "k3_split_lanes64", "rk3_fused_lanes64"):
             pt = K.partials(kname, q, p, True)[0]
             res.append(f"numba {kname} S={pt[1]:.6g} W={pt[0]:g} M2={pt[2]:.3g}")
         for b, lib in libs.items():
@@ -154,7 +154,9 @@ def specials(libs) -> list[str]:
         lx = p.astype(np.float64) - q.astype(np.float64)
         ok = np.isfinite(ref_k3(lx)) | np.isinf(lx)
         exp_S = np.sum(ref_k3(lx)[~np.isnan(lx)])
-        out.append(f"| {label} | expected S={exp_S:.6g} W={int((~np.isnan(lx)).sum())} | "
+        exp_R = np.sum(ref_rk3(lx)[~np.isnan(lx)])
+        out.append(f"| {label} | k3 S={exp_S:.6g} (reverse {exp_R:.6g}) "
+                   f"W={int((~np.isnan(lx)).sum())} | "
                    + "; ".join(res) + " |")
         del ok
     return out
@@ -170,7 +172,7 @@ def block_sums(nblk: int) -> list:
         l32 = p - q
         t = K.terms32("k3_fused", l32).astype(np.float64)
         exact_terms = ref_k3(p.astype(np.float64) - q.astype(np.float64))
-        for kname in ("k3_fused", "k3_fused_sum64"):
+        for kname in ("k3_fused_lanes64", "k3_fused", "k3_fused_sum64"):
             part = K.partials(kname, q, p)
             acc_err = tot_err = 0.0
             for b in range(nblk):

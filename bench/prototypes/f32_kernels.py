@@ -348,6 +348,88 @@ def _make_partials(terms, est, runs):
     return kernel
 
 
+def _make_partials64(term, est):
+    """The fused shape: each sub-chunk of 512 is 8 runs of 64 lanes; the term loop adds each
+    term into a float32 lane sum u[k] (k = position mod 64, 8 terms per lane, in order) in the
+    same loop that computes it, then u is widened into 64 float64 accumulators. Every inner
+    loop is a plain loop over k with no reduction, so LLVM vectorizes it (a float reduction
+    it may not reorder is what kept the separate sum loops scalar). Fixed order: same bits for
+    any thread count."""
+    fast_bits = FAST_BITS_R if est == 4 else FAST_BITS
+    fast = np.float32(80.0) if est == 4 else np.float32(87.0)
+
+    def kernel(qv, pv, want_m2, part):
+        n = qv.size
+        nblk = part.shape[0]
+        for b in prange(nblk):
+            tb = np.empty(BLOCK, np.float32)
+            u = np.empty(64, np.float32)
+            acc = np.zeros(64)
+            j0 = b * BLOCK
+            m = min(BLOCK, n - j0)
+            nbad = 0
+            dirty = False
+            for o in range(0, m, SUB):
+                mm = min(SUB, m - o)
+                qs = qv[j0 + o : j0 + o + mm]
+                ps = pv[j0 + o : j0 + o + mm]
+                ts = tb[o : o + mm]
+                mx = np.int32(0)
+                if mm == SUB:
+                    for k in range(64):
+                        u[k] = ZERO
+                    for r in range(8):
+                        for k in range(64):
+                            l = ps[r * 64 + k] - qs[r * 64 + k]
+                            t = term(l)
+                            ts[r * 64 + k] = t
+                            u[k] += t
+                            mx = max(mx, abs_bits(l))
+                else:
+                    for i in range(mm):
+                        l = ps[i] - qs[i]
+                        ts[i] = term(l)
+                        mx = max(mx, abs_bits(l))
+                if mx > fast_bits or mm < SUB:
+                    for i in range(mm):
+                        l32 = ps[i] - qs[i]
+                        t = np.float64(ts[i])
+                        if not (abs(l32) <= fast):
+                            dirty = True
+                            t = term_f64(np.float64(ps[i]) - np.float64(qs[i]), est)
+                        if t != t:
+                            nbad += 1
+                            ts[i] = np.nan
+                        else:
+                            acc[i % 64] += t
+                            ts[i] = np.float32(t)
+                else:
+                    for k in range(64):
+                        acc[k] += np.float64(u[k])
+            # fixed tree over the 64 lanes
+            for w in (32, 16, 8, 4, 2, 1):
+                for k in range(w):
+                    acc[k] = acc[k] + acc[k + w]
+            S = acc[0]
+            W = m - nbad
+            part[b, 0] = W
+            part[b, 1] = S
+            part[b, 2] = 0.0
+            if want_m2 and W > 0:
+                mean = S / W
+                if dirty or nbad:
+                    M2 = 0.0
+                    for i in range(m):
+                        t = np.float64(tb[i])
+                        if t == t:
+                            M2 += (t - mean) * (t - mean)
+                    part[b, 2] = M2
+                else:
+                    part[b, 2] = dev2(tb, m, mean, acc)
+
+    return kernel
+
+
 KERNELS = {}
 
 
@@ -364,12 +446,28 @@ def _build():
             py = _make_partials(terms, est, runs)
             key = name + ("" if runs else "_sum64")
             KERNELS[key] = njit(parallel=True, nogil=True, boundscheck=False)(py)
+    for name in ("k1", "k2", "k3_fused", "k3_split", "rk3_fused"):
+        py = _make_partials64(ALL_TERMS[name], specs[name][1])
+        KERNELS[name + "_lanes64"] = njit(parallel=True, nogil=True, boundscheck=False)(py)
 
-
-_build()
 
 # the lane functions alone (vectorized loops over a whole array) for the accuracy checks
 TERM_FUNCS = {"k3_fused": k3_fused, "k3_split": k3_split, "rk3_fused": rk3_fused}
+
+
+@njit(inline="always")
+def k1_term(l):
+    return -l
+
+
+@njit(inline="always")
+def k2_term(l):
+    return HALF * l * l
+
+
+ALL_TERMS = dict(TERM_FUNCS, k1=k1_term, k2=k2_term)
+
+_build()
 
 
 def _make_map(term):

@@ -139,6 +139,33 @@ INL void sum_f64(const float *restrict t, ptrdiff_t m, double *restrict acc) {
     for (i = m8; i < m; i++) acc[i % 8] += (double)t[i];
 }
 
+/* The fused shape (runs == 2): 8 runs of 64 lanes per sub-chunk; each term is added into a
+ * float32 lane sum u[k] in the loop that computes it, u is widened into acc64 after the
+ * sub-chunk. Returns max |bits(l)|. */
+#define LANES64(EXPR)                                                           \
+    for (int r = 0; r < 8; r++)                                                 \
+        for (int k = 0; k < 64; k++) {                                          \
+            float l = p[r * 64 + k] - q[r * 64 + k];                            \
+            float t = EXPR;                                                     \
+            tb[r * 64 + k] = t;                                                 \
+            u[k] += t;                                                          \
+            uint32_t b = bits(l) & 0x7fffffffu;                                 \
+            mx = b > mx ? b : mx;                                               \
+        }
+
+INL uint32_t terms64(int est, const float *restrict q, const float *restrict p,
+                     float *restrict tb, float *restrict u) {
+    uint32_t mx = 0;
+    switch (est) {
+    case 0: LANES64(-l) break;
+    case 1: LANES64(0.5f * l * l) break;
+    case 2: LANES64(k3_fused(l)) break;
+    case 3: LANES64(k3_split(l)) break;
+    default: LANES64(rk3_fused(l)) break;
+    }
+    return mx;
+}
+
 INL double fold8(const double *a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
@@ -147,13 +174,21 @@ INL double fold8(const double *a) {
 CLONES void block_partials(int est, int runs, const float *q, const float *p, ptrdiff_t m,
                            int want_m2, double *out) {
     float tb[BLOCK] __attribute__((aligned(64)));
+    float u[64] __attribute__((aligned(64)));
     double acc[8] __attribute__((aligned(64))) = {0};
+    double acc64[64] __attribute__((aligned(64))) = {0};
     int fest = est == 0 ? 0 : est == 1 ? 1 : est <= 3 ? 2 : 4;
     ptrdiff_t nbad = 0;
     int dirty = 0;
     for (ptrdiff_t o = 0; o < m; o += SUB) {
         ptrdiff_t mm = m - o < SUB ? m - o : SUB;
-        uint32_t mx = terms(est, q + o, p + o, tb + o, mm);
+        uint32_t mx;
+        if (runs == 2 && mm == SUB) {
+            for (int k = 0; k < 64; k++) u[k] = 0.0f;
+            mx = terms64(est, q + o, p + o, tb + o, u);
+        } else {
+            mx = terms(est, q + o, p + o, tb + o, mm);
+        }
         const uint32_t fast_bits = est == 4 ? 0x42A00000u : FAST_BITS; /* 80.0f : 87.0f */
         const float fast = est == 4 ? 80.0f : 87.0f;
         if (mx > fast_bits) {
@@ -170,13 +205,17 @@ CLONES void block_partials(int est, int runs, const float *q, const float *p, pt
                     tb[o + i] = (float)t;
                 }
             }
+        } else if (runs == 2 && mm == SUB) {
+            for (int k = 0; k < 64; k++) acc64[k] += (double)u[k];
         } else if (runs) {
             sum_runs(tb + o, mm, acc);
         } else {
             sum_f64(tb + o, mm, acc);
         }
     }
-    double S = fold8(acc), W = (double)(m - nbad), M2 = 0.0;
+    for (int w = 32; w >= 1; w /= 2) /* fixed tree over the 64 lanes, then the 8 */
+        for (int k = 0; k < w; k++) acc64[k] += acc64[k + w];
+    double S = fold8(acc) + acc64[0], W = (double)(m - nbad), M2 = 0.0;
     if (want_m2 && W > 0) {
         double mean = S / W;
         if (dirty) {

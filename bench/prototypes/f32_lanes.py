@@ -67,7 +67,8 @@ def build_c(tmp: str, vec_report: bool = False) -> dict:
     return libs
 
 
-def c_partials(lib, est: str, q, p, want_m2=False, runs=True, nthreads=1):
+def c_partials(lib, est: str, q, p, want_m2=False, runs=2, nthreads=1):
+    """runs: 0 float64 sum of each term, 1 float32 runs of 8 (separate loop), 2 lanes64."""
     nblk = max(1, -(-q.size // K.BLOCK))
     part = np.zeros((nblk, 3))
     lib.f32_partials(C_EST[est], int(runs), q.ctypes.data, p.ctypes.data, q.size,
@@ -75,7 +76,7 @@ def c_partials(lib, est: str, q, p, want_m2=False, runs=True, nthreads=1):
     return part
 
 
-def c_mean(lib, est, q, p, nthreads, runs=True):
+def c_mean(lib, est, q, p, nthreads, runs=2):
     part = c_partials(lib, est, q, p, False, runs, nthreads)
     return part[:, 1].sum() / part[:, 0].sum()
 
@@ -109,22 +110,25 @@ def candidates(q, p, threads, libs, quick, small=False):
         c[f"fastkl {be} k3"] = lambda be=be: float(fastkl.kl_mc(q, p, "k3", backend=be))
         if not quick and not small:
             c[f"fastkl {be} k1"] = lambda be=be: float(fastkl.kl_mc(q, p, "k1", backend=be))
-    protos = ["k3_fused", "k3_split", "k3_fused_sum64"]
+    protos = ["k3_fused_lanes64", "k3_split_lanes64", "k3_fused", "k3_fused_sum64"]
     if not quick and not small:
-        protos += ["k1", "k2", "rk3_fused"]
+        protos += ["k1_lanes64", "k2_lanes64", "rk3_fused_lanes64"]
     for name in protos:
         c[f"numba f32 {name}"] = lambda name=name: K.mean(name, q, p)
     if not small:
-        c["numba f32 k3_fused stats"] = lambda: K.partials("k3_fused", q, p, True)[0, 2] * 0
+        c["numba f32 k3_fused_lanes64 stats"] = (
+            lambda: K.partials("k3_fused_lanes64", q, p, True)[0, 2] * 0)
     for b, lib in libs.items():
         ests = ["k3", "k3_split"] if (quick or small) else ["k3", "k3_split", "k1", "k2", "rk3"]
         for est in ests:
-            c[f"C {b} f32 {est}"] = lambda lib=lib, est=est: c_mean(lib, est, q, p, threads)
+            c[f"C {b} f32 {est} lanes64"] = (
+                lambda lib=lib, est=est: c_mean(lib, est, q, p, threads, 2))
         if b == "clones":
-            c["C clones f32 k3 sum64"] = lambda lib=lib: c_mean(lib, "k3", q, p, threads, False)
+            c["C clones f32 k3 runs8"] = lambda lib=lib: c_mean(lib, "k3", q, p, threads, 1)
+            c["C clones f32 k3 sum64"] = lambda lib=lib: c_mean(lib, "k3", q, p, threads, 0)
             if not small:
-                c["C clones f32 k3 stats"] = (
-                    lambda lib=lib: c_partials(lib, "k3", q, p, True, True, threads)[0, 2] * 0)
+                c["C clones f32 k3 lanes64 stats"] = (
+                    lambda lib=lib: c_partials(lib, "k3", q, p, True, 2, threads)[0, 2] * 0)
     return c
 
 
@@ -188,13 +192,13 @@ def show_asm():
     """Vector instructions in the numba term loop (float32 ymm/zmm ops)."""
     import re
 
-    fn = K.KERNELS["k3_fused"]
+    fn = K.KERNELS["k3_fused_lanes64"]
     for sig in fn.signatures:
         asm = fn.inspect_asm(sig)
         ops = re.findall(r"\bv\w+\s+%([xyz])mm", asm)
         ps = re.findall(r"\b(v\w+ps)\s+%[yz]mm", asm)
         pd = re.findall(r"\b(vcvtps2pd|vaddpd)\s+%[xyz]mm", asm)
-        print(f"numba k3_fused {sig}: vector ops by register: "
+        print(f"numba k3_fused_lanes64 {sig}: vector ops by register: "
               f"x {ops.count('x')}, y {ops.count('y')}, z {ops.count('z')}; "
               f"packed float32 ops on ymm/zmm: {len(ps)} ({sorted(set(ps))[:12]}); "
               f"widen/add pd: {len(pd)}")
