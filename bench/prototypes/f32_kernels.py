@@ -417,10 +417,13 @@ def _make_partials64(term, est):
             part[b, 2] = 0.0
             if want_m2 and W > 0:
                 mean = S / W
-                if dirty or nbad:
+                if dirty or nbad:  # float64 terms again for the fix-up lanes
                     M2 = 0.0
                     for i in range(m):
                         t = np.float64(tb[i])
+                        l32 = pv[j0 + i] - qv[j0 + i]
+                        if not (abs(l32) <= fast):
+                            t = term_f64(np.float64(pv[j0 + i]) - np.float64(qv[j0 + i]), est)
                         if t == t:
                             M2 += (t - mean) * (t - mean)
                     part[b, 2] = M2

@@ -219,8 +219,10 @@ CLONES void block_partials(int est, int runs, const float *q, const float *p, pt
     if (want_m2 && W > 0) {
         double mean = S / W;
         if (dirty) {
-            for (ptrdiff_t i = 0; i < m; i++) {
+            const float fast = est == 4 ? 80.0f : 87.0f;
+            for (ptrdiff_t i = 0; i < m; i++) { /* float64 terms again for fix-up lanes */
                 double t = tb[i];
+                if (!(fabsf(p[i] - q[i]) <= fast)) t = term_f64((double)p[i] - (double)q[i], fest);
                 if (t == t) M2 += (t - mean) * (t - mean);
             }
         } else {
