@@ -184,6 +184,12 @@ def block_sums(nblk: int) -> list:
                 fe = math.fsum(exact_terms[sl])
                 tot_err = max(tot_err, abs(part[b, 1] - fe) / fe)
             rows.append((label, kname, acc_err, tot_err))
+        # M2 (stats): against the float64 two-pass M2 of the exact terms
+        part = K.partials("k3_fused_lanes64", q, p, True)
+        et = exact_terms.reshape(nblk, K.BLOCK)
+        m2 = ((et - et.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        rows.append((label, "k3_fused_lanes64 M2", float("nan"),
+                     float(np.max(np.abs(part[:, 2] - m2) / m2))))
     return rows
 
 
