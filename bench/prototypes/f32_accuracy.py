@@ -76,7 +76,7 @@ def check_reference(npts: int) -> dict:
     l = (mag * rng.choice([-1.0, 1.0], npts)).astype(F32).astype(np.float64)
     r3, rr = ref_k3(l), ref_rk3(l)
     e3 = er = 0.0
-    for x, a, b in zip(l, r3, rr):
+    for x, a, b in zip(l, r3, rr, strict=True):
         X = mpmath.mpf(float(x))
         ex = mpmath.exp(X)
         t3 = ex - 1 - X

@@ -14,6 +14,9 @@ elements (as ``fastkl.backends._contract``), each block by one thread, in a fixe
   to float64 and added into 8 float64 lane accumulators (``acc[k]``, k = position mod 8),
   folded in a fixed tree at the end of the block. Error added to a block sum: <= 3 u32
   (u32 = 2**-24) times the sum of |terms| of each run (bounded in f32_accuracy.py);
+* or, the shape to port (``_make_partials64``, kernels ``*_lanes64``): the term loop itself
+  adds each term into a float32 lane sum u[k] (k = i mod 64, 8 terms a lane), widened into 64
+  float64 lanes per sub-chunk: the only shape whose sums numba vectorizes;
 * M2 (stats): a second pass over the block's float32 scratch (still in L1), d = t - mean in
   float64, 8 float64 lane accumulators;
 * fix-up: a sub-chunk with a lane whose |l| > FAST (87) or NaN/inf is recomputed by a
