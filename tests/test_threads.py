@@ -57,6 +57,9 @@ def _results(backend: str) -> list[tuple[str, bytes]]:
         out.append((f"kl_mc mean {est} {rev}", _bits(fastkl.kl_mc(q, p, est, **kw))))
         out.append((f"kl_mc mean mask {est} {rev}",
                     _bits(fastkl.kl_mc(q32, p32, est, mask=mask, **kw))))
+        out.append((f"kl_mc sum {est} {rev}",
+                    _bits(fastkl.kl_mc(q, p, est, reduction="sum", **kw))))
+        out.append((f"kl_mc axis=1 {est} {rev}", _bits(fastkl.kl_mc(q, p, est, axis=1, **kw))))
         out.append((f"kl_mc none {est} {rev}",
                     _bits(fastkl.kl_mc(q, p, est, reduction="none", **kw))))
         st = fastkl.kl_mc_stats(q, p, est, mask=mask, **kw)
