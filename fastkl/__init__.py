@@ -3,6 +3,7 @@ values over full vocabularies — from fused Numba and Cython kernels checked ag
 numpy reference."""
 
 from .backends import available_backends
+from .backends._threads import get_num_threads, set_num_threads, threads
 from .logits import entropy_logits, jsd_logits, kl_logits, kl_logits_grad, token_logprobs
 from .mc import KLStats, kl_mc, kl_mc_grad, kl_mc_stats
 from .outofcore import MCFileReport, compare_logits, kl_mc_file
@@ -20,6 +21,7 @@ __all__ = [
     "available_backends",
     "compare_logits",
     "entropy_logits",
+    "get_num_threads",
     "jsd_logits",
     "kl_logits",
     "kl_logits_grad",
@@ -27,5 +29,7 @@ __all__ = [
     "kl_mc_file",
     "kl_mc_grad",
     "kl_mc_stats",
+    "set_num_threads",
+    "threads",
     "token_logprobs",
 ]

@@ -120,7 +120,7 @@ MUTANTS: list[Mutant] = [
            _t("tests/test_grad.py", "-k", "matches and numba and rk1"),
            "sign in the reverse-k1 derivative (numba)"),
     Mutant("numba-k2-grad", B + "numba/mc.py",
-           "gb[i] = 1.0 if est == 0 else -lb[i]", "gb[i] = 1.0 if est == 0 else lb[i]",
+           "gb[i] = 1.0 if est == K1 else -lb[i]", "gb[i] = 1.0 if est == K1 else lb[i]",
            _t("tests/test_grad.py", "-k", "matches and numba and k2"),
            "sign of the k2 derivative (numba)"),
     Mutant("c-slow-rk3-grad", B + "cython/mc.h",

@@ -49,14 +49,42 @@ cdef extern from "logits.h" nogil:
     void fkl_row(const fkl_args *A, Py_ssize_t row)
     Py_ssize_t fkl_scratch_doubles(Py_ssize_t V)
     const char *fk_isa()
+    int fk_openmp()
     int fk_max_threads()
 
 CHUNK = FKL_CHUNK
-# below this many elements one thread does all rows (a parallel region costs a few us)
-PARALLEL_MIN = 1 << 15
+
+from fastkl.backends import _threads as _policy
+
+# below this many elements one thread does all rows (a parallel region costs a few us); the
+# value lives in the thread policy (``backends._threads``), read once here
+cdef Py_ssize_t _parallel_min = _policy.CYTHON_LOGITS_MIN
+PARALLEL_MIN = _parallel_min
 
 
 include "fork.pxi"
+
+# threads asked for by fastkl.set_num_threads (0: OpenMP's maximum); the policy module
+# pushes every change here, so a call reads a C int
+cdef int _num_threads = 0
+
+
+def set_num_threads(int n):
+    """The thread count of the parallel kernels (0: OpenMP's maximum). Called by
+    ``fastkl.backends._threads``; use ``fastkl.set_num_threads``."""
+    global _num_threads
+    _num_threads = n if n > 0 else 0
+
+
+cdef inline int _nthreads() noexcept nogil:
+    """Threads a parallel kernel uses: the policy's count, else ``_threads()`` (OpenMP's
+    maximum); 1 after fork() or without OpenMP."""
+    if _num_threads > 0 and not _forked and fk_openmp():
+        return _num_threads
+    return _threads()
+
+
+_policy.register(set_num_threads)
 
 
 def isa():
@@ -66,9 +94,9 @@ def isa():
 
 
 def max_threads():
-    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it or
-    in a child made by fork())."""
-    return _threads()
+    """Threads a parallel kernel call may use (``fastkl.set_num_threads``'s count, else
+    OpenMP's current maximum; 1 without OpenMP or in a child made by fork())."""
+    return _nthreads()
 
 
 cdef inline void _set(cnp.ndarray x, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
@@ -130,8 +158,8 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fi
 
     if A.rows == 0 or A.V == 0:
         return
-    if A.rows > 1 and A.rows * A.V >= PARALLEL_MIN:
-        nthreads = min(_threads(), A.rows)
+    if A.rows > 1 and A.rows * A.V >= _parallel_min:
+        nthreads = min(_nthreads(), A.rows)
     if op == FKL_JSD and not fixed:
         # per thread: a row's exps from pass 1, which pass 2 rescales instead of recomputing
         dims[0] = nthreads * fkl_scratch_doubles(A.V)

@@ -54,11 +54,38 @@ cdef extern from "mc.h" nogil:
 
 BLOCK = FK_BLOCK
 N_PARTIALS = FK_NPART
-# below this many elements one thread does all tasks (a parallel region costs a few us)
-PARALLEL_MIN = 1 << 16
+
+from fastkl.backends import _threads as _policy
+
+# below this many elements one thread does all tasks (a parallel region costs a few us);
+# the value lives in the thread policy (``backends._threads``), read once here
+cdef Py_ssize_t _parallel_min = _policy.CYTHON_MC_MIN
+PARALLEL_MIN = _parallel_min
 
 
 include "fork.pxi"
+
+# threads asked for by fastkl.set_num_threads (0: OpenMP's maximum); the policy module
+# pushes every change here, so a call reads a C int
+cdef int _num_threads = 0
+
+
+def set_num_threads(int n):
+    """The thread count of the parallel kernels (0: OpenMP's maximum). Called by
+    ``fastkl.backends._threads``; use ``fastkl.set_num_threads``."""
+    global _num_threads
+    _num_threads = n if n > 0 else 0
+
+
+cdef inline int _nthreads() noexcept nogil:
+    """Threads a parallel kernel uses: the policy's count, else ``_threads()`` (OpenMP's
+    maximum); 1 after fork() or without OpenMP."""
+    if _num_threads > 0 and not _forked and fk_openmp():
+        return _num_threads
+    return _threads()
+
+
+_policy.register(set_num_threads)
 
 
 def isa():
@@ -73,9 +100,9 @@ def openmp():
 
 
 def max_threads():
-    """Threads a parallel kernel call may use (OpenMP's current maximum, 1 without it or
-    in a child made by fork())."""
-    return _threads()
+    """Threads a parallel kernel call may use (``fastkl.set_num_threads``'s count, else
+    OpenMP's current maximum; 1 without OpenMP or in a child made by fork())."""
+    return _nthreads()
 
 
 cdef inline void _set(cnp.ndarray a, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
@@ -155,8 +182,8 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
     if mode != FK_TERMS:
         parts_arr = np.zeros((rows, nblk, FK_NPART), dtype=np.float64)
         parts = <double *>cnp.PyArray_DATA(parts_arr)
-    if rows * n >= PARALLEL_MIN and ntasks > 1:
-        nthreads = min(_threads(), ntasks)
+    if rows * n >= _parallel_min and ntasks > 1:
+        nthreads = min(_nthreads(), ntasks)
     work_arr = np.empty(max(nthreads, 1) * FK_WORK_DOUBLES, dtype=np.float64)
     with nogil:
         _run(&A, &P, ntasks, max(1, FK_BLOCK // n) if n < FK_BLOCK else 1, parts,

@@ -3,10 +3,11 @@ cache file never breaks a call. ``jit`` is ``numba.njit`` with this cache.
 
 * **Key.** numba keys a cached function by its own bytecode and the stamp of its own source
   file, but a compiled kernel also contains the helpers it calls from other modules
-  (``common``) and the constants it reads (``_contract.BLOCK``): with numba's key a
-  changed helper kept serving kernels compiled with the old one. Here every cached function
-  is stamped with ``cache_key()``: fastkl's version, numba's and Python's, and a hash of the
-  source of every module the compiled code depends on (``KEY_MODULES``). The cache directory
+  (``common``) and the constants it reads (``_contract.BLOCK``, ``_estimators.K1``): with
+  numba's key a changed helper kept serving kernels compiled with the old one. Here every
+  cached function is stamped with ``cache_key()``: fastkl's version, numba's and Python's,
+  and a hash of the source of every module the compiled code depends on (``KEY_MODULES``;
+  not the thread policy, ``_threads``, read in Python only). The cache directory
   is named after the key too, so an upgrade or an edit starts a fresh directory instead of
   rewriting the files another installation may be using.
 * **Names.** numba names a function's cache files (and its compiled symbols) after its
@@ -40,8 +41,10 @@ from numba import njit
 HERE = os.path.dirname(os.path.abspath(__file__))  # fastkl/backends/numba
 BACKENDS = os.path.dirname(HERE)  # KEY_MODULES are relative to fastkl/backends
 
-# every module whose source reaches the compiled numba code
-KEY_MODULES = ("_contract.py", "numba/common.py", "numba/mc.py", "numba/logits.py")
+# every module whose source reaches the compiled numba code (``_estimators``: the estimator
+# codes the kernels branch on, frozen into them as constants)
+KEY_MODULES = ("_contract.py", "numba/common.py", "numba/mc.py", "numba/logits.py",
+               "../_estimators.py")
 
 
 def source_texts() -> dict[str, bytes]:

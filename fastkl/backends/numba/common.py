@@ -14,12 +14,13 @@ import threading
 import types as pytypes
 import warnings
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .. import in_forked_child
+from .. import _threads, in_forked_child
 from .cache import jit
 
 
@@ -114,12 +115,13 @@ def geometry(g: tuple) -> np.ndarray:
     return geo
 
 
-# Below this many elements of work a kernel runs its serial compilation: waking numba's
-# thread pool for a ``prange`` costs 6-12 us a call, more than a whole block of k3 terms
-# (measured: 1,000 float32 k3 pairs took 25.5 us through the threaded kernel, about 2x the
-# numpy textbook formula). Both compilations compute every block the same way, so the
-# choice never changes a bit of the result.
-SERIAL_WORK = 16384
+# Below ``_threads.NUMBA_MIN`` elements of work a kernel runs its serial compilation: waking
+# numba's thread pool for a ``prange`` costs 6-12 us a call, more than a whole block of k3
+# terms (measured: 1,000 float32 k3 pairs took 25.5 us through the threaded kernel, about 2x
+# the numpy textbook formula). Both compilations compute every block the same way, so the
+# choice never changes a bit of the result. The threshold and the thread count
+# (``fastkl.set_num_threads``) are the thread policy's (``backends/_threads.py``), read here
+# in Python on each call: no compiled code depends on them.
 
 # Threads and fork. fastkl keeps numba's choice of threading layer (NUMBA_THREADING_LAYER, or
 # numba's default: tbb, else omp, else workqueue; 'safe' would fail where tbb is missing) and
@@ -172,11 +174,28 @@ def specialize(fn, name: str, **globals_):
     return f
 
 
+def _launch(kernel, n, args):
+    """``kernel(*args)`` on ``n`` threads of numba's pool (None: numba's current count).
+    numba's count is per Python thread: it is set for this launch and put back after."""
+    if n is None:
+        return kernel(*args)
+    prev = numba.get_num_threads()
+    want = min(n, numba.config.NUMBA_NUM_THREADS)
+    if want == prev:
+        return kernel(*args)
+    numba.set_num_threads(want)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(prev)
+
+
 class ThreadedKernel:
     """One kernel source compiled twice: with ``prange`` spread over threads, and serially
     (``prange`` is a plain ``range`` there). ``kernel(work, *args)`` picks the serial one
-    below ``SERIAL_WORK``, in a forked child, while another threaded call runs, and when numba
-    has no threading layer."""
+    below ``_threads.NUMBA_MIN`` elements of work, when ``fastkl.set_num_threads(1)`` is in
+    effect, in a forked child, while another threaded call runs, and when numba has no
+    threading layer; else the threaded one on the policy's thread count (``_launch``)."""
 
     def __init__(self, fn):
         self.threaded = jit(parallel=True, nogil=True)(fn)
@@ -185,13 +204,14 @@ class ThreadedKernel:
         self.__doc__ = fn.__doc__
 
     def __call__(self, work, *args):
-        if work < SERIAL_WORK or _serial_only:
+        n = _threads._num_threads
+        if work < _threads.NUMBA_MIN or _serial_only or n == 1:
             return self.serial(*args)
         lock = _parallel_lock
         if not lock.acquire(blocking=False):
             return self.serial(*args)
         try:
-            return self.threaded(*args)
+            return _launch(self.threaded, n, args)
         except ValueError as exc:  # raised by numba before any work is done
             if "threading layer" not in str(exc):
                 raise

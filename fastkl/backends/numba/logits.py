@@ -35,6 +35,7 @@ import math
 import numpy as np
 from numba import prange
 
+from .._contract import LOGITS_OPS
 from .cache import jit
 from .common import (
     LN2_HI,
@@ -48,6 +49,12 @@ from .common import (
     i64_as_f64,
     threaded_kernel,
 )
+
+# the contract's op codes (frozen into the kernels as constants)
+OP_KL = LOGITS_OPS["kl"]
+OP_JSD = LOGITS_OPS["jsd"]
+OP_ENTROPY = LOGITS_OPS["entropy"]
+_OP_CODES = frozenset(LOGITS_OPS.values())
 
 CH = 512  # vocabulary entries per chunk (a power of two >= 8): the buffers stay in L1
 NCHUNK = 256  # parallel groups of consecutive rows (any value gives the same bits)
@@ -509,10 +516,10 @@ def _jsd_pass2(ab, bb, geo, row, V, inv_t, ra, la, rb, lb, beta, lo, bufs):
 
 @jit(nogil=True)
 def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
-    """log_probs at inv_t == 1: rows are log P, log Q as given (no max, no normaliser).
-    Returns (S1, S2, sum P, sum Q): the op's sums and the rows' masses (0 for a row without
-    mass, which has no distribution)."""
-    if op == 1:
+    """``log_probs`` (at inv_t == 1): rows are log P, log Q as given (no max, no
+    normaliser). Returns (S1, S2, sum P, sum Q): the op's sums and the rows' masses (0 for a
+    row without mass, which has no distribution)."""
+    if op == OP_JSD:
         # unnormalised rows as given (p may be >> 1, where the first-order parts of the two
         # sums cancel): the full series, as the Cython kernel
         return _jsd_pass2(ab, bb, geo, row, V, 1.0, 0.0, 0.0, 0.0, 0.0, beta, False, bufs)
@@ -527,7 +534,7 @@ def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
     for j in range(0, V, CH):
         mm = min(CH, V - j)
         _load(ab, geo, 0, row, j, mm, 1.0, xa)
-        if op == 2:
+        if op == OP_ENTROPY:
             _chunk_a(xa, 0.0, ea, tt, mm, True, ab.itemsize == 4)
         else:
             _load(bb, geo, 1, row, j, mm, 1.0, xb)
@@ -535,7 +542,7 @@ def _row_logprobs(ab, bb, geo, row, V, op, beta, bufs):
             ZB += _tsum(eb, mm)
         ZA += _tsum(ea, mm)
         S += _tsum(tt, mm)
-    return S, 0.0, ZA, (ZA if op == 2 else ZB)
+    return S, 0.0, ZA, (ZA if op == OP_ENTROPY else ZB)
 
 
 @jit(nogil=True)
@@ -545,23 +552,25 @@ def _jsd_value(beta, sp, sq):
 
 
 @jit(nogil=True)
-def _row_value(ab, bb, geo, row, V, op, beta, inv_t, lpm, bufs):
-    if lpm:
+def _row_value(ab, bb, geo, row, V, op, beta, inv_t, log_probs, bufs):
+    """The op's value for one row; ``log_probs``: the rows are log-probabilities used as
+    given (the contract's ``log_probs`` at inv_t == 1)."""
+    if log_probs:
         s1, s2, za, zb = _row_logprobs(ab, bb, geo, row, V, op, beta, bufs)
         if (za == 0.0) | (zb == 0.0):
             return math.nan  # a row without probability mass
-        if op == 2:
+        if op == OP_ENTROPY:
             return -s1
-        val = s1 if op == 0 else _jsd_value(beta, s1, s2)
-    elif op == 2:
+        val = s1 if op == OP_KL else _jsd_value(beta, s1, s2)
+    elif op == OP_ENTROPY:
         MA, ZA, H = _pass_a(ab, geo, 0, row, V, inv_t, True, bufs)
         return math.log(ZA) - H / ZA if MA == MA else math.nan
-    elif op == 0:
+    elif op == OP_KL:
         MA, ZA, MB, ZB, S, XI = _pass_ab(ab, bb, geo, row, V, inv_t, True, bufs)
         if MA != MA:
             return math.nan
         val = _kl_value(MA, ZA, ZB, S, XI)
-    else:
+    else:  # OP_JSD
         MA, ZA, MB, ZB, _, _ = _pass_ab(ab, bb, geo, row, V, inv_t, False, bufs)
         if MA != MA:
             return math.nan
@@ -570,7 +579,7 @@ def _row_value(ab, bb, geo, row, V, op, beta, inv_t, lpm, bufs):
         val = _jsd_value(beta, sp, sq)
     if val < 0.0:
         val = 0.0  # rounding noise: KL, JSD >= 0 (NaN kept)
-    if op == 1 and (beta == 0.0 or beta == 1.0) and val == val:
+    if op == OP_JSD and (beta == 0.0 or beta == 1.0) and val == val:
         val = 0.0
     return val
 
@@ -579,7 +588,7 @@ def _row_value(ab, bb, geo, row, V, op, beta, inv_t, lpm, bufs):
 
 
 @threaded_kernel
-def _rows_kernel(ab, bb, geo, rows, V, op, beta, inv_t, lpm, act, has_act, out):
+def _rows_kernel(ab, bb, geo, rows, V, op, beta, inv_t, log_probs, act, has_act, out):
     nch = min(rows, NCHUNK)
     for c in prange(nch):
         bufs = np.empty((NBUF, CH))
@@ -587,7 +596,7 @@ def _rows_kernel(ab, bb, geo, rows, V, op, beta, inv_t, lpm, act, has_act, out):
             if has_act and act[r] == 0:
                 out[r] = 0.0
             else:
-                out[r] = _row_value(ab, bb, geo, r, V, op, beta, inv_t, lpm, bufs)
+                out[r] = _row_value(ab, bb, geo, r, V, op, beta, inv_t, log_probs, bufs)
 
 
 @threaded_kernel
@@ -683,19 +692,23 @@ def _out_buffer(out: np.ndarray) -> np.ndarray:
 
 
 def logits_rows(a, b, op, beta, inv_t, log_probs, active, out):
-    """Per-row KL(P||Q) (op 0), JSD_beta (op 1) or entropy of P (op 2) into ``out``
-    (float64 [rows]); rows with ``active[r] == 0`` get 0.0."""
+    """Per-row KL(P||Q) (``OP_KL``), JSD_beta (``OP_JSD``) or entropy of P (``OP_ENTROPY``)
+    into ``out`` (float64 [rows]); rows with ``active[r] == 0`` get 0.0."""
+    op = int(op)
+    if op not in _OP_CODES:
+        raise ValueError(f"unknown logits op code {op}: the kernels know {LOGITS_OPS}")
     rows, V = a.shape
     if rows == 0:
         return
     inv_t = float(inv_t)
-    (ab, bb), geo = _geometry(a, a if int(op) == 2 else b)
+    (ab, bb), geo = _geometry(a, a if op == OP_ENTROPY else b)
     has_act = active is not None
     act = _ro(active, np.uint8) if has_act else _NO_ACTIVE
     o = _out_buffer(out)
-    lpm = bool(log_probs) and inv_t == 1.0
-    _rows_kernel(rows * V, ab, bb, geo, rows, V, int(op), float(beta), inv_t, lpm, act, has_act,
-                 o)
+    # the kernels' log_probs: rows used as given, only at inv_t == 1 (renormalised otherwise)
+    log_probs = bool(log_probs) and inv_t == 1.0
+    _rows_kernel(rows * V, ab, bb, geo, rows, V, op, float(beta), inv_t, log_probs, act,
+                 has_act, o)
     if o is not out:
         out[...] = o
 

@@ -20,6 +20,7 @@ import math
 import numpy as np
 from numba import prange
 
+from ..._estimators import BY_CODE, K1, K2, K3, RK1
 from .._contract import BLOCK, N_PARTIALS
 from .cache import jit
 from .common import exp_parts as _exp_parts
@@ -58,24 +59,25 @@ def _clip(x, lo, hi):
 
 @jit(nogil=True)
 def _term_scalar(l, est):
-    """(term, d term / d logq) with libm, for any l: numpy.mc.term_and_grad, one element."""
-    if est == 0:
+    """(term, d term / d logq) with libm, for any l: numpy.mc.term_and_grad, one element.
+    ``est`` is one of the codes K1..RK3 (checked by the wrappers)."""
+    if est == K1:
         return -l, 1.0
-    if est == 1:
+    if est == K2:
         return 0.5 * l * l, -l
-    if est == 3:
+    if est == RK1:
         r = math.exp(l)
         t = r * l
         if l == -math.inf:
             t = 0.0
         return t, -r * (l + 1.0)
     e = math.expm1(l) - l  # only reached for |l| > FAST_MAX, NaN or +-inf
-    if est == 2:
+    if est == K3:
         t = e
         g = -(e + l)
         if l == -math.inf:
             t = math.inf
-    else:
+    else:  # RK3
         r = math.exp(l)
         t = r * (l - 1.0) + 1.0 if l < -1.0 else l * l + (l - 1.0) * e
         g = -r * l
@@ -145,12 +147,13 @@ _stage_exp = _exp_parts
 
 
 def _terms_stage(lb, tb, gb, mm, est, want_g):
-    """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped.
+    """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped; ``est`` one of the
+    codes K1..RK3 (checked by the wrappers).
 
     Returns True when some lane went through the libm fix-up (its term may be NaN/inf)."""
     mx = 0  # max |bits| of l: > FAST_BITS iff some lane is NaN, inf or beyond FAST_MAX
-    if est <= 1:  # exact for every l (NaN and inf included): no fix-up, but NaN must count
-        if est == 0:
+    if est == K1 or est == K2:  # exact for every l (NaN, inf included): no fix-up; NaN counts
+        if est == K1:
             for i in range(mm):
                 l = lb[i]
                 tb[i] = -l
@@ -162,9 +165,9 @@ def _terms_stage(lb, tb, gb, mm, est, want_g):
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
         if want_g:
             for i in range(mm):
-                gb[i] = 1.0 if est == 0 else -lb[i]
+                gb[i] = 1.0 if est == K1 else -lb[i]
         return mx > FAST_BITS
-    if est == 2:
+    if est == K3:
         if want_g:
             for i in range(mm):
                 l = lb[i]
@@ -179,7 +182,7 @@ def _terms_stage(lb, tb, gb, mm, est, want_g):
                 s, r, q = _stage_exp(l)
                 tb[i] = _em1x(l, s, r, q)
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
-    elif est == 3:
+    elif est == RK1:
         for i in range(mm):
             l = lb[i]
             s, r, q = _stage_exp(l)
@@ -187,7 +190,7 @@ def _terms_stage(lb, tb, gb, mm, est, want_g):
             tb[i] = rr * l
             gb[i] = -rr * (l + 1.0)  # gb is scratch when not want_g: cheaper than a 2nd loop
             mx = max(mx, f64_as_i64(l) & ABS_BITS)
-    else:
+    else:  # RK3
         for i in range(mm):
             l = lb[i]
             s, r, q = _stage_exp(l)
@@ -205,6 +208,9 @@ def _terms_stage(lb, tb, gb, mm, est, want_g):
     return True
 
 
+# the series choice is called ``lo`` throughout the numba code (True: the short series, for
+# float32 inputs); ``_terms_stage13`` (the full, degree-13 series) keeps the name the cache
+# tests know it by
 _terms_stage13 = jit(nogil=True)(specialize(_terms_stage, "_terms_stage13"))
 _terms_stage_lo = jit(nogil=True)(  # float32 inputs
     specialize(_terms_stage, "_terms_stage_lo", _stage_exp=_exp_parts_lo))
@@ -237,21 +243,21 @@ def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, 
     _load_l(qb, pb, geo, row, j, mm, lb)
     if clamp[0] > -math.inf or clamp[1] < math.inf:
         _clip_pass(lb, mm, clamp[0], clamp[1])
-    if qb.itemsize == 4:
-        fixed = _terms_stage_lo(lb, tb, gb, mm, est, want_g)
+    if qb.itemsize == 4:  # float32 inputs: the short series (``lo``)
+        fixed_up = _terms_stage_lo(lb, tb, gb, mm, est, want_g)
     else:
-        fixed = _terms_stage13(lb, tb, gb, mm, est, want_g)
+        fixed_up = _terms_stage13(lb, tb, gb, mm, est, want_g)
     if clamp[2] > -math.inf or clamp[3] < math.inf:
         _clip_pass(tb, mm, clamp[2], clamp[3])
     if has_iw:
         _load_x(ib, geo, 3, row, j, mm, xb)
-        fixed |= _exp_stage(xb, eb, mm)
+        fixed_up |= _exp_stage(xb, eb, mm)
         for i in range(mm):
             tb[i] *= eb[i]
         if want_g:
             for i in range(mm):
                 gb[i] *= eb[i]
-    return fixed
+    return fixed_up
 
 
 # --------------------------------------------------------------------------- reductions
@@ -403,13 +409,13 @@ def _task(rows, nblk, n, task):
 
 
 @jit(nogil=True)
-def _chunk_sums(tb, wb, mm, has_mask, fixed):
+def _chunk_sums(tb, wb, mm, has_mask, fixed_up):
     """(sum w, sum w t, sum w**2, NaN count, count) of a chunk's terms; without a mask only
-    the sum and the NaN count (``fixed``: some lane went through the fix-up, so NaN terms are
-    possible and skipped)."""
+    the sum and the NaN count (``fixed_up``: some lane went through the fix-up, so NaN terms
+    are possible and skipped)."""
     if has_mask:
         return _sums_w(tb, wb, mm)
-    if fixed:
+    if fixed_up:
         ss, nb = _sum8_nn(tb, mm)
         return 0.0, ss, 0.0, nb, 0
     return 0.0, _sum8(tb, mm), 0.0, 0, 0
@@ -453,13 +459,13 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
                 ob = o if want_m2 else 0  # keep the whole block only for the M2 pass
                 tb = tblk[ob : ob + mm]
                 wb = wblk[ob : ob + mm]
-                fixed = _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp,
-                                   False, lb, xb, eb, tb, gb)
+                fixed_up = _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp,
+                                      False, lb, xb, eb, tb, gb)
                 if has_mask:
                     _load_x(mb, geo, 2, row, j0 + o, mm, wb)
-                if fixed and not has_mask:
+                if fixed_up and not has_mask:
                     dirty = True
-                sw, ss, sv, nb, cn = _chunk_sums(tb, wb, mm, has_mask, fixed)
+                sw, ss, sv, nb, cn = _chunk_sums(tb, wb, mm, has_mask, fixed_up)
                 W += sw
                 S += ss
                 W2 += sv
@@ -528,8 +534,8 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
             o = 0
             while o < m:
                 mm = min(SUB, m - o)
-                fixed = _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp, True,
-                                   lb, xb, eb, tb, gb)
+                fixed_up = _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp,
+                                      True, lb, xb, eb, tb, gb)
                 ov = out[row * n + j0 + o : row * n + j0 + o + mm]
                 if has_mask:
                     _load_x(mb, geo, 2, row, j0 + o, mm, wb)
@@ -539,7 +545,7 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
                 else:
                     for i in range(mm):
                         ov[i] = gb[i] * rs
-                sw, ss, sv, nb, cn = _chunk_sums(tb, wb, mm, has_mask, fixed)
+                sw, ss, sv, nb, cn = _chunk_sums(tb, wb, mm, has_mask, fixed_up)
                 W += sw
                 S += ss
                 W2 += sv
@@ -609,15 +615,25 @@ def _nblk(n: int) -> int:
     return max(1, -(-n // BLOCK))
 
 
+def _est(est) -> int:
+    """``est`` as a kernel code; ValueError for an unknown one, before any kernel runs (the
+    kernels' last branch would silently compute reverse k3)."""
+    code = int(est)
+    if code not in BY_CODE:
+        raise ValueError(f"unknown estimator code {est!r}: the kernels know {sorted(BY_CODE)}")
+    return code
+
+
 def mc_terms(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
              log_iw: np.ndarray | None, est: int, clamp: tuple, out: np.ndarray) -> None:
     """out[...] = w * exp(log_iw) * clip(t(clip(l))); exactly 0 wherever w == 0."""
+    est = _est(est)
     rows, n = logq.shape
     if rows * n == 0:
         return
     flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(rows * n, out.dtype)
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
-    _terms_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, int(est), has_m, has_iw,
+    _terms_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw,
                   _clamp(clamp), flat)
     if not out.flags.c_contiguous:
         out[...] = flat.reshape(rows, n)
@@ -627,12 +643,13 @@ def mc_partials(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
                 log_iw: np.ndarray | None, est: int, clamp: tuple,
                 want_m2: bool) -> np.ndarray:
     """Per-block partials, float64 [rows, nblk, N_PARTIALS] (see ``_contract``)."""
+    est = _est(est)
     rows, n = logq.shape
     part = np.zeros((rows, _nblk(n), N_PARTIALS))
     if rows * n == 0:
         return part
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
-    _partials_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, int(est), has_m, has_iw, _clamp(clamp),
+    _partials_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, _clamp(clamp),
                      bool(want_m2), part)
     return part
 
@@ -641,6 +658,7 @@ def mc_grad(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
             log_iw: np.ndarray | None, est: int, rowscale: np.ndarray,
             out_grad: np.ndarray) -> np.ndarray:
     """out_grad = rowscale * w * exp(log_iw) * dt/dlogq; returns the partials (no M2)."""
+    est = _est(est)
     rows, n = logq.shape
     part = np.zeros((rows, _nblk(n), N_PARTIALS))
     if rows * n == 0:
@@ -649,7 +667,7 @@ def mc_grad(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
             else np.empty(rows * n, out_grad.dtype))
     rs = np.ascontiguousarray(rowscale, dtype=np.float64)
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
-    _grad_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, int(est), has_m, has_iw, _NO_CLAMP, rs,
+    _grad_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, _NO_CLAMP, rs,
                  flat, part)
     if not out_grad.flags.c_contiguous:
         out_grad[...] = flat.reshape(rows, n)

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._contract import LOGITS_OPS
+
+OP_KL = LOGITS_OPS["kl"]
+OP_JSD = LOGITS_OPS["jsd"]
+OP_ENTROPY = LOGITS_OPS["entropy"]
+
 # --------------------------------------------------------------------------- logits ops
 #
 # Rows of logits ``a`` (P) and ``b`` (Q), 2-D ``[rows, V]``; ``x = a/T - max(a/T)``,
@@ -38,24 +44,26 @@ def _xlogy_diff(p, u, v):
 
 
 def logits_rows(a, b, op, beta, inv_t, log_probs, active, out):
-    """Per-row value into ``out`` (float64 ``[rows]``): op 0 KL(P||Q), 1 JSD_beta(P, Q),
-    2 entropy of P (``b`` ignored). Rows with ``active[r] == 0`` get 0.0 (``active`` None:
-    all rows)."""
+    """Per-row value into ``out`` (float64 ``[rows]``): ``OP_KL`` KL(P||Q), ``OP_JSD``
+    JSD_beta(P, Q), ``OP_ENTROPY`` entropy of P (``b`` ignored). Rows with ``active[r] == 0``
+    get 0.0 (``active`` None: all rows)."""
+    if op not in (OP_KL, OP_JSD, OP_ENTROPY):
+        raise ValueError(f"unknown logits op code {op!r}: the kernels know {LOGITS_OPS}")
     x, lza = _shifted(a, inv_t, log_probs)
     logp = x - lza[:, None]
     p = np.exp(logp)
     # a row without probability mass (all -inf, also as log-probabilities) is no distribution
     empty = np.sum(p, axis=1) == 0
-    if op == 2:
+    if op == OP_ENTROPY:
         val = -_xlogy_diff(p, logp, 0.0)
     else:
         y, lzb = _shifted(b, inv_t, log_probs)
         logq = y - lzb[:, None]
         q = np.exp(logq)
         empty |= np.sum(q, axis=1) == 0
-        if op == 0:
+        if op == OP_KL:
             val = _xlogy_diff(p, logp, logq)
-        else:
+        else:  # OP_JSD
             with np.errstate(divide="ignore", invalid="ignore"):  # log 0 = -inf; NaN rows
                 logm = np.logaddexp(np.log(beta) + logp, np.log1p(-beta) + logq)
             same = logp == logq  # exactly 0 there, so identical rows give exactly 0.0
@@ -86,7 +94,7 @@ def logits_token(b, tokens, inv_t, ignore_index, out):
 def logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad):
     """out_val[r] = KL(P||Q) per row (float64); out_grad = rowscale[r] * (Q - P) / T,
     the gradient with respect to ``b`` (rows with rowscale 0 get zeros)."""
-    logits_rows(a, b, 0, 0.5, inv_t, False, None, out_val)
+    logits_rows(a, b, OP_KL, 0.5, inv_t, False, None, out_val)
     x, lza = _shifted(a, inv_t, False)
     y, lzb = _shifted(b, inv_t, False)
     g = (np.exp(y - lzb[:, None]) - np.exp(x - lza[:, None])) * (inv_t * rowscale[:, None])

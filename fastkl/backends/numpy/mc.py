@@ -8,12 +8,15 @@ Notation: samples x ~ q, ``l = logp - logq = log r``.
 =========  ===========  =============================  =====================
 code       target       term t(l)                      d t / d logq
 =========  ===========  =============================  =====================
-0 (k1)     KL(q||p)     -l                             1
-1 (k2)     KL(q||p)     l**2 / 2                       -l
-2 (k3)     KL(q||p)     expm1(l) - l                   -expm1(l)
-3 (rk1)    KL(p||q)     r * l                          -r * (l + 1)
-4 (rk3)    KL(p||q)     r * l - expm1(l)               -r * l
+K1         KL(q||p)     -l                             1
+K2         KL(q||p)     l**2 / 2                       -l
+K3         KL(q||p)     expm1(l) - l                   -expm1(l)
+RK1        KL(p||q)     r * l                          -r * (l + 1)
+RK3        KL(p||q)     r * l - expm1(l)               -r * l
 =========  ===========  =============================  =====================
+
+(the codes, ``fastkl._estimators.K1..RK3``, are the integers of its table; an unknown code is
+a ValueError of ``mc_terms``, ``mc_partials`` and ``mc_grad``.)
 
 Numerics (float64 throughout):
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._estimators import BY_CODE, K1, K2, K3, RK1, RK3
 from .._contract import BLOCK, N_PARTIALS
 
 _TAYLOR_N = 20
@@ -56,35 +60,43 @@ def term_and_grad(l: np.ndarray, est: int, want_grad: bool = False):
     """Per-sample estimator term t(l) and, if asked, d t / d logq (float64 arrays)."""
     l = np.asarray(l, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        if est == 0:
+        if est == K1:
             t = -l
             g = np.ones_like(l)
-        elif est == 1:
+        elif est == K2:
             t = 0.5 * l * l
             g = -l
-        elif est == 2:
+        elif est == K3:
             e = expm1_minus_x(l)
             t = e
             g = -(e + l)  # -expm1(l), accurate near 0
-        elif est == 3:
+        elif est == RK1:
             r = np.exp(l)
             t = r * l
             g = -r * (l + 1.0)
-        elif est == 4:
+        elif est == RK3:
             e = expm1_minus_x(l)
             r = np.exp(l)
             t = np.where(l < -1.0, r * (l - 1.0) + 1.0, l * l + (l - 1.0) * e)
             g = -r * l
-        else:  # pragma: no cover - the public layer validates
-            raise ValueError(f"unknown estimator code {est}")
+        else:  # pragma: no cover - the entry points check it first
+            raise ValueError(f"unknown estimator code {est!r}")
         # a term is a function of the log-ratio alone; at l = +-inf take its limit
         # (e.g. k3 at l = -inf is +inf, not inf - inf)
-        if est in (2, 4):
+        if est in (K3, RK3):
             t = np.where(np.isposinf(l), np.inf, t)
-            t = np.where(np.isneginf(l), np.inf if est == 2 else 1.0, t)
-        if est == 3:
+            t = np.where(np.isneginf(l), np.inf if est == K3 else 1.0, t)
+        if est == RK1:
             t = np.where(np.isneginf(l), 0.0, t)
     return (t, g) if want_grad else t
+
+
+def _check_est(est) -> int:
+    """``est`` as a code of ``fastkl._estimators``; ValueError for an unknown one."""
+    code = int(est)
+    if code not in BY_CODE:
+        raise ValueError(f"unknown estimator code {est!r}: the kernels know {sorted(BY_CODE)}")
+    return code
 
 
 def _prepared(logq, logp, mask, log_iw, est, clamp):
@@ -103,7 +115,7 @@ def _prepared(logq, logp, mask, log_iw, est, clamp):
 
 def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
     """out[...] = w * exp(log_iw) * clamp_v(t(clamp_lr(l))); 0 wherever w == 0."""
-    _, t, w = _prepared(logq, logp, mask, log_iw, est, clamp)
+    _, t, w = _prepared(logq, logp, mask, log_iw, _check_est(est), clamp)
     with np.errstate(invalid="ignore"):
         out[...] = np.where(w == 0, 0.0, w * t)
 
@@ -140,12 +152,13 @@ def _block_partials(t, w, want_m2):
 
 def mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2):
     """Per-block partials, shape [rows, nblk, N_PARTIALS] (see ``_contract``)."""
-    _, t, w = _prepared(logq, logp, mask, log_iw, est, clamp)
+    _, t, w = _prepared(logq, logp, mask, log_iw, _check_est(est), clamp)
     return _block_partials(t, w, want_m2)
 
 
 def mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad):
     """Partials of the unclamped terms, and out_grad = rowscale * w * exp(log_iw) * dt/dlogq."""
+    est = _check_est(est)
     l = logp.astype(np.float64) - logq.astype(np.float64)
     t, g = term_and_grad(l, est, want_grad=True)
     w = np.ones(l.shape) if mask is None else mask.astype(np.float64)
