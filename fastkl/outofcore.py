@@ -466,12 +466,7 @@ def compare_logits(
     try:
         bs, ts, rows, vocab = _open_logits_sources(base, test, srcs)
         tok = _row_tokens(tokens, (bs, ts), rows, vocab, ignore_index)
-        keep = None
-        if mask is not None:
-            mk = load_small(mask, "mask")
-            if mk.size != rows:
-                raise ValueError(f"mask: {mk.size} values for {rows} rows of logits")
-            keep = _checks.mask_array(mk.reshape(rows), (rows,)) != 0
+        keep = None if mask is None else _row_keep(mask, rows)
         if exact_percentiles == "auto":
             exact = rows * 16 <= limit // 8
         else:
@@ -543,6 +538,14 @@ def _row_tokens(tokens, sources, rows: int, vocab: int, ignore_index):
         if s.tokens is not None and s.tokens.size == rows:
             return _checks.tokens_array(s.tokens.reshape(rows), (rows,), vocab, ignore_index)
     return None
+
+
+def _row_keep(mask, rows: int) -> np.ndarray:
+    """The rows to keep (mask != 0) of a per-row mask (a path or array)."""
+    mk = load_small(mask, "mask")
+    if mk.size != rows:
+        raise ValueError(f"mask: {mk.size} values for {rows} rows of logits")
+    return _checks.mask_array(mk.reshape(rows), (rows,)) != 0
 
 
 def _warm_logits(be, bs: Source, ts: Source) -> None:
