@@ -12,10 +12,10 @@ The graph follows the in-memory code path step for step, so the numbers are the 
   elements, ~0.3% of float32 input). The ordered merge concatenates the partials of every
   chunk along the reduced axes in chunk order (row-major over the chunk grid) and runs the
   in-memory merge (``_core.merge_blocks``, Chan et al.) and finish. Same chunking -> same
-  bits on every run, any scheduler. When only the first reduced axis is chunked, at offsets that are
-  multiples of ``BLOCK`` elements of the flattened reduced axes, the partials are the
-  in-memory ones and so are the bits; otherwise the merge groups blocks differently and the
-  result agrees to rounding (~1e-16 relative).
+  bits on every run, any scheduler. When only the first reduced axis is chunked, at offsets
+  that are multiples of ``BLOCK`` elements of the flattened reduced axes, the partials are
+  the in-memory ones and so are the bits; otherwise the merge groups blocks differently and
+  the result agrees to rounding (~1e-16 relative).
 * Logits ops: each chunk computes one float64 value per row (a row is always whole: the
   vocabulary axis must be one chunk), exactly the in-memory per-row values. ``"none"`` weighs
   them per chunk; ``"mean"``/``"sum"`` gather the per-row values (8 bytes a row, 1/vocab of
