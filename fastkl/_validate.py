@@ -44,7 +44,8 @@ class MCInputs:
 
 
 def mc_options(estimator, reverse, clamp_log_ratio, clamp_value) -> tuple[int, tuple]:
-    """(kernel estimator code, the four clamp bounds)."""
+    """(kernel estimator code, the four clamp bounds): the options an ``MCAccumulator``
+    keeps."""
     return _checks.estimator_code(estimator, reverse), clamp_bounds(clamp_log_ratio,
                                                                    clamp_value)
 

@@ -26,7 +26,7 @@ import numpy as np
 from . import _checks, _core, _llama
 from . import mc as _mc
 from ._core import KLStats
-from ._validate import CONVERT_CHUNK_BYTES, LogitsRows, mc_inputs
+from ._validate import CONVERT_CHUNK_BYTES, LogitsRows, mc_inputs, mc_options
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS, N_PARTIALS
 
@@ -96,11 +96,9 @@ class MCAccumulator:
         nan_policy: str = "propagate",
         backend: str | None = None,
     ) -> None:
-        self._est = _checks.estimator_code(estimator, reverse)
+        self._est, self._clamp = mc_options(estimator, reverse, clamp_log_ratio, clamp_value)
         self.estimator = estimator
         self.reverse = bool(reverse)
-        self._clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + \
-            _checks.clamp_pair(clamp_value, "clamp_value")
         self.nan_policy = _checks.nan_policy(nan_policy)
         get_backend(backend)  # fail early on an unknown backend
         self.backend = backend
