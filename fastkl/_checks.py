@@ -114,15 +114,8 @@ def axes(axis, ndim: int) -> tuple[int, ...] | None:
     if axis is None:
         return None
     items = axis if isinstance(axis, tuple) else (axis,)
-    out = []
-    for ax in items:
-        try:
-            i = operator.index(ax)
-        except TypeError:
-            raise TypeError(f"axis must be None, an int or a tuple of ints, got {axis!r}") from None
-        if not -ndim <= i < ndim:
-            raise ValueError(f"axis {ax} is out of range for {ndim}-D input")
-        out.append(i % ndim)
+    out = [_axis_index(ax, ndim, "axis must be None, an int or a tuple of ints", axis)
+           for ax in items]
     if len(set(out)) != len(out):
         raise ValueError(f"axis {axis!r} repeats an axis")
     return tuple(sorted(out))
@@ -211,12 +204,18 @@ def nan_policy(value) -> str:
 
 def single_axis(axis, ndim: int) -> int:
     """A single axis, normalized to 0..ndim-1."""
+    return _axis_index(axis, ndim, "axis must be an int", axis)
+
+
+def _axis_index(ax, ndim: int, expected: str, given) -> int:
+    """``ax`` as an axis of an ``ndim``-D array, normalized to 0..ndim-1; a non-integer is
+    the TypeError ``"{expected}, got {given!r}"``."""
     try:
-        i = operator.index(axis)
+        i = operator.index(ax)
     except TypeError:
-        raise TypeError(f"axis must be an int, got {axis!r}") from None
+        raise TypeError(f"{expected}, got {given!r}") from None
     if not -ndim <= i < ndim:
-        raise ValueError(f"axis {axis} is out of range for {ndim}-D input")
+        raise ValueError(f"axis {ax} is out of range for {ndim}-D input")
     return i % ndim
 
 

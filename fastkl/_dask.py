@@ -11,11 +11,11 @@ The graph follows the in-memory code path step for step, so the numbers are the 
   its per-``BLOCK`` partials (a ``[1, ...]`` object array per chunk: 6 float64 per 4096
   elements, ~0.3% of float32 input). The ordered merge concatenates the partials of every
   chunk along the reduced axes in chunk order (row-major over the chunk grid) and runs the
-  in-memory merge (``mc._merge``, Chan et al.) and finish. Same chunking -> same bits on every
-  run, any scheduler. When only the first reduced axis is chunked, at offsets that are
-  multiples of ``BLOCK`` elements of the flattened reduced axes, the partials are the
-  in-memory ones and so are the bits; otherwise the merge groups blocks differently and the
-  result agrees to rounding (~1e-16 relative).
+  in-memory merge (``_core.merge_blocks``, Chan et al.) and finish. Same chunking -> same
+  bits on every run, any scheduler. When only the first reduced axis is chunked, at offsets
+  that are multiples of ``BLOCK`` elements of the flattened reduced axes, the partials are
+  the in-memory ones and so are the bits; otherwise the merge groups blocks differently and
+  the result agrees to rounding (~1e-16 relative).
 * Logits ops: each chunk computes one float64 value per row (a row is always whole: the
   vocabulary axis must be one chunk), exactly the in-memory per-row values. ``"none"`` weighs
   them per chunk; ``"mean"``/``"sum"`` gather the per-row values (8 bytes a row, 1/vocab of
@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _core
+from ._validate import LogitsRows, logits_options, mc_inputs, meta, natural_rows
 from .backends._contract import LOGITS_OPS, N_PARTIALS
 
 ArrayLike = Any
@@ -115,18 +116,16 @@ def _dask_or_numpy(x, name: str, da):
 
 
 def _empty_like_dtype(x) -> np.ndarray:
-    """A zero-size numpy array of ``x``'s dtype and rank: runs the in-memory dtype checks
-    on a dask array without computing it."""
-    return np.empty((0,) * x.ndim, dtype=x.dtype)
+    """A zero-size 1-D numpy array of ``x``'s dtype: runs the in-memory dtype checks on a
+    dask array without computing it."""
+    return np.empty(0, dtype=x.dtype)
 
 
-def _float_input(x, name: str, da):
-    """(array, dtype after the in-memory conversion); the dtype checked like ``float_array``."""
+def _input(x, name: str, da):
+    """A dask array as is, anything else through numpy; None refused as in memory."""
     if x is None:
         raise TypeError(f"{name} must be a float array, got None")
-    a = _dask_or_numpy(x, name, da)
-    meta = _checks.float_array(_empty_like_dtype(a), name)
-    return a, meta.dtype
+    return _dask_or_numpy(x, name, da)
 
 
 def _aligned(a, chunks, da):
@@ -142,47 +141,43 @@ def _first_chunks(arrays, da):
 
 def _check_mask_dtype(m, shape: tuple, ref: str) -> None:
     _checks.same_shape(m, shape, "mask", ref)
-    _checks.mask_array(_empty_like_dtype(m), (0,) * m.ndim)
+    _checks.mask_array(_empty_like_dtype(m), (0,))
 
 
 # --------------------------------------------------------------------------- MC: blocks
 
 
-def _block_inputs(q, p, m, iw, dtype):
-    """A chunk converted like ``mc._validate`` converts whole arrays."""
-    dtype = np.dtype(dtype)
-    q = _checks.as_kernel_dtype(_checks.float_array(q, "logq"), dtype)
-    p = _checks.as_kernel_dtype(_checks.float_array(p, "logp"), dtype)
-    m = _checks.mask_array(m, q.shape)
-    iw = _checks.log_iw_array(iw, q.shape, dtype)
-    return [q, p, m, iw]
+def _block_inputs(q, p, m, iw, est, clamp, dtype, ratio_only=False):
+    """A chunk validated and converted as ``mc_inputs`` converts whole arrays (in the kernel
+    dtype of the whole array)."""
+    return mc_inputs(q, p, mask=m, log_iw=iw, ratio_only=ratio_only, est=est, clamp=clamp,
+                     dtype=dtype)
 
 
-def _raise_block_nan(be, arrays, est, clamp, dtype, offsets, perm, ndim) -> None:
-    """nan_policy='raise': name the first NaN term of this chunk by its index in the
-    caller's (untransposed) array, with the message of the in-memory path."""
-    from . import mc
+def _raise_block_nan(terms, inp, offsets, perm) -> None:
+    """nan_policy='raise': name the first NaN term of this chunk (``terms``, in its C order)
+    by its index in the caller's (untransposed) array, with the message of the in-memory
+    path."""
+    shape = inp.shape
 
-    shape = arrays[0].shape
-    views = mc._natural_rows(arrays, shape)
-    out = np.empty(views[0].shape, dtype=dtype)
-    be.mc_terms(*views, est, clamp, out)
-    bad = np.isnan(out)
-    if arrays[2] is not None:
-        bad &= views[2] != 0
-    hits = np.flatnonzero(bad.ravel())
-    if hits.size == 0:  # pragma: no cover - only called when the partials counted a NaN
-        return
-    local = np.unravel_index(int(hits[0]), shape) if shape else ()
-    glob = [int(i) + off for i, off in zip(local, offsets, strict=False)]
-    idx = [0] * ndim
-    for k in range(ndim):
-        idx[perm[k]] = glob[k]
-    q, p = arrays[0][tuple(local)], arrays[1][tuple(local)]
-    raise ValueError(
-        f"nan_policy='raise': the term at index {tuple(idx)} is NaN "
-        f"(logq={float(q)!r}, logp={float(p)!r})"
-    )
+    def locate(k):
+        local = np.unravel_index(k, shape) if shape else ()
+        glob = [int(i) + off for i, off in zip(local, offsets, strict=False)]
+        idx = [0] * len(perm)
+        for axis, g in zip(perm, glob, strict=False):
+            idx[axis] = g
+        return idx, inp.logq[tuple(local)], inp.logp[tuple(local)]
+
+    _core.raise_first_nan(terms, inp.mask, locate)
+
+
+def _terms(be, inp) -> np.ndarray:
+    """The weighted terms of a chunk, in its shape and kernel dtype."""
+    out = np.empty(inp.shape, dtype=inp.dtype)
+    if out.size:
+        views = natural_rows(inp.arrays(), inp.shape)
+        be.mc_terms(*views, inp.est, inp.clamp, out.reshape(views[0].shape))
+    return out
 
 
 def _offsets(block_info, ndim: int) -> list[int]:
@@ -193,24 +188,11 @@ def _offsets(block_info, ndim: int) -> list[int]:
 
 def _mc_terms_block(q, p, m, iw, *, est, clamp, kdtype, policy, bname, block_info=None):
     """``reduction="none"`` for one chunk: the weighted terms, like the in-memory path."""
-    from . import mc
-
-    dtype = np.dtype(kdtype)
-    arrays = _block_inputs(q, p, m, iw, dtype)
-    shape = arrays[0].shape
-    out = np.empty(shape, dtype=dtype)
-    if out.size:
-        be = _get_backend(bname)
-        views = mc._natural_rows(arrays, shape)
-        be.mc_terms(*views, est, clamp, out.reshape(views[0].shape))
-        if policy == "raise":
-            bad = np.isnan(out)
-            if arrays[2] is not None:
-                bad &= arrays[2] != 0
-            if bad.any():
-                ndim = len(shape)
-                _raise_block_nan(be, arrays, est, clamp, dtype, _offsets(block_info, ndim),
-                                 list(range(ndim)), ndim)
+    inp = _block_inputs(q, p, m, iw, est, clamp, kdtype)
+    out = _terms(_get_backend(bname), inp)
+    if policy == "raise":
+        ndim = len(inp.shape)
+        _raise_block_nan(out, inp, _offsets(block_info, ndim), list(range(ndim)))
     return out
 
 
@@ -229,21 +211,19 @@ def _mc_partials_block(q, p, m, iw, *, est, clamp, kdtype, want_m2, nred, policy
     """Per-BLOCK partials of one chunk (reduced axes last), wrapped in a ``[1, ...]`` object
     array so that dask keeps one grid cell per chunk. ``ratio_only``: only ratios are
     wanted, so extreme weights are scaled (the cell is then a ``_Scaled``)."""
-    dtype = np.dtype(kdtype)
-    arrays = _block_inputs(q, p, m, iw, dtype)
-    wexp = _checks.scale_weights(arrays[2]) if ratio_only else 0
-    shape = arrays[0].shape
+    inp = _block_inputs(q, p, m, iw, est, clamp, kdtype, ratio_only)
+    wexp = inp.wexp
+    shape = inp.shape
     nk = len(shape) - nred
     rows, n = math.prod(shape[:nk]), math.prod(shape[nk:])
-    views = [None if a is None else a.reshape(rows, n) for a in arrays]
+    views = [None if a is None else a.reshape(rows, n) for a in inp.arrays()]
     be = _get_backend(bname)
     if rows * n == 0:
         part = np.zeros((rows, 1, N_PARTIALS))
     else:
         part = be.mc_partials(*views, est, clamp, want_m2)
     if policy == "raise" and (part[..., 4] > 0).any():
-        _raise_block_nan(be, arrays, est, clamp, dtype, _offsets(block_info, len(shape)),
-                         perm, ndim)
+        _raise_block_nan(_terms(be, inp), inp, _offsets(block_info, len(shape)), perm)
     cell = np.empty((1,) * len(shape), dtype=object)
     cell[(0,) * len(shape)] = _Scaled(part, wexp) if wexp else part
     return cell
@@ -252,51 +232,37 @@ def _mc_partials_block(q, p, m, iw, *, est, clamp, kdtype, want_m2, nred, policy
 def _merged(cells: np.ndarray) -> np.ndarray:
     """The merged partials ``[rows, N_PARTIALS]`` of a grid of chunk cells that share their
     rows: blocks concatenated in row-major chunk order, then the in-memory merge."""
-    from . import mc
-
     parts = list(cells.reshape(-1))
     if any(isinstance(c, _Scaled) for c in parts):
         # one unit for all: the largest exponent of a cell with weight (the others' sums
         # shrink by powers of two: exact, or negligible where they fall below 2**-1022)
         es = [(c.e, c.part) if isinstance(c, _Scaled) else (0, c) for c in parts]
         top = max((e for e, pt in es if (pt[..., 0] > 0).any()), default=0)
-        parts = []
-        for e, pt in es:
-            pt = pt.copy()
-            with np.errstate(under="ignore", over="ignore"):
-                pt[..., 0:3] = np.ldexp(pt[..., 0:3], e - top)
-                pt[..., 3] = np.ldexp(pt[..., 3], 2 * (e - top))
-            parts.append(pt)
+        parts = [_core.in_units(pt, e, top) for e, pt in es]
     part = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-    return mc._merge(part)
+    return _core.merge_blocks(part)
 
 
 def _mc_finish_block(cells, *, how, policy, nk, block_info=None):
     """Mean or sum per output row of one output chunk (``cells``: its kept axes, of size 1,
     then the chunk grid of the reduced axes)."""
-    from . import mc
-
     tot = _merged(cells)
     if nk == 0:
-        return np.asarray(mc._finish_scalar(tot[0], how, policy), dtype=np.float64)
+        return np.asarray(_core.finish_scalar(tot[0], how, policy), dtype=np.float64)
     shape = tuple(block_info[None]["chunk-shape"])
-    return mc._finish(tot, how, policy).reshape(shape)
+    return _core.finish(tot, how, policy).reshape(shape)
 
 
 def _mc_rl_block(cells, *, reduction, policy):
     """seq-mean-*: merge each row chunk across the token chunks, then the in-memory mean
     over rows (which needs every row, so this is one task)."""
-    from . import mc
-
     tot = np.concatenate([_merged(cells[i]) for i in range(cells.shape[0])], axis=0)
-    return np.asarray(mc._rl_reduce(tot, reduction, policy), dtype=np.float64)
+    return np.asarray(_core.rl_reduce(tot, reduction, policy), dtype=np.float64)
 
 
 def _stats_finish(cells, policy):
     """``kl_mc_stats`` from the merged partials: the in-memory formulas."""
-    from . import mc
-
-    return mc._stats(_merged(cells)[0], policy)
+    return _core.stats(_merged(cells)[0], policy)
 
 
 # --------------------------------------------------------------------------- MC: graph
@@ -308,25 +274,21 @@ class _MCInputs:
 
 def _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
                clamp_value) -> _MCInputs:
-    """The checks of ``mc._validate`` in the same order, on dtypes and shapes only; every
-    input becomes a dask array with the chunks of the first dask input."""
+    """The in-memory validator (``_validate.mc_inputs``) run on zero-size stand-ins of the
+    inputs' dtypes, then the shapes checked; every input becomes a dask array with the
+    chunks of the first dask input."""
     da = _da()
-    q, qdt = _float_input(logq, "logq", da)
-    p, pdt = _float_input(logp, "logp", da)
-    _checks.same_shape(p, q.shape, "logp")
+    q, p = _input(logq, "logq", da), _input(logp, "logp", da)
+    m = None if mask is None else _dask_or_numpy(mask, "mask", da)
+    iw = None if log_iw is None else _input(log_iw, "log_iw", da)
+    chk = mc_inputs(*(None if a is None else _empty_like_dtype(a) for a in (q, p)), estimator,
+                    reverse, *(None if a is None else _empty_like_dtype(a) for a in (m, iw)),
+                    clamp_log_ratio, clamp_value)
+    for a, nm in ((p, "logp"), (m, "mask"), (iw, "log_iw")):
+        if a is not None:
+            _checks.same_shape(a, q.shape, nm)
     inp = _MCInputs()
-    inp.est = _checks.estimator_code(estimator, reverse)
-    inp.dtype = _checks.compute_dtype(np.empty(0, qdt), np.empty(0, pdt))
-    m = iw = None
-    if mask is not None:
-        m = _dask_or_numpy(mask, "mask", da)
-        _check_mask_dtype(m, q.shape, "logq")
-    if log_iw is not None:
-        iw, _ = _float_input(log_iw, "log_iw", da)
-        _checks.same_shape(iw, q.shape, "log_iw")
-    inp.clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
-        clamp_value, "clamp_value"
-    )
+    inp.est, inp.dtype, inp.clamp = chk.est, chk.dtype, chk.clamp
     chunks = _first_chunks([q, p, m, iw], da)
     inp.arrays = [None if a is None else _aligned(a, chunks, da) for a in (q, p, m, iw)]
     inp.ndim = len(q.shape)
@@ -425,66 +387,46 @@ def kl_mc_stats(logq, logp, estimator="k3", *, reverse=False, mask=None, log_iw=
 # --------------------------------------------------------------------------- logits
 
 
-def _logits_block(a, b, m, *, op, names, beta, inv_t, log_probs, bname, reduction, kdtype):
+def _logits_block(a, b, m, *, op, names, beta, inv_t, log_probs, bname, reduction, kdtype,
+                  slice_elems):
     """One chunk of rows (vocabulary last and whole): float64 value per row, computed as in
-    ``logits._row_op``; with ``reduction="none"`` also weighted and cast as there."""
-    from . import logits
-
+    ``logits``' in-memory ops; with ``reduction="none"`` also weighted and cast as there."""
     arrays = [a] if b is None else [a, b]
-    dtype = np.dtype(kdtype)
     arrays = [_checks.float_array(x, nm) for x, nm in zip(arrays, names, strict=True)]
-    rows = logits._Rows(arrays, names, -1, m)
-    vals = np.zeros(rows.lead, dtype=np.float64)
-    active = None if rows.mask is None else (rows.mask != 0).astype(np.uint8)
-    be = _get_backend(bname)
-    for prefix, sl, views in rows.pieces():
-        out = logits._rows_of(vals, prefix, sl)
-        act = None if active is None else logits._rows_of(active, prefix, sl)
-        second = views[1] if len(views) > 1 else views[0]
-        if out.size:
-            be.logits_rows(views[0], second, op, beta, inv_t, log_probs, act, out)
+    rows = LogitsRows(arrays, names, -1, m)
+    vals = rows.values(_get_backend(bname), op, beta, inv_t, log_probs, slice_elems)
     if reduction == "none":
-        return np.asarray(logits._reduce(vals, rows.mask, "none", dtype))
+        return np.asarray(_core.reduce_rows(vals, rows.mask, "none", np.dtype(kdtype)))
     return vals
 
 
 def _logits_total(vals, m, *, reduction, kdtype):
     """"mean"/"sum" over every row: the in-memory reduction of the gathered values."""
-    from . import logits
-
     mask = _checks.mask_array(m, vals.shape)
-    return np.asarray(logits._reduce(vals, mask, reduction, np.dtype(kdtype)), dtype=np.float64)
+    return np.asarray(_core.reduce_rows(vals, mask, reduction, np.dtype(kdtype)),
+                      dtype=np.float64)
 
 
 def logits_op(op: str, arrays: list, names: list[str], beta: float, temperature, axis, mask,
-              reduction, log_probs, backend):
+              reduction, log_probs, backend, slice_elems: int):
     """``kl_logits`` / ``jsd_logits`` / ``entropy_logits`` on dask arrays (``op`` as in
     ``LOGITS_OPS``): a lazy dask array of per-row values for ``reduction="none"``, a 0-d
-    one for "mean"/"sum"."""
+    one for "mean"/"sum". ``slice_elems``: elements per kernel call in a chunk."""
     da = _da()
     conv, dtypes = [], []
     for x, nm in zip(arrays, names, strict=True):
-        a, dt = _float_input(x, nm, da)
+        a = _input(x, nm, da)
         conv.append(a)
-        dtypes.append(dt)
-    reduction = _checks.reduction(reduction, 0, allow_rl=False)
-    inv_t = 1.0 / _checks.temperature(temperature)
-    if not isinstance(log_probs, (bool, np.bool_)):
-        raise TypeError(f"log_probs must be a bool, got {type(log_probs).__name__}")
-    ref = conv[0]
-    for a, nm in zip(conv[1:], names[1:], strict=True):
-        _checks.same_shape(a, ref.shape, nm, names[0])
-    if ref.ndim == 0:
-        raise ValueError(f"{names[0]} must have at least 1 dimension (the vocabulary)")
-    ax = _checks.single_axis(axis, ref.ndim)
-    if ref.shape[ax] == 0:
-        raise ValueError(f"{names[0]} has an empty vocabulary axis ({ax}): softmax undefined")
-    dtype = _checks.compute_dtype(*(np.empty(0, dt) for dt in dtypes))
-    lead_shape = ref.shape[:ax] + ref.shape[ax + 1:]
+        dtypes.append(_checks.float_array(_empty_like_dtype(a), nm).dtype)
+    reduction, inv_t = logits_options(reduction, temperature, log_probs)
+    # the in-memory checks of shapes, axis and dtype, on stand-ins that take no memory
+    rows = LogitsRows([meta(dt, a.shape) for a, dt in zip(conv, dtypes, strict=True)], names,
+                      axis, None)
+    ax, dtype, ref = rows.axis, rows.dtype, conv[0]
     m = None
     if mask is not None:
         m = _dask_or_numpy(mask, "mask", da)
-        _check_mask_dtype(m, lead_shape, f"{names[0]} without axis {ax}")
+        _check_mask_dtype(m, rows.lead, rows.mask_ref)
     for a, nm in zip(conv, names, strict=True):
         if isinstance(a, da.Array) and len(a.chunks[ax]) > 1:
             raise ValueError(
@@ -511,7 +453,8 @@ def logits_op(op: str, arrays: list, names: list[str], beta: float, temperature,
     vals = da.blockwise(
         _logits_block, lead, *args,
         op=LOGITS_OPS[op], names=names, beta=beta, inv_t=inv_t, log_probs=bool(log_probs),
-        bname=bname, reduction=reduction, kdtype=dtype.str, dtype=out_dtype, concatenate=True,
+        bname=bname, reduction=reduction, kdtype=dtype.str, slice_elems=slice_elems,
+        dtype=out_dtype, concatenate=True,
         meta=np.empty((0,) * nl, dtype=out_dtype), token=f"fastkl-{op}-rows",
     )
     if reduction == "none":

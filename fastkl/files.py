@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ._core import flat_slice
 from ._llama import expf as _expf
 
 PAGE = mmap.PAGESIZE
@@ -153,29 +154,6 @@ def _native(a: np.ndarray, bf16: bool = False) -> np.ndarray:
     return a
 
 
-def _flat_slice(a: np.ndarray, e0: int, e1: int) -> np.ndarray:
-    """Elements ``e0:e1`` of ``a``'s C-order flattening, copying only those (a view where
-    numpy can): a strided, transposed or broadcast array is never copied whole."""
-    if a.ndim <= 1 or a.flags.c_contiguous:
-        return a.reshape(-1)[e0:e1]
-    if e1 <= e0:
-        return np.empty(0, a.dtype)
-    inner = math.prod(a.shape[1:])
-    r0, o0 = divmod(e0, inner)
-    r1, o1 = divmod(e1, inner)
-    if r0 == r1:
-        return _flat_slice(a[r0], o0, o1)
-    parts = []
-    if o0:
-        parts.append(_flat_slice(a[r0], o0, inner))
-        r0 += 1
-    if r1 > r0:
-        parts.append(a[r0:r1].reshape(-1))  # a copy of these rows only
-    if o1:
-        parts.append(_flat_slice(a[r1], 0, o1))
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
 class ArraySource(Source):
     """An array-like in memory, read block by block (a strided or broadcast view is not
     copied whole). A C-contiguous ``np.memmap`` (as ``np.load(path, mmap_mode="r")``
@@ -204,7 +182,7 @@ class ArraySource(Source):
         self.dtype = self._a.dtype
 
     def read(self, e0, e1):
-        return _native(_flat_slice(self._a, e0, e1))
+        return _native(flat_slice(self._a, e0, e1))
 
     def release(self, e0, e1):
         if self._mm is None or e1 <= e0 or not hasattr(mmap, "MADV_DONTNEED"):

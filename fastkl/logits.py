@@ -10,151 +10,35 @@ backends (``fastkl.backends``, contract in ``backends/_contract.py``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
-from . import _checks, _dask
+from . import _checks, _core, _dask
 from . import mc as _mc
+from ._validate import LogitsRows, logits_options, rows_of
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS
 
 ArrayLike = Any
-
-# float16 / byte-swapped inputs are widened this many bytes of input at a time, so memory
-# stays O(rows) whatever the array size
-_CONVERT_CHUNK_BYTES = 32 << 20
-
-
-# --------------------------------------------------------------------------- layout
-
-
-def _as_2d(x: np.ndarray) -> np.ndarray | None:
-    """``x`` (vocabulary last) as a ``[rows, V]`` view, or None if the leading axes cannot be
-    merged without a copy."""
-    lead, lead_strides = x.shape[:-1], x.strides[:-1]
-    dims = [(n, s) for n, s in zip(lead, lead_strides, strict=True) if n != 1]
-    for (_, s0), (n1, s1) in zip(dims, dims[1:], strict=False):
-        if s0 != n1 * s1:
-            return None
-    rows = math.prod(lead)
-    row_stride = dims[-1][1] if dims else 0
-    return as_strided(x, (rows, x.shape[-1]), (row_stride, x.strides[-1]), writeable=False)
-
-
-def _plan(arrays: list[np.ndarray], prefix: tuple = ()) -> Iterator[tuple[tuple, list]]:
-    """(leading-index prefix, 2-D views) pieces covering the arrays; one piece when the
-    leading axes merge, else one per index of the first leading axis (recursively)."""
-    views = [_as_2d(a) for a in arrays]
-    if all(v is not None for v in views):
-        yield prefix, views
-        return
-    for i in range(arrays[0].shape[0]):
-        yield from _plan([a[i] for a in arrays], prefix + (i,))
-
-
-def _native_chunks(views: list[np.ndarray], dtype: np.dtype) -> Iterator[tuple[slice, list]]:
-    """Row slices of the 2-D views in the kernel dtype: the views themselves when they are
-    already native ``dtype``, otherwise converted a bounded chunk of rows at a time."""
-    rows, vocab = views[0].shape
-    if all(v.dtype == dtype and v.dtype.isnative for v in views):
-        yield slice(0, rows), views
-        return
-    step = max(1, _CONVERT_CHUNK_BYTES // max(1, vocab * dtype.itemsize))
-    for r0 in range(0, rows, step):
-        sl = slice(r0, min(rows, r0 + step))
-        yield sl, [_checks.as_kernel_dtype(v[sl], dtype) for v in views]
-
-
-class _Rows:
-    """Validated logits moved to vocabulary-last, with row shape, dtype and row mask."""
-
-    def __init__(self, arrays: list[np.ndarray], names: list[str], axis, mask):
-        ref = arrays[0]
-        for a, nm in zip(arrays[1:], names[1:], strict=True):
-            _checks.same_shape(a, ref.shape, nm, names[0])
-        if ref.ndim == 0:
-            raise ValueError(f"{names[0]} must have at least 1 dimension (the vocabulary)")
-        ax = _checks.single_axis(axis, ref.ndim)
-        self.axis = ax
-        self.moved = [np.moveaxis(a, ax, -1) for a in arrays]
-        self.lead = self.moved[0].shape[:-1]
-        self.vocab = self.moved[0].shape[-1]
-        if self.vocab == 0:
-            raise ValueError(f"{names[0]} has an empty vocabulary axis ({ax}): softmax undefined")
-        self.dtype = _checks.compute_dtype(*arrays)
-        self.mask = _checks.mask_array(mask, self.lead, f"{names[0]} without axis {ax}")
-
-    def pieces(self) -> Iterator[tuple[tuple, slice, list]]:
-        """(prefix, row slice, native 2-D views) for every kernel call: at most
-        ``mc.SLICE`` elements (whole rows) each, so that Ctrl-C is seen between calls."""
-        step = max(1, _mc.SLICE // self.vocab)
-        for prefix, views in _plan(self.moved):
-            for sl, native in _native_chunks(views, self.dtype):
-                nrows = sl.stop - sl.start
-                if nrows <= step:
-                    yield prefix, sl, native
-                    continue
-                for k0 in range(0, nrows, step):
-                    k1 = min(nrows, k0 + step)
-                    yield (prefix, slice(sl.start + k0, sl.start + k1),
-                           [v[k0:k1] for v in native])
-
-
-def _rows_of(arr: np.ndarray, prefix: tuple, sl: slice) -> np.ndarray:
-    """The rows of a piece in a C-contiguous per-row array (a view)."""
-    return arr[prefix + (...,)].reshape(-1)[sl]
 
 
 def _float_arrays(*pairs) -> list[np.ndarray]:
     return [_checks.float_array(x, name) for x, name in pairs]
 
 
-def _reduce(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_dtype):
-    """Per-row float64 values -> "none" (w * v, input precision) / "mean" / "sum" (float)."""
-    if reduction == "mean":
-        mask = _ratio_weights(mask)
-    if mask is not None:
-        with np.errstate(invalid="ignore"):
-            vals = np.where(mask != 0, vals * mask, 0.0)
-    if reduction == "none":
-        out = vals.astype(out_dtype)
-        return out if out.ndim else out[()]
-    total = float(np.sum(vals))
-    if reduction == "sum":
-        return total
-    weight = float(vals.size) if mask is None else float(np.sum(mask, dtype=np.float64))
-    return total / weight if weight > 0 else math.nan
-
-
-def _ratio_weights(mask: np.ndarray | None) -> np.ndarray | None:
-    """Weights for a ratio (a weighted mean): extreme ones scaled by a power of two
-    (``_checks.weight_exponent``), so that 1e-300 or 1e308 weights give the mean of 1s."""
-    e = _checks.weight_exponent(mask)
-    return mask if e == 0 else np.ldexp(mask, -e)
-
-
 def _row_op(op: str, arrays, names, beta, temperature, axis, mask, reduction, log_probs,
             backend):
-    reduction = _checks.reduction(reduction, 0, allow_rl=False)
-    inv_t = 1.0 / _checks.temperature(temperature)
-    if not isinstance(log_probs, (bool, np.bool_)):
-        raise TypeError(f"log_probs must be a bool, got {type(log_probs).__name__}")
-    rows = _Rows(arrays, names, axis, mask)
+    """A logits op (``LOGITS_OPS``) per row of ``arrays``, reduced (dask arrays: lazily)."""
+    if _dask.is_dask(*arrays, mask):
+        return _dask.logits_op(op, arrays, names, beta, temperature, axis, mask, reduction,
+                               log_probs, backend, _mc.SLICE)
+    arrays = _float_arrays(*zip(arrays, names, strict=True))
+    reduction, inv_t = logits_options(reduction, temperature, log_probs)
+    rows = LogitsRows(arrays, names, axis, mask)
     be = get_backend(backend)
-    vals = np.zeros(rows.lead, dtype=np.float64)
-    active = None if rows.mask is None else (rows.mask != 0).astype(np.uint8)
-    code = LOGITS_OPS[op]
-    for prefix, sl, views in rows.pieces():
-        out = _rows_of(vals, prefix, sl)
-        act = None if active is None else _rows_of(active, prefix, sl)
-        b = views[1] if len(views) > 1 else views[0]
-        if out.size:
-            be.logits_rows(views[0], b, code, beta, inv_t, bool(log_probs), act, out)
-    return _reduce(vals, rows.mask, reduction, rows.dtype)
+    vals = rows.values(be, LOGITS_OPS[op], beta, inv_t, log_probs, _mc.SLICE)
+    return _core.reduce_rows(vals, rows.mask, reduction, rows.dtype)
 
 
 # --------------------------------------------------------------------------- public API
@@ -194,12 +78,8 @@ def kl_logits(
 
     Dask array inputs (the vocabulary axis in one chunk) give a lazy dask array.
     """
-    if _dask.is_dask(logits_p, logits_q, mask):
-        return _dask.logits_op("kl", [logits_p, logits_q], ["logits_p", "logits_q"], 0.5,
-                               temperature, axis, mask, reduction, log_probs, backend)
-    arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
-    return _row_op("kl", arrays, ["logits_p", "logits_q"], 0.5, temperature, axis, mask,
-                   reduction, log_probs, backend)
+    return _row_op("kl", [logits_p, logits_q], ["logits_p", "logits_q"], 0.5, temperature,
+                   axis, mask, reduction, log_probs, backend)
 
 
 def jsd_logits(
@@ -221,12 +101,8 @@ def jsd_logits(
     log 2. Other parameters as ``kl_logits``.
     """
     b = _checks.beta(beta)
-    if _dask.is_dask(logits_p, logits_q, mask):
-        return _dask.logits_op("jsd", [logits_p, logits_q], ["logits_p", "logits_q"], b,
-                               temperature, axis, mask, reduction, log_probs, backend)
-    arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
-    return _row_op("jsd", arrays, ["logits_p", "logits_q"], b, temperature, axis, mask,
-                   reduction, log_probs, backend)
+    return _row_op("jsd", [logits_p, logits_q], ["logits_p", "logits_q"], b, temperature,
+                   axis, mask, reduction, log_probs, backend)
 
 
 def entropy_logits(
@@ -242,11 +118,7 @@ def entropy_logits(
     """Entropy ``H(P) = -sum_v P_v log P_v`` per row, ``P = softmax(logits / T)``;
     computed as ``log ZA - sum e^x x / ZA`` (two non-negative parts, no cancellation).
     Parameters as ``kl_logits``."""
-    if _dask.is_dask(logits, mask):
-        return _dask.logits_op("entropy", [logits], ["logits"], 0.5, temperature, axis, mask,
-                               reduction, log_probs, backend)
-    arrays = _float_arrays((logits, "logits"))
-    return _row_op("entropy", arrays, ["logits"], 0.5, temperature, axis, mask, reduction,
+    return _row_op("entropy", [logits], ["logits"], 0.5, temperature, axis, mask, reduction,
                    log_probs, backend)
 
 
@@ -270,14 +142,14 @@ def token_logprobs(
         _dask.unsupported("token_logprobs")
     (b,) = _float_arrays((logits, "logits"))
     inv_t = 1.0 / _checks.temperature(temperature)
-    rows = _Rows([b], ["logits"], axis, None)
+    rows = LogitsRows([b], ["logits"], axis, None)
     tok = _checks.tokens_array(tokens, rows.lead, rows.vocab, ignore_index)
     be = get_backend(backend)
     vals = np.zeros(rows.lead, dtype=np.float64)
-    for prefix, sl, views in rows.pieces():
-        out = _rows_of(vals, prefix, sl)
+    for prefix, sl, views in rows.pieces(_mc.SLICE):
+        out = rows_of(vals, prefix, sl)
         if out.size:
-            t = _rows_of(tok, prefix, sl)
+            t = rows_of(tok, prefix, sl)
             be.logits_token(views[0], t, inv_t, int(ignore_index), out)
     res = vals.astype(rows.dtype)
     return res if res.ndim else res[()]
@@ -304,13 +176,12 @@ def kl_logits_grad(
     if _dask.is_dask(logits_p, logits_q, mask):
         _dask.unsupported("kl_logits_grad")
     arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
-    reduction = _checks.reduction(reduction, 0, allow_rl=False)
-    inv_t = 1.0 / _checks.temperature(temperature)
-    rows = _Rows(arrays, ["logits_p", "logits_q"], axis, mask)
+    reduction, inv_t = logits_options(reduction, temperature)
+    rows = LogitsRows(arrays, ["logits_p", "logits_q"], axis, mask)
     be = get_backend(backend)
     w = np.ones(rows.lead) if rows.mask is None else rows.mask.astype(np.float64)
     if reduction == "mean":
-        w = _ratio_weights(w)
+        w = _core.ratio_weights(w)
         total = float(w.sum())
         scale = w / total if total > 0 else np.zeros_like(w)
     else:
@@ -318,10 +189,10 @@ def kl_logits_grad(
     scale = np.ascontiguousarray(scale, dtype=np.float64)
     vals = np.zeros(rows.lead, dtype=np.float64)
     grad = np.empty(rows.lead + (rows.vocab,), dtype=rows.dtype)
-    for prefix, sl, views in rows.pieces():
-        out = _rows_of(vals, prefix, sl)
+    for prefix, sl, views in rows.pieces(_mc.SLICE):
+        out = rows_of(vals, prefix, sl)
         if out.size:
             g = grad[prefix + (...,)].reshape(-1, rows.vocab)[sl]
-            be.logits_kl_grad(views[0], views[1], inv_t, _rows_of(scale, prefix, sl), out, g)
-    value = _reduce(vals, rows.mask, reduction, rows.dtype)
+            be.logits_kl_grad(views[0], views[1], inv_t, rows_of(scale, prefix, sl), out, g)
+    value = _core.reduce_rows(vals, rows.mask, reduction, rows.dtype)
     return value, np.moveaxis(grad, -1, rows.axis)

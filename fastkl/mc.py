@@ -20,92 +20,23 @@ backends (``fastkl.backends``), all implementing one small kernel contract.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _checks, _dask
+from . import _checks, _core, _dask
+from ._core import KLStats
+from ._validate import NO_CLAMPS, MCInputs, mc_inputs, natural_rows
 from .backends import get_backend
 from .backends._contract import BLOCK, N_PARTIALS
 
 ArrayLike = Any
 
-_Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
 # reductions whose value is a ratio of weighted sums (extreme weights may be scaled)
 _RATIO_REDUCTIONS = ("mean", "token-mean", "seq-mean-token-mean")
 
 
-@dataclass(frozen=True)
-class KLStats:
-    """Summary of per-sample KL terms: mean with its standard error and a 95% interval.
-
-    ``std`` is the (weighted, unbiased) standard deviation of the terms, ``sem = std /
-    sqrt(n_eff)`` with Kish's effective size ``n_eff = (sum w)**2 / sum w**2`` (= ``n`` for an
-    unweighted or boolean mask), ``ci95 = mean -+ 1.96 sem`` (normal approximation).
-    """
-
-    mean: float
-    std: float
-    sem: float
-    n: int
-    ci95: tuple[float, float]
-
-
 # --------------------------------------------------------------------------- layout
-
-
-class _Inputs:
-    """Validated inputs: converted arrays plus the options the kernels take."""
-
-    __slots__ = ("logq", "logp", "mask", "log_iw", "est", "clamp", "shape", "dtype", "out_dtype",
-                 "wexp")
-
-
-_NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf)
-
-
-def _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio=None,
-              clamp_value=None, ratio_only=False) -> _Inputs:
-    """``ratio_only``: only ratios of weighted sums are wanted (means, std, sem), so
-    extreme weights may be scaled by ``2**-inp.wexp`` (``_checks.scale_weights``)."""
-    if (type(logq) is np.ndarray and type(logp) is np.ndarray and mask is None
-            and log_iw is None and clamp_log_ratio is None and clamp_value is None
-            and logq.shape == logp.shape and logq.dtype == logp.dtype
-            and logq.dtype.char in "fd" and logq.dtype.isnative):
-        # the common small-input case: two native float32/float64 arrays of one dtype and
-        # shape, nothing optional. The general path below gives the same _Inputs (no
-        # conversion, no copy), through ten more calls: about 1 us of a 9 us call.
-        inp = _Inputs()
-        inp.est = _checks.estimator_code(estimator, reverse)
-        inp.dtype = inp.out_dtype = logq.dtype
-        inp.logq, inp.logp, inp.shape = logq, logp, logq.shape
-        inp.mask = inp.log_iw = None
-        inp.clamp = _NO_CLAMPS
-        inp.wexp = 0
-        return inp
-    q = _checks.float_array(logq, "logq", int_lists=True)
-    p = _checks.float_array(logp, "logp", int_lists=True)
-    _checks.same_shape(p, q.shape, "logp")
-    inp = _Inputs()
-    inp.est = _checks.estimator_code(estimator, reverse)
-    inp.dtype = _checks.compute_dtype(q, p)
-    inp.out_dtype = inp.dtype
-    inp.logq = _checks.as_kernel_dtype(q, inp.dtype)
-    inp.logp = _checks.as_kernel_dtype(p, inp.dtype)
-    inp.shape = q.shape
-    inp.mask = _checks.mask_array(mask, q.shape)
-    inp.wexp = _checks.scale_weights(inp.mask) if ratio_only else 0
-    inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
-    inp.clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
-        clamp_value, "clamp_value"
-    )
-    return inp
-
-
-def _arrays(inp: _Inputs):
-    return [inp.logq, inp.logp, inp.mask, inp.log_iw]
 
 
 def _as_rows(arrays, shape, red_axes):
@@ -121,7 +52,7 @@ def _as_rows(arrays, shape, red_axes):
         rows, out_shape = 1, ()
         if ndim <= 1:  # the common small-input case: nothing to order (saves ~1 us a call)
             return [None if a is None else a.reshape(1, n) for a in arrays], out_shape, (0,)[:ndim]
-        perm = _memory_perm(arrays[0])
+        perm = _core.memory_perm(arrays[0])
     else:
         kept = [i for i in range(ndim) if i not in red_axes]
         perm = kept + list(red_axes)
@@ -129,12 +60,6 @@ def _as_rows(arrays, shape, red_axes):
         rows, n = math.prod(out_shape), math.prod(shape[i] for i in red_axes)
     views = [None if a is None else a.transpose(perm).reshape(rows, n) for a in arrays]
     return views, out_shape, perm
-
-
-def _memory_perm(a: np.ndarray) -> list[int]:
-    """The axes of ``a`` from the largest stride to the smallest (its memory order)."""
-    strides = a.strides
-    return sorted(range(a.ndim), key=lambda i: -abs(strides[i]))
 
 
 def _flat_view(a: np.ndarray) -> np.ndarray | None:
@@ -155,21 +80,19 @@ def _flat_view(a: np.ndarray) -> np.ndarray | None:
 _SEGMENT = 256 * BLOCK  # elements per segment of _segmented_partials (a multiple of BLOCK)
 
 
-def _segmented_partials(backend, inp: _Inputs, want_m2: bool) -> np.ndarray | None:
+def _segmented_partials(backend, inp: MCInputs, want_m2: bool) -> np.ndarray | None:
     """Partials of a full reduction ``[1, nblk, N_PARTIALS]`` over broadcast inputs (a
     stride-0 axis), whose flattening copy would be as large as the virtual array: their
     C-order flattening in memory order (as ``_as_rows`` takes it) is read in segments of
     ``_SEGMENT`` elements, so each kernel block sees the elements it would see in the copy
     and the partials are bit for bit the same, in bounded memory. None for other inputs
     (a copy of a strided array is no larger than the array, and faster)."""
-    from .files import _flat_slice
-
-    arrays = _arrays(inp)
+    arrays = inp.arrays()
     if not any(a is not None and any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape,
                                                                          strict=True))
                for a in arrays):
         return None
-    perm = _memory_perm(inp.logq)
+    perm = _core.memory_perm(inp.logq)
     arrays = [None if a is None else a.transpose(perm) for a in arrays]
     if all(a is None or _flat_view(a) is not None for a in arrays):
         return None
@@ -177,36 +100,10 @@ def _segmented_partials(backend, inp: _Inputs, want_m2: bool) -> np.ndarray | No
     parts = []
     for e0 in range(0, total, _SEGMENT):
         e1 = min(total, e0 + _SEGMENT)
-        views = [None if a is None else _flat_slice(a, e0, e1).reshape(1, e1 - e0)
+        views = [None if a is None else _core.flat_slice(a, e0, e1).reshape(1, e1 - e0)
                  for a in arrays]
         parts.append(backend.mc_partials(*views, inp.est, inp.clamp, want_m2))
     return np.concatenate(parts, axis=1)
-
-
-def _natural_rows(arrays, shape):
-    """2-D views for elementwise work, rows = all leading axes."""
-    if len(shape) == 0:
-        new = (1, 1)
-    elif len(shape) == 1:
-        new = (1, shape[0])
-    else:
-        new = (math.prod(shape[:-1]), shape[-1])
-    return [None if a is None else a.reshape(new) for a in arrays]
-
-
-def _merge(part: np.ndarray) -> np.ndarray:
-    """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` in block order (Chan et al.):
-    returns ``[rows, N_PARTIALS]`` with column 2 the merged M2."""
-    if part.shape[1] == 1:  # one block per row: nothing to merge (the small-input fast path)
-        return part[:, 0, :]
-    tot = part.sum(axis=1)
-    W = tot[:, 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(W > 0, tot[:, 1] / W, 0.0)
-        bmean = np.where(part[..., 0] > 0, part[..., 1] / part[..., 0], 0.0)
-        spread = (part[..., 0] * (bmean - mean[:, None]) ** 2).sum(axis=1)
-    tot[:, 2] = tot[:, 2] + spread
-    return tot
 
 
 # Elements per kernel call. A kernel runs without the GIL and cannot see Ctrl-C, so a long
@@ -265,91 +162,33 @@ def mc_terms_sliced(backend, views, est, clamp, out: np.ndarray) -> None:
         backend.mc_terms(*_sub(views, rs, cs), est, clamp, out[rs, cs])
 
 
-def _row_partials(backend, inp: _Inputs, red_axes, want_m2: bool):
+def _row_partials(backend, inp: MCInputs, red_axes, want_m2: bool):
     """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows
     (None where the rows were read in segments)."""
     if red_axes is None and len(inp.shape) >= 2 and math.prod(inp.shape) > _SEGMENT:
         part = _segmented_partials(backend, inp, want_m2)  # a broadcast view is never copied
         if part is not None:
-            return _merge(part), (), None
-    views, out_shape, perm = _as_rows(_arrays(inp), inp.shape, red_axes)
+            return _core.merge_blocks(part), (), None
+    views, out_shape, perm = _as_rows(inp.arrays(), inp.shape, red_axes)
     rows, n = views[0].shape
     if rows * n == 0:
         part = np.zeros((rows, 1, N_PARTIALS))
     else:
         part = mc_partials_sliced(backend, views, inp.est, inp.clamp, want_m2)
-    return _merge(part), out_shape, views
+    return _core.merge_blocks(part), out_shape, views
 
 
-def _raise_first_nan(backend, inp: _Inputs):
+def _raise_first_nan(backend, inp: MCInputs):
     """nan_policy='raise': find the first NaN term at an included position and say where."""
-    views = _natural_rows(_arrays(inp), inp.shape)
+    views = natural_rows(inp.arrays(), inp.shape)
     out = np.empty(views[0].shape, dtype=inp.out_dtype)
     mc_terms_sliced(backend, views, inp.est, inp.clamp, out)
-    bad = np.isnan(out)
-    if inp.mask is not None:
-        bad &= views[2] != 0
-    flat = int(np.flatnonzero(bad.ravel())[0])
-    idx = np.unravel_index(flat, inp.shape) if inp.shape else ()
-    q = inp.logq[idx] if inp.shape else inp.logq[()]
-    p = inp.logp[idx] if inp.shape else inp.logp[()]
-    raise ValueError(
-        f"nan_policy='raise': the term at index {tuple(int(i) for i in idx)} is NaN "
-        f"(logq={float(q)!r}, logp={float(p)!r})"
-    )
 
+    def locate(k):
+        idx = np.unravel_index(k, inp.shape) if inp.shape else ()
+        return idx, inp.logq[idx], inp.logp[idx]
 
-def _stats(tot: np.ndarray, policy: str) -> KLStats:
-    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n, ...]``: the one
-    place partials become statistics (``kl_mc_stats``, ``MCAccumulator``, files, dask).
-    Every field is a ratio, so the unit of the weight sums (``2**e`` for scaled weights)
-    does not matter."""
-    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[:6])
-    n = int(cnt)
-    if (policy == "propagate" and nbad > 0) or not W > 0:
-        nan = math.nan
-        return KLStats(nan, nan, nan, n, (nan, nan))
-    mean = S / W
-    denom = W - W2 / W
-    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
-    # sum w**2 == 0 only for weights that were never scaled (user partials): no n_eff
-    sem = std / math.sqrt(W * W / W2) if W2 > 0 else math.nan
-    return KLStats(mean, std, sem, n, (mean - _Z95 * sem, mean + _Z95 * sem))
-
-
-def _finish_scalar(row: np.ndarray, how: str, policy: str) -> float:
-    """``_finish`` for a single row, in Python floats (cheap for small inputs)."""
-    W, S, nbad = float(row[0]), float(row[1]), row[4]
-    if policy == "propagate" and nbad > 0:
-        return math.nan
-    if how == "sum":
-        return S
-    return S / W if W > 0 else math.nan
-
-
-def _finish(tot: np.ndarray, how: str, policy: str) -> np.ndarray:
-    """Per-row mean or sum from merged partials, honouring the NaN policy."""
-    W, S, nbad = tot[:, 0], tot[:, 1], tot[:, 4]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        val = S / W if how == "mean" else S.copy()
-    if how == "mean":
-        val[W == 0] = np.nan
-    if policy == "propagate":
-        val[nbad > 0] = np.nan
-    return val
-
-
-def _rl_reduce(tot: np.ndarray, reduction: str, policy: str) -> float:
-    if reduction == "seq-mean-token-mean":
-        per_row = _finish(tot, "mean", policy)
-    else:  # seq-mean-token-sum
-        per_row = _finish(tot, "sum", policy)
-    has_tokens = tot[:, 0] > 0
-    if policy == "propagate":
-        has_tokens |= tot[:, 4] > 0
-    if not has_tokens.any():
-        return math.nan
-    return float(np.mean(per_row[has_tokens]))
+    _core.raise_first_nan(out, views[2], locate)
 
 
 # --------------------------------------------------------------------------- public API
@@ -406,7 +245,7 @@ def kl_mc(
                            axis=axis, mask=mask, log_iw=log_iw,
                            clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
                            nan_policy=nan_policy, backend=backend)
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+    inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
                     ratio_only=reduction in _RATIO_REDUCTIONS)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
@@ -416,7 +255,7 @@ def kl_mc(
     if reduction == "none":
         out = np.empty(inp.shape, dtype=inp.out_dtype)
         if out.size:
-            views = _natural_rows(_arrays(inp), inp.shape)
+            views = natural_rows(inp.arrays(), inp.shape)
             mc_terms_sliced(be, views, inp.est, inp.clamp, out.reshape(views[0].shape))
             if policy == "raise":
                 bad = np.isnan(out)
@@ -437,10 +276,10 @@ def kl_mc(
     if policy == "raise" and (tot[:, 4] > 0).any():
         _raise_first_nan(be, inp)
     if how is None:
-        return _rl_reduce(tot, reduction, policy)
+        return _core.rl_reduce(tot, reduction, policy)
     if out_shape == ():
-        return _finish_scalar(tot[0], how, policy)
-    return _finish(tot, how, policy).reshape(out_shape)
+        return _core.finish_scalar(tot[0], how, policy)
+    return _core.finish(tot, how, policy).reshape(out_shape)
 
 
 def kl_mc_stats(
@@ -469,14 +308,14 @@ def kl_mc_stats(
                                  log_iw=log_iw, clamp_log_ratio=clamp_log_ratio,
                                  clamp_value=clamp_value, nan_policy=nan_policy,
                                  backend=backend)
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+    inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
                     ratio_only=True)
     policy = _checks.nan_policy(nan_policy)
     be = get_backend(backend)
     tot, _, _ = _row_partials(be, inp, None, want_m2=True)
     if policy == "raise" and tot[0, 4] > 0:
         _raise_first_nan(be, inp)
-    return _stats(tot[0], policy)
+    return _core.stats(tot[0], policy)
 
 
 def kl_mc_grad(
@@ -502,7 +341,7 @@ def kl_mc_grad(
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
         _dask.unsupported("kl_mc_grad")
-    inp = _validate(logq, logp, estimator, reverse, mask, log_iw,
+    inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw,
                     ratio_only=reduction in _RATIO_REDUCTIONS)
     reduction = _checks.reduction(reduction, len(inp.shape))
     red_axes = _checks.axes(axis, len(inp.shape))
@@ -514,7 +353,7 @@ def kl_mc_grad(
         red_axes, how = None, "mean"
     elif reduction in _checks.RL_REDUCTIONS:
         red_axes = (1,)
-    views, out_shape, perm = _as_rows(_arrays(inp), inp.shape, red_axes)
+    views, out_shape, perm = _as_rows(inp.arrays(), inp.shape, red_axes)
     rows, n = views[0].shape
     # the normalisation depends on the weights only, so it is known before the fused pass
     if inp.mask is None:
@@ -542,16 +381,16 @@ def kl_mc_grad(
     grad = gperm.transpose(np.argsort(perm))
     if not grad.flags.c_contiguous:  # a copy only if an axis moved (ascontiguousarray would
         grad = grad.copy(order="C")  # also turn a 0-d gradient into shape (1,))
-    tot = _merge(part)
+    tot = _core.merge_blocks(part)
 
     if how == "none":
         value = np.empty(inp.shape, dtype=inp.out_dtype)
         if value.size:
-            vviews = _natural_rows(_arrays(inp), inp.shape)
-            mc_terms_sliced(be, vviews, inp.est, _NO_CLAMPS, value.reshape(vviews[0].shape))
+            vviews = natural_rows(inp.arrays(), inp.shape)
+            mc_terms_sliced(be, vviews, inp.est, NO_CLAMPS, value.reshape(vviews[0].shape))
         return (value if value.ndim else value[()]), grad
     if how in ("mean", "sum"):
         if out_shape == ():
-            return _finish_scalar(tot[0], how, "propagate"), grad
-        return _finish(tot, how, "propagate").reshape(out_shape), grad
-    return _rl_reduce(tot, reduction, "propagate"), grad
+            return _core.finish_scalar(tot[0], how, "propagate"), grad
+        return _core.finish(tot, how, "propagate").reshape(out_shape), grad
+    return _core.rl_reduce(tot, reduction, "propagate"), grad

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _core
 from .backends import get_backend
 from .backends._contract import BLOCK
 from .files import LlamaSource, Source, load_small, open_source
@@ -35,7 +34,6 @@ PathOrArray = Any
 
 DEFAULT_MEMORY_LIMIT = 256 << 20  # bytes
 _MARGIN = 24 << 20  # allocator slack, Python objects, kernel scratch
-_Z95 = 1.959963984540054
 
 
 def _rss() -> int:
@@ -45,19 +43,6 @@ def _rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return 0
-
-
-def _progress(total: int, desc: str, progress: bool | None, unit: str):
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    if show:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
-                        file=sys.stderr)
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            pass
-    return None
 
 
 def _memory_limit(value) -> int:
@@ -114,30 +99,39 @@ def _mc_reads(nrows: int, ncol: int, k: int):
             yield r * ncol + j0, r * ncol + j1, (1, j1 - j0), groups
 
 
-def _seq_terms(W, S, nbad, reduction: str, policy: str, e: int = 0) -> tuple[float, int]:
-    """(sum of the per-row values, number of rows counted) of a seq-mean-* reduction for
-    rows with weights ``W``, sums ``S`` (both in units of ``2**e``) and NaN counts ``nbad``
-    (as ``kl_mc`` counts them)."""
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        per_row = S / W if reduction == "seq-mean-token-mean" else np.ldexp(S, e)
-    has = W > 0
-    if policy == "propagate":
-        per_row = np.where(nbad > 0, np.nan, per_row)
-        has = has | (nbad > 0)
-    return float(per_row[has].sum()), int(has.sum())
+class _SeqRows:
+    """The running seq-mean-* reduction of ``kl_mc_file``: the sum of the per-row values
+    (``_core.seq_row_values``) and the number of rows counted, in file order; a long row
+    read in pieces is first merged from its pieces (``row``: partials in units of ``2**e``,
+    both sides brought to the larger unit exactly)."""
 
+    def __init__(self, reduction: str, policy: str) -> None:
+        self.reduction, self.policy = reduction, policy
+        self.total, self.rows = 0.0, 0
+        self.row: np.ndarray | None = None  # merged partials of the long row being read
+        self.e = 0
 
-def _fold_piece(row_acc, piece: np.ndarray, e: int):
-    """Adds one piece's (W, S, NaN count), in units of ``2**e``, to a long row's running
-    ``(W, S, NaN count, unit exponent)`` (None: the row's first piece), both brought to the
-    larger unit exactly (power-of-two scaling)."""
-    w, s_, nb = float(piece[0]), float(piece[1]), float(piece[4])
-    if row_acc is None:
-        return (w, s_, nb, e)
-    W, S, NB, E = row_acc
-    top = max(E, e)
-    return (math.ldexp(W, E - top) + math.ldexp(w, e - top),
-            math.ldexp(S, E - top) + math.ldexp(s_, e - top), NB + nb, top)
+    def add_rows(self, rows: np.ndarray, e: int) -> None:
+        """Whole rows (merged partials ``[rows, N_PARTIALS]`` in units of ``2**e``)."""
+        vals = _core.seq_row_values(rows[:, 0], rows[:, 1], rows[:, 4], self.reduction,
+                                    self.policy, e)
+        self.total += float(vals.sum())
+        self.rows += vals.size
+
+    def add_piece(self, piece: np.ndarray, e: int, row_end: bool) -> None:
+        """One piece of a long row (merged partials in units of ``2**e``)."""
+        if self.row is None:
+            self.row, self.e = piece, e
+        else:
+            top = max(self.e, e)
+            self.row = _core.in_units(self.row, self.e, top) + _core.in_units(piece, e, top)
+            self.e = top
+        if row_end:
+            self.add_rows(self.row[None], self.e)
+            self.row = None
+
+    def value(self) -> float:
+        return self.total / self.rows if self.rows else math.nan
 
 
 def _file_mask(v: np.ndarray, path: str, e0: int, shape: tuple) -> np.ndarray:
@@ -216,147 +210,174 @@ def kl_mc_file(
     only when stderr is a terminal).
     """
     acc = MCAccumulator(estimator, reverse=reverse, clamp_log_ratio=clamp_log_ratio,
-                        clamp_value=clamp_value, backend=backend)
-    policy = _checks.nan_policy(nan_policy)
+                        clamp_value=clamp_value, nan_policy=nan_policy, backend=backend)
     limit = _memory_limit(memory_limit)
     be = get_backend(backend)
     srcs: list[Source | None] = []
     try:
-        q = open_source(logq_path, "logq", prefer="logq")
-        srcs.append(q)
-        p = open_source(logp_path, "logp", prefer="logp")
-        srcs.append(p)
-        for s, nm in ((q, "logq"), (p, "logp")):
-            if isinstance(s, LlamaSource) or (s.dtype.kind != "f"
-                                              and not getattr(s, "_bf16", False)):
-                raise TypeError(f"{s.path}: {nm} must hold a float array, got "
-                                f"{'a llama.cpp logits file' if s.kind == 'llama' else s.dtype}")
-        if p.shape != q.shape:
-            raise ValueError(f"{p.path}: logp has shape {p.shape} but logq ({q.path}) has "
-                             f"shape {q.shape}")
-        if not isinstance(reduction, str) or reduction not in _FILE_REDUCTIONS:
-            raise ValueError(f"reduction must be one of {list(_FILE_REDUCTIONS)} for files, got "
-                             f"{reduction!r}")
-        _checks.reduction(reduction, len(q.shape))
-        m = iw = None
-        if mask is not None:
-            m = open_source(mask, "mask", prefer="mask")
-            srcs.append(m)
-            if m.shape != q.shape:
-                raise ValueError(f"{m.path}: mask has shape {m.shape} but logq has {q.shape}")
-            if m.dtype.kind not in "biuf":
-                raise TypeError(f"{m.path}: mask must be bool or numeric, got {m.dtype}")
-        if log_iw is not None:
-            iw = open_source(log_iw, "log_iw", prefer="log_iw")
-            srcs.append(iw)
-            if iw.shape != q.shape:
-                raise ValueError(f"{iw.path}: log_iw has shape {iw.shape} but logq has "
-                                 f"{q.shape}")
-            if iw.dtype.kind != "f":
-                raise TypeError(f"{iw.path}: log_iw must be a float array, got {iw.dtype}")
-        dtype = _checks.compute_dtype(np.empty(0, q.dtype if q.dtype.itemsize <= 8 else "f8"),
-                                      np.empty(0, p.dtype if p.dtype.itemsize <= 8 else "f8"))
-        seq = reduction.startswith("seq-")
-        total = q.size
-        per_el = q.dtype.itemsize + p.dtype.itemsize + 2 * dtype.itemsize + 16
-        if m is not None:
-            per_el += m.dtype.itemsize + 8
-        if iw is not None:
-            per_el += iw.dtype.itemsize + dtype.itemsize
-        if getattr(be, "name", "") == "numpy":
-            per_el += 80  # the reference allocates float64 temporaries
+        q, p, m, iw = _open_mc_sources(logq_path, logp_path, mask, log_iw, reduction, srcs)
+        dtype = _checks.compute_dtype(*(np.empty(0, s.dtype if s.dtype.itemsize <= 8 else "f8")
+                                        for s in (q, p)))
+        seq = _SeqRows(reduction, acc.nan_policy) if reduction.startswith("seq-") else None
+        est, clamp = acc.kernel_options
         tiny = np.zeros((1, 2), dtype=dtype)
-        be.mc_partials(tiny, tiny, None, None, acc._est, acc._clamp, True)  # load / compile
-        bar = _progress(total, "fastkl mc", progress, "el")
+        be.mc_partials(tiny, tiny, None, None, est, clamp, True)  # load / compile
+        bar = _core.progress_bar(q.size, "fastkl mc", progress, "el")
         # The reduction order is fixed by the data alone: units of _UNIT elements (groups
         # of whole short rows, or _UNIT-element pieces of a long row), each merged from its
         # kernel blocks by one call of the same shape, then folded in file order. The memory
         # budget only chooses how many units one read covers, so neither it nor the RSS of
         # the process changes a bit of the result.
-        nrows, ncol = (math.prod(q.shape[:-1]), q.shape[-1]) if seq else (1, total)
-        unit = _UNIT if ncol > _UNIT else _UNIT // max(ncol, 1) * max(ncol, 1)
-        avail = _budget(limit, 0)
-        if avail < unit * per_el:
-            warnings.warn(f"memory_limit={limit} bytes is below what one block of {_UNIT} "
-                          "elements needs here; streaming one block at a time", stacklevel=2)
-        k = int(max(1, min(avail // (unit * per_el), (1 << 26) // unit)))
-        seq_sum, seq_rows = 0.0, 0
-        row_acc = None  # (W, S, NaN count, 2**e unit) of the long row being read
+        nrows, ncol = (math.prod(q.shape[:-1]), q.shape[-1]) if seq else (1, q.size)
+        k = _units_per_read(ncol, _mc_bytes_per_element(be, q, p, m, iw, dtype), limit)
         for e0, e1, vshape, groups in _mc_reads(nrows, ncol, k):
-            views = []
-            for s in (q, p, m, iw):
-                if s is None:
-                    views.append(None)
-                    continue
-                v = s.read(e0, e1)
-                if s is m:
-                    v = _file_mask(v, m.path, e0, q.shape)
-                else:
-                    v = _checks.as_kernel_dtype(v, dtype)
-                views.append(v.reshape(vshape))
-            # extreme weights: each unit's weights divided by its own 2**e (exact), its sums
-            # kept in 2**e units; per unit, so the bits do not depend on the read size
-            wexp = [0] * len(groups)
-            if views[2] is not None:
-                wflat = views[2].reshape(-1)
-                for g, (kind, a0, a1, _) in enumerate(groups):
-                    lo, hi = (a0 * ncol, a1 * ncol) if kind == "rows" else (a0 * BLOCK,
-                                                                            a1 * BLOCK)
-                    wexp[g] = _checks.scale_weights(wflat[lo:hi])
-            part = be.mc_partials(*views, acc._est, acc._clamp, True)
-            if policy == "raise" and (part[..., 4] > 0).any():
-                out = np.empty(vshape, dtype=dtype)
-                be.mc_terms(*views, acc._est, acc._clamp, out)
-                bad = np.isnan(out)
-                if views[2] is not None:
-                    bad &= views[2] != 0
-                k0 = e0 + int(np.flatnonzero(bad.ravel())[0])
-                idx = tuple(int(i) for i in np.unravel_index(k0, q.shape))
-                raise ValueError(f"{q.path}: nan_policy='raise': the term at index {idx} is "
-                                 "NaN")
-            for (kind, a0, a1, row_end), e in zip(groups, wexp, strict=True):
-                if kind == "rows":  # whole short rows [a0, a1) of this read
-                    rows = merge_block_partials(part[a0:a1])  # [rows, 6]
-                    acc.add_partials(np.append(merge_block_partials(rows[None])[0], e))
-                    if seq:
-                        s_, r_ = _seq_terms(rows[:, 0], rows[:, 1], rows[:, 4], reduction,
-                                            policy, e)
-                        seq_sum += s_
-                        seq_rows += r_
-                else:  # kernel blocks [a0, a1) of one piece of a long row
-                    piece = merge_block_partials(part[:, a0:a1])[0]
-                    acc.add_partials(np.append(piece, e))
-                    if seq:
-                        row_acc = _fold_piece(row_acc, piece, e)
-                        if row_end:
-                            s_, r_ = _seq_terms(*(np.array([v]) for v in row_acc[:3]),
-                                                reduction, policy, row_acc[3])
-                            seq_sum += s_
-                            seq_rows += r_
-                            row_acc = None
+            views = _read_views((q, p, m, iw), e0, e1, vshape, dtype)
+            wexp = _unit_exponents(views[2], groups, ncol)
+            part = be.mc_partials(*views, est, clamp, True)
+            if acc.nan_policy == "raise" and (part[..., 4] > 0).any():
+                _raise_file_nan(be, views, est, clamp, e0, q)
+            _fold_units(acc, seq, part, groups, wexp)
             del views, part
-            for s in (q, p, m, iw):
-                if s is not None:
-                    s.release(e0, e1)
-            if bar is not None:
-                bar.update(e1 - e0)
+            _release((q, p, m, iw), e0, e1, bar, e1 - e0)
         if bar is not None:
             bar.close()
     finally:
         _close_all(srcs)
+    return _mc_file_report(acc, reduction, seq)
 
-    tot = acc._tot
-    from .stream import stats_from_partials
 
-    st = stats_from_partials(tot, "propagate" if policy == "propagate" else "omit")
-    (S, W), nbad = acc.total, int(tot[4])
-    nan_out = policy == "propagate" and nbad > 0
+def _open_mc_sources(logq_path, logp_path, mask, log_iw, reduction, srcs: list):
+    """The sources of ``kl_mc_file`` (appended to ``srcs`` as they open, for closing),
+    checked: float logq / logp of one shape, a file reduction, mask and log_iw alike."""
+    q = open_source(logq_path, "logq", prefer="logq")
+    srcs.append(q)
+    p = open_source(logp_path, "logp", prefer="logp")
+    srcs.append(p)
+    for s, nm in ((q, "logq"), (p, "logp")):
+        if isinstance(s, LlamaSource) or (s.dtype.kind != "f"
+                                          and not getattr(s, "_bf16", False)):
+            raise TypeError(f"{s.path}: {nm} must hold a float array, got "
+                            f"{'a llama.cpp logits file' if s.kind == 'llama' else s.dtype}")
+    if p.shape != q.shape:
+        raise ValueError(f"{p.path}: logp has shape {p.shape} but logq ({q.path}) has "
+                         f"shape {q.shape}")
+    if not isinstance(reduction, str) or reduction not in _FILE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(_FILE_REDUCTIONS)} for files, got "
+                         f"{reduction!r}")
+    _checks.reduction(reduction, len(q.shape))
+    m = iw = None
+    if mask is not None:
+        m = open_source(mask, "mask", prefer="mask")
+        srcs.append(m)
+        if m.shape != q.shape:
+            raise ValueError(f"{m.path}: mask has shape {m.shape} but logq has {q.shape}")
+        if m.dtype.kind not in "biuf":
+            raise TypeError(f"{m.path}: mask must be bool or numeric, got {m.dtype}")
+    if log_iw is not None:
+        iw = open_source(log_iw, "log_iw", prefer="log_iw")
+        srcs.append(iw)
+        if iw.shape != q.shape:
+            raise ValueError(f"{iw.path}: log_iw has shape {iw.shape} but logq has "
+                             f"{q.shape}")
+        if iw.dtype.kind != "f":
+            raise TypeError(f"{iw.path}: log_iw must be a float array, got {iw.dtype}")
+    return q, p, m, iw
+
+
+def _mc_bytes_per_element(be, q, p, m, iw, dtype) -> int:
+    """Bytes a read of ``kl_mc_file`` holds per element: mapped input, converted copies,
+    the kernels' scratch."""
+    per_el = q.dtype.itemsize + p.dtype.itemsize + 2 * dtype.itemsize + 16
+    if m is not None:
+        per_el += m.dtype.itemsize + 8
+    if iw is not None:
+        per_el += iw.dtype.itemsize + dtype.itemsize
+    if getattr(be, "name", "") == "numpy":
+        per_el += 80  # the reference allocates float64 temporaries
+    return per_el
+
+
+def _units_per_read(ncol: int, per_el: int, limit: int) -> int:
+    """How many units of ``_UNIT`` elements one read of ``kl_mc_file`` covers."""
+    unit = _UNIT if ncol > _UNIT else _UNIT // max(ncol, 1) * max(ncol, 1)
+    avail = _budget(limit, 0)
+    if avail < unit * per_el:
+        warnings.warn(f"memory_limit={limit} bytes is below what one block of {_UNIT} "
+                      "elements needs here; streaming one block at a time", stacklevel=3)
+    return int(max(1, min(avail // (unit * per_el), (1 << 26) // unit)))
+
+
+def _read_views(sources, e0: int, e1: int, vshape: tuple, dtype) -> list:
+    """Elements ``e0:e1`` of (logq, logp, mask, log_iw) as kernel inputs of ``vshape``."""
+    q, _, m, _ = sources
+    views = []
+    for s in sources:
+        if s is None:
+            views.append(None)
+            continue
+        v = s.read(e0, e1)
+        if s is m:
+            v = _file_mask(v, m.path, e0, q.shape)
+        else:
+            v = _checks.as_kernel_dtype(v, dtype)
+        views.append(v.reshape(vshape))
+    return views
+
+
+def _unit_exponents(w: np.ndarray | None, groups, ncol: int) -> list[int]:
+    """Extreme weights: each unit's weights divided in place by its own ``2**e`` (exact),
+    its sums kept in ``2**e`` units; per unit, so the bits do not depend on the read size.
+    Returns the e of each group (0 without weights)."""
+    wexp = [0] * len(groups)
+    if w is not None:
+        wflat = w.reshape(-1)
+        for g, (kind, a0, a1, _) in enumerate(groups):
+            lo, hi = (a0 * ncol, a1 * ncol) if kind == "rows" else (a0 * BLOCK, a1 * BLOCK)
+            wexp[g] = _checks.scale_weights(wflat[lo:hi])
+    return wexp
+
+
+def _raise_file_nan(be, views, est, clamp, e0: int, q: Source) -> None:
+    """nan_policy='raise' in ``kl_mc_file``: the first NaN term of this read, named by the
+    logq file and the index in it."""
+    out = np.empty(views[0].shape, dtype=views[0].dtype)
+    be.mc_terms(*views, est, clamp, out)
+
+    def locate(k):
+        return (np.unravel_index(e0 + k, q.shape), views[0].reshape(-1)[k],
+                views[1].reshape(-1)[k])
+
+    _core.raise_first_nan(out, views[2], locate, where=f"{q.path}: ")
+
+
+def _fold_units(acc: MCAccumulator, seq: _SeqRows | None, part: np.ndarray, groups,
+                wexp) -> None:
+    """Each unit of a read merged from its kernel blocks and added, in file order, to the
+    token-level accumulator and the seq-mean-* rows."""
+    for (kind, a0, a1, row_end), e in zip(groups, wexp, strict=True):
+        if kind == "rows":  # whole short rows [a0, a1) of this read
+            rows = merge_block_partials(part[a0:a1])  # [rows, 6]
+            acc.add_partials(np.append(merge_block_partials(rows[None])[0], e))
+            if seq is not None:
+                seq.add_rows(rows, e)
+        else:  # kernel blocks [a0, a1) of one piece of a long row
+            piece = merge_block_partials(part[:, a0:a1])[0]
+            acc.add_partials(np.append(piece, e))
+            if seq is not None:
+                seq.add_piece(piece, e, row_end)
+
+
+def _mc_file_report(acc: MCAccumulator, reduction: str, seq: _SeqRows | None
+                    ) -> MCFileReport:
+    st = acc.result()
+    (S, W), nbad = acc.total, acc.n_nan
+    nan_out = acc.nan_policy == "propagate" and nbad > 0
     if reduction in ("mean", "token-mean"):
         value = st.mean
     elif reduction == "sum":
         value = math.nan if nan_out else S
     else:
-        value = seq_sum / seq_rows if seq_rows else math.nan
+        value = seq.value()
     return MCFileReport(st.mean, st.std, st.sem, st.n, st.ci95, value, reduction,
                         math.nan if nan_out else S, W, nbad, acc.estimator, acc.reverse)
 
@@ -443,38 +464,9 @@ def compare_logits(
                          f"{exact_percentiles!r}")
     srcs: list[Source] = []
     try:
-        bs = open_source(base, "base")
-        srcs.append(bs)
-        ts = open_source(test, "test")
-        srcs.append(ts)
-        rows, vocab = _logits_geometry(bs, "base")
-        trows, tvocab = _logits_geometry(ts, "test")
-        if (rows, vocab) != (trows, tvocab):
-            raise ValueError(f"shape mismatch: base {bs.path} has {rows} rows x {vocab} vocab "
-                             f"(shape {bs.shape}) but test {ts.path} has {trows} rows x "
-                             f"{tvocab} vocab (shape {ts.shape})")
-        if tokens is not None:
-            tok = load_small(tokens, "tokens")
-            where = tokens if isinstance(tokens, (str, os.PathLike)) else "tokens"
-            if tok.size != rows:
-                raise ValueError(f"{where}: {tok.size} tokens for {rows} rows of logits")
-            try:
-                tok = _checks.tokens_array(tok.reshape(rows), (rows,), vocab, ignore_index)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{where}: {exc}") from None
-        else:
-            tok = None
-            for s in (bs, ts):
-                if s.tokens is not None and s.tokens.size == rows:
-                    tok = _checks.tokens_array(s.tokens.reshape(rows), (rows,), vocab,
-                                               ignore_index)
-                    break
-        keep = None
-        if mask is not None:
-            mk = load_small(mask, "mask")
-            if mk.size != rows:
-                raise ValueError(f"mask: {mk.size} values for {rows} rows of logits")
-            keep = _checks.mask_array(mk.reshape(rows), (rows,)) != 0
+        bs, ts, rows, vocab = _open_logits_sources(base, test, srcs)
+        tok = _row_tokens(tokens, (bs, ts), rows, vocab, ignore_index)
+        keep = None if mask is None else _row_keep(mask, rows)
         if exact_percentiles == "auto":
             exact = rows * 16 <= limit // 8
         else:
@@ -483,73 +475,129 @@ def compare_logits(
                                 nan_policy=nan_policy, ignore_index=ignore_index,
                                 backend=backend)
         be = get_backend(backend)
-        # warm the kernels up (extension load, JIT compile) before measuring the baseline
-        tiny = np.zeros((1, 2), dtype=_checks.compute_dtype(
-            np.empty(0, np.float32 if bs.dtype.itemsize < 8 else np.float64),
-            np.empty(0, np.float32 if ts.dtype.itemsize < 8 else np.float64)))
-        be.logits_rows(tiny, tiny, 0, 0.5, 1.0, False, None, np.empty(1))
-        be.logits_token(tiny, np.zeros(1, np.int64), 1.0, -100, np.empty(1))
-        bar = _progress(rows, "fastkl compare", progress, "row")
-        per_row = _row_cost(bs, vocab) + _row_cost(ts, vocab) + 64
-        if getattr(be, "name", "") == "numpy":
-            per_row += vocab * 8 * 12  # the reference materializes float64 temporaries
+        _warm_logits(be, bs, ts)  # before measuring the baseline
+        bar = _core.progress_bar(rows, "fastkl compare", progress, "row")
         use_raw = acc.temperature == 1.0
         llama = isinstance(bs, LlamaSource) and op == "kl" and use_raw
-        # + the llama.cpp arithmetic's temporaries (at most 1 M elements at a time)
-        reserve = (rows * 16 if exact else 0) + (4 << 20) + ((28 << 20) if llama else 0)
-        avail = _budget(limit, reserve)
-        step = int(min(max(1, avail // per_row), 1 << 16, max(rows, 1)))
-        if avail < per_row:
-            warnings.warn(f"memory_limit={limit} bytes is below what one row of {vocab} "
-                          "logits needs here; streaming one row at a time", stacklevel=2)
+        step = _rows_per_read(be, bs, ts, rows, vocab, limit, exact, llama)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
+            tk = None if tok is None else tok[r0:r1]
+            kp = None if keep is None else keep[r0:r1]
             if llama:
-                a, _ = bs.decode(r0, r1, floor=False)
-                b, _ = _read_rows(ts, r0, r1, vocab, floor=False)
-                if b.dtype != np.float64:
-                    b = b.astype(np.float32, copy=False)
-                rpc = bs.rows_per_chunk
-                c0 = r0
-                while c0 < r1:  # llama.cpp's per-chunk table: a snapshot at each chunk end
-                    c1 = min(r1, (c0 // rpc + 1) * rpc)
-                    acc._add_llama_block(a[c0 - r0:c1 - r0], b[c0 - r0:c1 - r0],
-                                         isinstance(ts, LlamaSource),
-                                         None if tok is None else tok[c0:c1],
-                                         None if keep is None else keep[c0:c1])
-                    if c1 % rpc == 0:
-                        acc._mark_chunk()
-                    c0 = c1
+                _add_llama_rows(acc, bs, ts, r0, r1, vocab, tk, kp)
+            else:
+                a, la = _read_rows(bs, r0, r1, vocab)
+                b, lb = _read_rows(ts, r0, r1, vocab, floor=False)
+                dt = _checks.compute_dtype(a, b)
+                acc._add_block(_checks.as_kernel_dtype(a, dt), _checks.as_kernel_dtype(b, dt),
+                               tk, kp, token_logp_base=la if use_raw else None,
+                               token_logp_test=lb if use_raw else None)
                 del a, b
-                bs.release(r0 * vocab, r1 * vocab)
-                ts.release(r0 * vocab, r1 * vocab)
-                if bar is not None:
-                    bar.update(r1 - r0)
-                continue
-            a, la = _read_rows(bs, r0, r1, vocab)
-            b, lb = _read_rows(ts, r0, r1, vocab, floor=False)
-            dt = _checks.compute_dtype(a, b)
-            a = _checks.as_kernel_dtype(a, dt)
-            b = _checks.as_kernel_dtype(b, dt)
-            acc._add_block(a, b, None if tok is None else tok[r0:r1],
-                           None if keep is None else keep[r0:r1],
-                           token_logp_base=la if use_raw else None,
-                           token_logp_test=lb if use_raw else None)
-            del a, b
-            bs.release(r0 * vocab, r1 * vocab)
-            ts.release(r0 * vocab, r1 * vocab)
-            if bar is not None:
-                bar.update(r1 - r0)
+            _release((bs, ts), r0 * vocab, r1 * vocab, bar, r1 - r0)
         if bar is not None:
             bar.close()
     finally:
         _close_all(srcs)
-    rep = acc.result()
     extra = {
         "base": os.fspath(base) if isinstance(base, (str, os.PathLike)) else "array",
         "test": os.fspath(test) if isinstance(test, (str, os.PathLike)) else "array",
         "rows": rows, "vocab": vocab, "temperature": acc.temperature, "block_rows": step,
     }
-    from dataclasses import replace
+    return replace(acc.result(), extra=extra)
 
-    return replace(rep, extra=extra)
+
+def _open_logits_sources(base, test, srcs: list):
+    """The base and test sources (appended to ``srcs``), with their common rows and vocab."""
+    bs = open_source(base, "base")
+    srcs.append(bs)
+    ts = open_source(test, "test")
+    srcs.append(ts)
+    rows, vocab = _logits_geometry(bs, "base")
+    trows, tvocab = _logits_geometry(ts, "test")
+    if (rows, vocab) != (trows, tvocab):
+        raise ValueError(f"shape mismatch: base {bs.path} has {rows} rows x {vocab} vocab "
+                         f"(shape {bs.shape}) but test {ts.path} has {trows} rows x "
+                         f"{tvocab} vocab (shape {ts.shape})")
+    return bs, ts, rows, vocab
+
+
+def _row_tokens(tokens, sources, rows: int, vocab: int, ignore_index):
+    """The checked token per row: ``tokens`` (a path or array), else those stored with a
+    source, else None."""
+    if tokens is not None:
+        tok = load_small(tokens, "tokens")
+        where = tokens if isinstance(tokens, (str, os.PathLike)) else "tokens"
+        if tok.size != rows:
+            raise ValueError(f"{where}: {tok.size} tokens for {rows} rows of logits")
+        try:
+            return _checks.tokens_array(tok.reshape(rows), (rows,), vocab, ignore_index)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+    for s in sources:
+        if s.tokens is not None and s.tokens.size == rows:
+            return _checks.tokens_array(s.tokens.reshape(rows), (rows,), vocab, ignore_index)
+    return None
+
+
+def _row_keep(mask, rows: int) -> np.ndarray:
+    """The rows to keep (mask != 0) of a per-row mask (a path or array)."""
+    mk = load_small(mask, "mask")
+    if mk.size != rows:
+        raise ValueError(f"mask: {mk.size} values for {rows} rows of logits")
+    return _checks.mask_array(mk.reshape(rows), (rows,)) != 0
+
+
+def _warm_logits(be, bs: Source, ts: Source) -> None:
+    """Load / compile the logits kernels (extension load, JIT) on a tiny input."""
+    tiny = np.zeros((1, 2), dtype=_checks.compute_dtype(
+        np.empty(0, np.float32 if bs.dtype.itemsize < 8 else np.float64),
+        np.empty(0, np.float32 if ts.dtype.itemsize < 8 else np.float64)))
+    be.logits_rows(tiny, tiny, 0, 0.5, 1.0, False, None, np.empty(1))
+    be.logits_token(tiny, np.zeros(1, np.int64), 1.0, -100, np.empty(1))
+
+
+def _rows_per_read(be, bs, ts, rows: int, vocab: int, limit: int, exact: bool,
+                   llama: bool) -> int:
+    """Rows of ``compare_logits``'s reads: what the memory budget allows."""
+    per_row = _row_cost(bs, vocab) + _row_cost(ts, vocab) + 64
+    if getattr(be, "name", "") == "numpy":
+        per_row += vocab * 8 * 12  # the reference materializes float64 temporaries
+    # + the llama.cpp arithmetic's temporaries (at most 1 M elements at a time)
+    reserve = (rows * 16 if exact else 0) + (4 << 20) + ((28 << 20) if llama else 0)
+    avail = _budget(limit, reserve)
+    step = int(min(max(1, avail // per_row), 1 << 16, max(rows, 1)))
+    if avail < per_row:
+        warnings.warn(f"memory_limit={limit} bytes is below what one row of {vocab} "
+                      "logits needs here; streaming one row at a time", stacklevel=3)
+    return step
+
+
+def _add_llama_rows(acc: LogitsAccumulator, bs: LlamaSource, ts: Source, r0: int, r1: int,
+                    vocab: int, tok, keep) -> None:
+    """Rows ``r0:r1`` in llama.cpp arithmetic, with a snapshot of the running statistics
+    at each end of a llama.cpp chunk (its per-chunk table)."""
+    a, _ = bs.decode(r0, r1, floor=False)
+    b, _ = _read_rows(ts, r0, r1, vocab, floor=False)
+    if b.dtype != np.float64:
+        b = b.astype(np.float32, copy=False)
+    rpc = bs.rows_per_chunk
+    c0 = r0
+    while c0 < r1:
+        c1 = min(r1, (c0 // rpc + 1) * rpc)
+        sl = slice(c0 - r0, c1 - r0)
+        acc._add_llama_block(a[sl], b[sl], isinstance(ts, LlamaSource),
+                             None if tok is None else tok[sl],
+                             None if keep is None else keep[sl])
+        if c1 % rpc == 0:
+            acc._mark_chunk()
+        c0 = c1
+
+
+def _release(sources, e0: int, e1: int, bar, done: int) -> None:
+    """Drop the pages of elements ``e0:e1`` of each source; advance the progress bar."""
+    for s in sources:
+        if s is not None:
+            s.release(e0, e1)
+    if bar is not None:
+        bar.update(done)

@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _checks, _llama
+from . import _checks, _core, _llama
 from . import mc as _mc
+from ._core import KLStats
+from ._validate import CONVERT_CHUNK_BYTES, LogitsRows, mc_inputs, mc_options
 from .backends import get_backend
 from .backends._contract import LOGITS_OPS, N_PARTIALS
-from .mc import KLStats
 
 ArrayLike = Any
-
-_Z95 = 1.959963984540054
 
 # the percentiles llama.cpp prints, highest first (as fractions of 100): of the KLD ...
 PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
@@ -46,7 +45,7 @@ def merge_block_partials(part: np.ndarray) -> np.ndarray:
     """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` (the kernel contract's
     ``mc_partials``) in block order into ``[rows, N_PARTIALS]`` (Chan et al.), exactly as
     ``kl_mc_stats`` does: the same function, so streamed results match one-shot ones."""
-    return _mc._merge(part).copy()
+    return _core.merge_blocks(part).copy()
 
 
 def chan_merge(Wa: float, Sa: float, M2a: float, Wb: float, Sb: float, M2b: float
@@ -59,12 +58,6 @@ def chan_merge(Wa: float, Sa: float, M2a: float, Wb: float, Sb: float, M2b: floa
     W = Wa + Wb
     d = Sb / Wb - Sa / Wa
     return W, Sa + Sb, M2a + M2b + d * d * (Wa * Wb / W)
-
-
-def _flat_memory_order(a: np.ndarray | None, perm) -> np.ndarray | None:
-    if a is None:
-        return None
-    return a.transpose(perm).reshape(1, -1)
 
 
 # --------------------------------------------------------------------------- MC
@@ -103,11 +96,9 @@ class MCAccumulator:
         nan_policy: str = "propagate",
         backend: str | None = None,
     ) -> None:
-        self._est = _checks.estimator_code(estimator, reverse)
+        self._est, self._clamp = mc_options(estimator, reverse, clamp_log_ratio, clamp_value)
         self.estimator = estimator
         self.reverse = bool(reverse)
-        self._clamp = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + \
-            _checks.clamp_pair(clamp_value, "clamp_value")
         self.nan_policy = _checks.nan_policy(nan_policy)
         get_backend(backend)  # fail early on an unknown backend
         self.backend = backend
@@ -124,42 +115,29 @@ class MCAccumulator:
         """Merged partials ``[W, S, M2, sum w**2, NaN count, n, e]`` of one chunk (validated
         like ``kl_mc_stats``), without adding them: the weight sums are in units of ``2**e``
         (e = 0 unless the weights are extreme, see the class docstring)."""
-        q = _checks.float_array(logq, "logq", int_lists=True)
-        p = _checks.float_array(logp, "logp", int_lists=True)
-        _checks.same_shape(p, q.shape, "logp")
-        dtype = _checks.compute_dtype(q, p)
-        q = _checks.as_kernel_dtype(q, dtype)
-        p = _checks.as_kernel_dtype(p, dtype)
-        m = _checks.mask_array(mask, q.shape)
-        e = _checks.scale_weights(m)
-        iw = _checks.log_iw_array(log_iw, q.shape, dtype)
-        if q.size == 0:
+        inp = mc_inputs(logq, logp, mask=mask, log_iw=log_iw, ratio_only=True, est=self._est,
+                        clamp=self._clamp)
+        if not inp.logq.size:
             return np.zeros(N_PARTIALS + 1)
         # memory order of logq, as kl_mc_stats reads a full reduction (no copy for views)
-        perm = sorted(range(q.ndim), key=lambda i: -abs(q.strides[i]))
-        views = [_flat_memory_order(a, perm) for a in (q, p, m, iw)]
+        perm = _core.memory_perm(inp.logq)
+        views = [None if a is None else a.transpose(perm).reshape(1, -1) for a in inp.arrays()]
         be = get_backend(self.backend)
         part = _mc.mc_partials_sliced(be, views, self._est, self._clamp, True)
         tot = merge_block_partials(part)[0]
         if self.nan_policy == "raise" and tot[4] > 0:
-            out = np.empty(views[0].shape, dtype=dtype)
+            out = np.empty(views[0].shape, dtype=inp.dtype)
             be.mc_terms(*views, self._est, self._clamp, out)
-            bad = np.isnan(out[0])
-            if views[2] is not None:
-                bad &= views[2][0] != 0
-            k = int(np.flatnonzero(bad)[0])
-            # position k of the memory-order flattening, back to an index of logq
-            shp = tuple(q.shape[i] for i in perm)
-            sub = np.unravel_index(k, shp)
-            idx = [0] * q.ndim
-            for ax, v in zip(perm, sub, strict=True):
-                idx[ax] = int(v)
-            raise ValueError(
-                f"nan_policy='raise': the term at index {tuple(idx)} of update "
-                f"{self.n_updates} is NaN (logq={float(q[tuple(idx)])!r}, "
-                f"logp={float(p[tuple(idx)])!r})"
-            )
-        return np.append(tot, e)
+            shp = tuple(inp.shape[i] for i in perm)
+
+            def locate(k):  # position k of the memory-order flattening -> index of logq
+                idx = [0] * len(perm)
+                for ax, v in zip(perm, np.unravel_index(k, shp), strict=True):
+                    idx[ax] = int(v)
+                return idx, inp.logq[tuple(idx)], inp.logp[tuple(idx)]
+
+            _core.raise_first_nan(out, views[2], locate, context=f" of update {self.n_updates}")
+        return np.append(tot, inp.wexp)
 
     def add_partials(self, tot: np.ndarray) -> MCAccumulator:
         """Add merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (from ``partials`` or
@@ -171,10 +149,10 @@ class MCAccumulator:
         # one unit for both: the larger exponent (the smaller part's sums shrink, exactly
         # unless they fall below 2**-1022, where they are negligible next to the other part)
         if b[0] > 0 and (a[0] <= 0 or e > self._e):
-            a = _in_units(a, self._e, e)
+            a = _core.in_units(a, self._e, e)
             self._e = e
         else:
-            b = _in_units(b, e, self._e)
+            b = _core.in_units(b, e, self._e)
         W, S, M2 = chan_merge(a[0], a[1], a[2], float(b[0]), float(b[1]), float(b[2]))
         self._tot = np.array([W, S, M2, a[3] + b[3], a[4] + b[4], a[5] + b[5]])
         self.n_updates += 1
@@ -203,6 +181,18 @@ class MCAccumulator:
         return int(self._tot[5])
 
     @property
+    def n_nan(self) -> int:
+        """NaN terms at included positions so far."""
+        return int(self._tot[4])
+
+    @property
+    def kernel_options(self) -> tuple[int, tuple]:
+        """``(estimator code, clamp bounds)`` as the backends' ``mc_partials`` / ``mc_terms``
+        take them: for callers that run the kernels themselves and ``add_partials`` the
+        merged result (``kl_mc_file``)."""
+        return self._est, self._clamp
+
+    @property
     def total(self) -> tuple[float, float]:
         """``(sum w t, sum w)`` so far: ``kl_mc(..., reduction="sum")`` and its weight
         (+-inf where the true sum overflows float64)."""
@@ -220,23 +210,11 @@ class MCAccumulator:
                 f"updates={self.n_updates})")
 
 
-def _in_units(tot: np.ndarray, e_from: int, e_to: int) -> np.ndarray:
-    """Partials with weight sums in units of ``2**e_from`` re-expressed in ``2**e_to``."""
-    if e_from == e_to:
-        return tot
-    out = np.array(tot, dtype=np.float64)
-    d = e_from - e_to
-    with np.errstate(over="ignore", under="ignore"):
-        out[0:3] = np.ldexp(out[0:3], d)
-        out[3] = np.ldexp(out[3], 2 * d)
-    return out
-
-
 def stats_from_partials(tot: np.ndarray, policy: str = "propagate") -> KLStats:
     """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n]`` (an optional
     7th entry, the exponent of their unit, changes nothing: every statistic is a ratio).
-    The formulas of ``kl_mc_stats`` (``mc._stats``)."""
-    return _mc._stats(np.asarray(tot, dtype=np.float64), policy)
+    The formulas of ``kl_mc_stats`` (``_core.stats``)."""
+    return _core.stats(np.asarray(tot, dtype=np.float64), policy)
 
 
 # --------------------------------------------------------------------------- sketch
@@ -529,9 +507,20 @@ def _argmax_rows(x: np.ndarray) -> np.ndarray:
                            for i in range(0, x.shape[0], step)])
 
 
-def _rows_2d(x: np.ndarray, axis: int) -> np.ndarray:
-    x = np.moveaxis(x, axis, -1)
-    return x.reshape(-1, x.shape[-1])
+def _rate_with_sem(hits: int, n: int) -> tuple[float, float]:
+    """A rate ``f = hits / n`` ("Same top p") and its error bar ``sqrt(f (1 - f) / (n - 1))``
+    (NaN without rows; the bar NaN for one row)."""
+    if not n:
+        return math.nan, math.nan
+    f = hits / n
+    return f, math.sqrt(f * (1 - f) / (n - 1)) if n > 1 else math.nan
+
+
+def _rms_with_sem(mean_sq: float, sem_sq: float) -> tuple[float, float]:
+    """RMS ``sqrt(mean Δp²)`` and its error bar ``sem(Δp²) / (2 RMS)`` (delta method) from
+    the mean of the squares and its sem."""
+    rms = math.sqrt(mean_sq) if mean_sq >= 0 else math.nan
+    return rms, sem_sq / (2 * rms) if rms > 0 else math.nan
 
 
 class LogitsAccumulator:
@@ -602,31 +591,22 @@ class LogitsAccumulator:
         if logits_q is None:
             if self.op != "entropy":
                 raise TypeError(f"op={self.op!r} needs logits_q")
-            b = None
+            arrays = [a]
         else:
-            b = _checks.float_array(logits_q, "logits_q")
-            _checks.same_shape(b, a.shape, "logits_q", "logits_p")
-        if a.ndim == 0:
-            raise ValueError("logits_p must have at least 1 dimension (the vocabulary)")
-        ax = _checks.single_axis(axis, a.ndim)
-        lead = np.moveaxis(a, ax, -1).shape[:-1]
-        vocab = a.shape[ax]
-        if vocab == 0:
-            raise ValueError("logits_p has an empty vocabulary axis: softmax undefined")
-        keep = None
-        if mask is not None:
-            m = _checks.mask_array(mask, lead, f"logits_p without axis {ax}")
-            keep = (m != 0).reshape(-1)
+            arrays = [a, _checks.float_array(logits_q, "logits_q")]
+        rows = LogitsRows(arrays, ["logits_p", "logits_q"][:len(arrays)], axis, mask)
+        keep = None if rows.mask is None else (rows.mask != 0).reshape(-1)
         tok = None
         if tokens is not None:
-            if b is None:
+            if len(arrays) == 1:
                 raise TypeError("tokens need logits_q (Δp and perplexities compare two models)")
-            tok = _checks.tokens_array(tokens, lead, vocab, self.ignore_index).reshape(-1)
-        dtype = _checks.compute_dtype(a) if b is None else _checks.compute_dtype(a, b)
-        a2 = _rows_2d(a, ax)
-        b2 = None if b is None else _rows_2d(b, ax)
-        # convert at most ~32 MB of rows at a time (float16, byte-swapped inputs)
-        step = max(1, (32 << 20) // max(1, vocab * dtype.itemsize))
+            tok = _checks.tokens_array(tokens, rows.lead, rows.vocab,
+                                       self.ignore_index).reshape(-1)
+        dtype = rows.dtype
+        a2 = rows.moved[0].reshape(-1, rows.vocab)
+        b2 = None if len(arrays) == 1 else rows.moved[1].reshape(-1, rows.vocab)
+        # convert a bounded number of bytes of rows at a time (float16, byte-swapped inputs)
+        step = max(1, CONVERT_CHUNK_BYTES // max(1, rows.vocab * dtype.itemsize))
         for r0 in range(0, a2.shape[0], step):
             sl = slice(r0, min(a2.shape[0], r0 + step))
             aa = _checks.as_kernel_dtype(a2[sl], dtype)
@@ -743,17 +723,13 @@ class LogitsAccumulator:
         lt = self.nll_test.mean(pol)
         with np.errstate(over="ignore", invalid="ignore"):
             ppl = float(np.exp(lt))
-        ms = self.dp2.mean(pol)
-        rms = math.sqrt(ms) if ms >= 0 else math.nan
-        f = self.n_same_top / self.n_top if self.n_top else math.nan
+        rms, rms_sem = _rms_with_sem(self.dp2.mean(pol), sem(self.dp2))
+        f, f_sem = _rate_with_sem(self.n_same_top, self.n_top)
         self.chunks.append({
             "rows": n, "ppl": ppl, "ppl_sem": ppl * sem(self.nll_test),
             "ln_ppl_ratio": self.nll_diff.mean(pol), "ln_ppl_ratio_sem": sem(self.nll_diff),
             "kld": self.values.mean(pol), "kld_sem": sem(self.values),
-            "rms_dp": rms, "rms_dp_sem": sem(self.dp2) / (2 * rms) if rms > 0 else math.nan,
-            "same_top": f,
-            "same_top_sem": math.sqrt(f * (1 - f) / (self.n_top - 1)) if self.n_top > 1
-            else math.nan,
+            "rms_dp": rms, "rms_dp_sem": rms_sem, "same_top": f, "same_top_sem": f_sem,
         })
 
     def merge(self, other: LogitsAccumulator) -> LogitsAccumulator:
@@ -781,11 +757,7 @@ class LogitsAccumulator:
         pol = self.nan_policy
         v = self.values
         pct, exact = v.percentiles(pol)
-        if self.n_top:
-            f = self.n_same_top / self.n_top
-            f_sem = math.sqrt(f * (1 - f) / (self.n_top - 1)) if self.n_top > 1 else math.nan
-        else:
-            f = f_sem = math.nan
+        f, f_sem = _rate_with_sem(self.n_same_top, self.n_top)
         prop = pol == "propagate" and v.nan > 0
         kw: dict[str, Any] = dict(
             op=self.op, n=v.n + v.nan, n_nan=v.nan, mean=v.mean(pol), std=v.std(pol),
@@ -799,9 +771,7 @@ class LogitsAccumulator:
         if nt:
             d, d2 = self.dp, self.dp2
             dprop = pol == "propagate" and d.nan > 0
-            ms = d2.mean(pol)
-            rms = math.sqrt(ms) if ms == ms else math.nan
-            rms_sem = d2.sem(pol) / (2 * rms) if rms > 0 else math.nan
+            rms, rms_sem = _rms_with_sem(d2.mean(pol), d2.sem(pol))
             lt, lb, ld = (m.mean(pol) for m in (self.nll_test, self.nll_base, self.nll_diff))
             st, sb, sd = (m.sem(pol) for m in (self.nll_test, self.nll_base, self.nll_diff))
             vt, vb, vd = (m.std(pol) ** 2 for m in (self.nll_test, self.nll_base,

@@ -116,7 +116,7 @@ def warmup(
                 raise ValueError(f"backends: {b!r} is not available here (available: {avail})")
     plan = [(b, dt, _mc_jobs(b, dt) + _logits_jobs(b, dt)) for b in names for dt in dts]
     total = sum(len(jobs) for _, _, jobs in plan)
-    from .outofcore import _progress
+    from ._core import progress_bar as _progress
 
     times: dict[str, float] = {}
     bar = _progress(total, "fastkl warmup", progress, "kernels")

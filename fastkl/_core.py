@@ -1,0 +1,245 @@
+"""The private middle layer: how per-block partials become results, written once.
+
+Every public path (``fastkl.mc``, ``fastkl.logits``, the accumulators of ``fastkl.stream``,
+the file functions of ``fastkl.outofcore`` and the dask graphs of ``fastkl._dask``) reduces
+through the functions here, so that one formula is never written twice:
+
+* ``merge_blocks``: per-block partials ``[rows, nblk, N_PARTIALS]`` merged in block order
+  (Chan et al.) into ``[rows, N_PARTIALS]``;
+* ``finish`` / ``finish_scalar``: per-row mean or sum from merged partials;
+* ``seq_row_values`` / ``rl_reduce``: the RL reductions over ``[batch, tokens]`` rows;
+* ``stats``: merged partials -> ``KLStats`` (mean, std, sem, 95% interval; ``Z95``);
+* ``in_units`` / ``ratio_weights``: the power-of-two unit of extreme weight sums;
+* ``reduce_rows``: per-row values of the logits ops -> "none" / "mean" / "sum";
+* ``raise_first_nan``: the one ``nan_policy="raise"`` error.
+
+Partials are ``[W, S, M2, sum w**2, NaN count, n]`` (``backends._contract``). This module
+imports no public fastkl module, so every one of them may import it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class KLStats:
+    """Summary of per-sample KL terms: mean with its standard error and a 95% interval.
+
+    ``std`` is the (weighted, unbiased) standard deviation of the terms, ``sem = std /
+    sqrt(n_eff)`` with Kish's effective size ``n_eff = (sum w)**2 / sum w**2`` (= ``n`` for an
+    unweighted or boolean mask), ``ci95 = mean -+ 1.96 sem`` (normal approximation).
+    """
+
+    mean: float
+    std: float
+    sem: float
+    n: int
+    ci95: tuple[float, float]
+
+
+# its public home (pickles name the class by it; fastkl.mc re-exports it)
+KLStats.__module__ = "fastkl.mc"
+
+
+# --------------------------------------------------------------------------- partials
+
+
+def merge_blocks(part: np.ndarray) -> np.ndarray:
+    """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` in block order (Chan et al.):
+    returns ``[rows, N_PARTIALS]`` with column 2 the merged M2."""
+    if part.shape[1] == 1:  # one block per row: nothing to merge (the small-input fast path)
+        return part[:, 0, :]
+    tot = part.sum(axis=1)
+    W = tot[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(W > 0, tot[:, 1] / W, 0.0)
+        bmean = np.where(part[..., 0] > 0, part[..., 1] / part[..., 0], 0.0)
+        spread = (part[..., 0] * (bmean - mean[:, None]) ** 2).sum(axis=1)
+    tot[:, 2] = tot[:, 2] + spread
+    return tot
+
+
+def finish_scalar(row: np.ndarray, how: str, policy: str) -> float:
+    """``finish`` for a single row, in Python floats (cheap for small inputs)."""
+    W, S, nbad = float(row[0]), float(row[1]), row[4]
+    if policy == "propagate" and nbad > 0:
+        return math.nan
+    if how == "sum":
+        return S
+    return S / W if W > 0 else math.nan
+
+
+def finish(tot: np.ndarray, how: str, policy: str) -> np.ndarray:
+    """Per-row mean or sum from merged partials, honouring the NaN policy."""
+    W, S, nbad = tot[:, 0], tot[:, 1], tot[:, 4]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        val = S / W if how == "mean" else S.copy()
+    if how == "mean":
+        val[W == 0] = np.nan
+    if policy == "propagate":
+        val[nbad > 0] = np.nan
+    return val
+
+
+def seq_row_values(W, S, nbad, reduction: str, policy: str, e: int = 0) -> np.ndarray:
+    """The per-row values a seq-mean-* reduction averages, for the rows that count (a
+    token, or a NaN term under "propagate"): the row mean ``S / W`` (seq-mean-token-mean)
+    or sum ``S`` (seq-mean-token-sum) of rows with weights ``W`` and sums ``S`` (both in
+    units of ``2**e``) and NaN counts ``nbad``."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        per_row = S / W if reduction == "seq-mean-token-mean" else np.ldexp(S, e)
+    has = W > 0
+    if policy == "propagate":
+        per_row = np.where(nbad > 0, np.nan, per_row)
+        has = has | (nbad > 0)
+    return per_row[has]
+
+
+def rl_reduce(tot: np.ndarray, reduction: str, policy: str) -> float:
+    """seq-mean-token-mean / seq-mean-token-sum from merged partials per row (``[rows,
+    N_PARTIALS]``): the mean over rows with a token of the per-row mean / sum."""
+    vals = seq_row_values(tot[:, 0], tot[:, 1], tot[:, 4], reduction, policy)
+    if not vals.size:
+        return math.nan
+    return float(np.mean(vals))
+
+
+def stats(tot: np.ndarray, policy: str) -> KLStats:
+    """``KLStats`` from merged partials ``[W, S, M2, sum w**2, NaN count, n, ...]``: the one
+    place partials become statistics (``kl_mc_stats``, ``MCAccumulator``, files, dask).
+    Every field is a ratio, so the unit of the weight sums (``2**e`` for scaled weights)
+    does not matter."""
+    W, S, M2, W2, nbad, cnt = (float(v) for v in tot[:6])
+    n = int(cnt)
+    if (policy == "propagate" and nbad > 0) or not W > 0:
+        nan = math.nan
+        return KLStats(nan, nan, nan, n, (nan, nan))
+    mean = S / W
+    denom = W - W2 / W
+    std = math.sqrt(M2 / denom) if n > 1 and denom > 0 else math.nan
+    # sum w**2 == 0 only for weights that were never scaled (user partials): no n_eff
+    sem = std / math.sqrt(W * W / W2) if W2 > 0 else math.nan
+    return KLStats(mean, std, sem, n, (mean - Z95 * sem, mean + Z95 * sem))
+
+
+# --------------------------------------------------------------------------- weight units
+
+
+def in_units(part: np.ndarray, e_from: int, e_to: int) -> np.ndarray:
+    """Partials (``N_PARTIALS`` along the last axis) whose weight sums are in units of
+    ``2**e_from`` re-expressed in units of ``2**e_to`` (W, S, M2 scale by ``2**d``, sum w**2
+    by ``4**d``: exact, or negligible where they fall below 2**-1022); ``part`` itself when
+    the units agree, else a new array."""
+    if e_from == e_to:
+        return part
+    out = np.array(part, dtype=np.float64)
+    d = e_from - e_to
+    with np.errstate(over="ignore", under="ignore"):
+        out[..., 0:3] = np.ldexp(out[..., 0:3], d)
+        out[..., 3] = np.ldexp(out[..., 3], 2 * d)
+    return out
+
+
+def ratio_weights(mask: np.ndarray | None) -> np.ndarray | None:
+    """Weights for a ratio (a weighted mean): extreme ones scaled by a power of two
+    (``_checks.weight_exponent``), so that 1e-300 or 1e308 weights give the mean of 1s."""
+    e = _checks.weight_exponent(mask)
+    return mask if e == 0 else np.ldexp(mask, -e)
+
+
+# --------------------------------------------------------------------------- logits rows
+
+
+def reduce_rows(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_dtype):
+    """Per-row float64 values -> "none" (w * v, input precision) / "mean" / "sum" (float)."""
+    if reduction == "mean":
+        mask = ratio_weights(mask)
+    if mask is not None:
+        with np.errstate(invalid="ignore"):
+            vals = np.where(mask != 0, vals * mask, 0.0)
+    if reduction == "none":
+        out = vals.astype(out_dtype)
+        return out if out.ndim else out[()]
+    total = float(np.sum(vals))
+    if reduction == "sum":
+        return total
+    weight = float(vals.size) if mask is None else float(np.sum(mask, dtype=np.float64))
+    return total / weight if weight > 0 else math.nan
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def raise_first_nan(terms: np.ndarray, weights: np.ndarray | None, locate, where: str = "",
+                    context: str = "") -> None:
+    """nan_policy='raise': the ValueError naming the first NaN term at an included position
+    (``weights`` != 0, or everywhere without weights) of ``terms`` in C order.
+    ``locate(k)`` gives ``(index, logq, logp)`` of flat position ``k`` in the caller's
+    array; ``where`` prefixes the message (a file), ``context`` follows the index (an
+    update). Returns only if no included term is NaN."""
+    bad = np.isnan(terms)
+    if weights is not None:
+        bad &= weights != 0
+    hits = np.flatnonzero(bad.ravel())
+    if hits.size == 0:
+        return
+    idx, q, p = locate(int(hits[0]))
+    raise ValueError(
+        f"{where}nan_policy='raise': the term at index {tuple(int(i) for i in idx)}{context} "
+        f"is NaN (logq={float(q)!r}, logp={float(p)!r})"
+    )
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def memory_perm(a: np.ndarray) -> list[int]:
+    """The axes of ``a`` from the largest stride to the smallest (its memory order)."""
+    strides = a.strides
+    return sorted(range(a.ndim), key=lambda i: -abs(strides[i]))
+
+
+def flat_slice(a: np.ndarray, e0: int, e1: int) -> np.ndarray:
+    """Elements ``e0:e1`` of ``a``'s C-order flattening, copying only those (a view where
+    numpy can): a strided, transposed or broadcast array is never copied whole."""
+    if a.ndim <= 1 or a.flags.c_contiguous:
+        return a.reshape(-1)[e0:e1]
+    if e1 <= e0:
+        return np.empty(0, a.dtype)
+    inner = math.prod(a.shape[1:])
+    r0, o0 = divmod(e0, inner)
+    r1, o1 = divmod(e1, inner)
+    if r0 == r1:
+        return flat_slice(a[r0], o0, o1)
+    parts = []
+    if o0:
+        parts.append(flat_slice(a[r0], o0, inner))
+        r0 += 1
+    if r1 > r0:
+        parts.append(a[r0:r1].reshape(-1))  # a copy of these rows only
+    if o1:
+        parts.append(flat_slice(a[r1], 0, o1))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def progress_bar(total: int, desc: str, progress: bool | None, unit: str):
+    """A tqdm bar on stderr (``progress`` None: only when stderr is a terminal), or None."""
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if show:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
+                        file=sys.stderr)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            pass
+    return None
