@@ -29,10 +29,11 @@ import time
 
 import numpy as np
 
+from ._core import Z95
 from ._estimators import BY_LABEL, Estimator
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-_Z95 = 1.959963984540054  # = fastkl._core.Z95 after the core lands
+
 
 # the table's rows: Schulman's three estimators of KL(q||p) and reverse k3 (estimator table
 # labels; closed_form below has a formula for each)
@@ -121,7 +122,7 @@ def _table(mu: float, n: int, stats_backend: str | None, rng):
         st = fastkl.kl_mc_stats(logq, logp, est.name, reverse=est.reverse,
                                 backend=stats_backend)
         bias = (st.mean - true) / true
-        ci = _Z95 * st.sem / true
+        ci = Z95 * st.sem / true
         cb, cs = closed_form(label, mu)
         lines.append(
             f"  {label:<11} {est.target:<9} | {bias:>+9.4f} {ci:>8.4f} {cb:>8.4f} | "

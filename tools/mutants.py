@@ -209,7 +209,7 @@ MUTANTS: list[Mutant] = [
            "covariance of the NLLs from the variance of their difference: sign"),
     # ---- CLI ----------------------------------------------------------------------------
     Mutant("demo-ci-std", "fastkl/_demo.py",
-           "ci = _Z95 * st.sem / true", "ci = _Z95 * st.std / true",
+           "ci = Z95 * st.sem / true", "ci = Z95 * st.std / true",
            _t("tests/test_reports.py", "-k", "demo_values"),
            "demo's 95% half-width from the std instead of the sem"),
     Mutant("demo-k2-closed", "fastkl/_demo.py",
