@@ -28,6 +28,12 @@ cdef extern from "mc.h" nogil:
     int FK_TERMS
     int FK_PARTIALS
     int FK_GRAD
+    int FK_K1
+    int FK_K2
+    int FK_K3
+    int FK_RK1
+    int FK_RK3
+    int FK_NEST
 
     ctypedef struct fk_arrays:
         const void *q
@@ -54,6 +60,9 @@ cdef extern from "mc.h" nogil:
 
 BLOCK = FK_BLOCK
 N_PARTIALS = FK_NPART
+# the estimator codes of mc.h, by label (tests/test_kernel_codes.py: equal to
+# fastkl._estimators)
+EST_CODES = {"k1": FK_K1, "k2": FK_K2, "k3": FK_K3, "rk1": FK_RK1, "rk3": FK_RK3}
 # below this many elements one thread does all tasks (a parallel region costs a few us)
 PARALLEL_MIN = 1 << 16
 
@@ -115,6 +124,10 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
     cdef cnp.ndarray parts_arr = None, work_arr, m_arr, iw_arr, out_arr, rs_arr
     cdef double *parts = NULL
 
+    if not 0 <= est < FK_NEST:
+        raise ValueError(f"unknown estimator code {est} (the kernel codes: {EST_CODES})")
+    if not 0 <= mode <= FK_GRAD:
+        raise ValueError(f"unknown mode {mode}")
     A.f32 = cnp.PyArray_TYPE(logq) == cnp.NPY_FLOAT32
     _set(logq, &A.q, &A.q0, &A.q1)
     _set(logp, &A.p, &A.p0, &A.p1)
