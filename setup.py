@@ -202,8 +202,8 @@ def extensions():
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for name, headers in (
-            ("_mc", ["common.h", "mc.h", "fork.pxi"]),
-            ("_logits", ["common.h", "logits.h", "fork.pxi"]),
+            ("_mc", ["common.h", "typed.h", "mc.h", "runtime.pxi"]),
+            ("_logits", ["common.h", "typed.h", "logits.h", "runtime.pxi"]),
         )
     ]
     return cythonize(

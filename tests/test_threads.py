@@ -237,15 +237,7 @@ def test_forked_child_stays_serial(backend):
 # --------------------------------------------------------------------------- estimator codes
 
 
-def _xfail_cython(b: str):
-    if b == "cython":
-        # the C kernels' switch falls through to reverse k3 until mc.h checks the code
-        return pytest.param(b, marks=pytest.mark.xfail(
-            strict=False, reason="Cython kernels: unknown codes checked in C (other change)"))
-    return b
-
-
-@pytest.mark.parametrize("backend", [_xfail_cython(b) for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("code", [99, -1, max(EST_CODES.values()) + 1])
 def test_unknown_estimator_code_raises(backend, code):
     mod = get_backend(backend)

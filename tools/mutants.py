@@ -67,18 +67,20 @@ def _t(*args: str) -> tuple[str, ...]:
 
 MUTANTS: list[Mutant] = [
     # ---- the eight the issue 15 experiment missed --------------------------------------
-    Mutant("c-f32-sub", B + "cython/mc.h",
+    Mutant("c-f32-sub", B + "cython/typed.h",
            "L[i] = (double)p[i] - (double)q[i];", "L[i] = (double)(p[i] - q[i]);",
            _t("tests/test_accumulation.py", "-k", "float32 and cython"),
-           "float32 logp - logq subtracted in float32 (Cython, contiguous load)"),
+           "float32 logp - logq subtracted in float32 (Cython, contiguous load; the dtype "
+           "template: the float64 instance is unchanged by it)"),
     Mutant("numba-strided-temp", B + "numba/logits.py",
            "x = np.float64(buf[o + i * s1]) * inv_t", "x = np.float64(buf[o + i * s1]) / inv_t",
            _t("tests/test_layouts.py", "-k", "numba"),
            "temperature divided, not multiplied, in the strided logits load (numba)"),
-    Mutant("c-strided-temp", B + "cython/logits.h",
+    Mutant("c-strided-temp", B + "cython/typed.h",
            "X[i] = (double)p[i * s] * inv_t;", "X[i] = (double)p[i * s] / inv_t;",
            _t("tests/test_layouts.py", "-k", "cython"),
-           "temperature divided, not multiplied, in the strided float32 logits load (Cython)"),
+           "temperature divided, not multiplied, in the strided logits load (Cython; the "
+           "dtype template: float32 and float64 both)"),
     Mutant("c-rk1-grad-sign", B + "cython/mc.h",
            "G[i] = -R * (l + 1.0);", "G[i] = -R * (l - 1.0);",
            _t("tests/test_grad.py", "-k", "matches and cython"),
@@ -128,10 +130,11 @@ MUTANTS: list[Mutant] = [
            "gg = -r * l;", "gg = r * l;",
            _t("tests/test_grad.py", "-k", "special_lanes and cython"),
            "sign of the reverse-k3 derivative in the |l| > 700 libm lane only (Cython)"),
-    Mutant("c-grad-f32-scale", B + "cython/mc.h",
-           "o[i] = (float)(V[i] * scale);", "o[i] = (float)V[i];",
+    Mutant("c-grad-f32-scale", B + "cython/typed.h",
+           "o[i] = (FK_T)(V[i] * scale);", "o[i] = (FK_T)V[i];",
            _t("tests/test_grad.py", "-k", "matches and cython"),
-           "float32 gradient without mask stored without the reduction's row scale (Cython)"),
+           "gradient without mask stored without the reduction's row scale (Cython; the "
+           "dtype template: float32 and float64 both)"),
     Mutant("c-tail-w2", B + "cython/mc.h",
            "a->w2[j] += ok ? ww : 0.0;", "a->w2[j] += ok ? w : 0.0;",
            _t("tests/test_reports.py", "-k", "klstats and cython"),
@@ -146,7 +149,7 @@ MUTANTS: list[Mutant] = [
            "float64 weights read as a uint8 mask (Cython wrapper)"),
     # ---- compiled logits kernels --------------------------------------------------------
     Mutant("pyx-log-probs", B + "cython/_logits.pyx",
-           "A.fixed = fixed", "A.fixed = 0",
+           "A.log_probs = log_probs", "A.log_probs = 0",
            _t("tests/test_logits.py", "-k", "log_probs and cython"),
            "log_probs at T = 1 renormalised like logits (Cython wrapper)"),
     Mutant("c-token-sign", B + "cython/logits.h",

@@ -21,7 +21,7 @@ BACKEND_NAMES = tuple(_MODULES)
 # Set in a child made by fork() (os.fork, multiprocessing's "fork" start method) of a process
 # that had imported fastkl: the compiled backends then run serially, as their thread pools
 # (libgomp's, numba's) do not survive fork. A backend first imported in such a child reads
-# it; a loaded one also has its own handler (see ``numba.common``, ``cython/fork.pxi``).
+# it; a loaded one also has its own handler (see ``numba.common``, ``cython/runtime.pxi``).
 _forked = False
 
 

@@ -27,6 +27,7 @@ cdef extern from "logits.h" nogil:
     int FKL_ENT
     int FKL_TOKEN
     int FKL_GRAD
+    int FKL_NOPS
     int FKL_CHUNK
 
     ctypedef struct fkl_args:
@@ -36,7 +37,7 @@ cdef extern from "logits.h" nogil:
         Py_ssize_t rows, V
         int f32
         int op
-        int fixed
+        int log_probs
         double inv_t, beta
         const uint8_t *active
         const int64_t *tokens
@@ -53,6 +54,11 @@ cdef extern from "logits.h" nogil:
     int fk_max_threads()
 
 CHUNK = FKL_CHUNK
+# the op codes of logits.h shared with the contract (tests/test_kernel_codes.py: equal to
+# fastkl.backends._contract.LOGITS_OPS), and the backend's own two
+LOGITS_OPS = {"kl": FKL_KL, "jsd": FKL_JSD, "entropy": FKL_ENT}
+OP_TOKEN = FKL_TOKEN
+OP_GRAD = FKL_GRAD
 
 from fastkl.backends import _threads as _policy
 
@@ -62,48 +68,7 @@ cdef Py_ssize_t _parallel_min = _policy.CYTHON_LOGITS_MIN
 PARALLEL_MIN = _parallel_min
 
 
-include "fork.pxi"
-
-# threads asked for by fastkl.set_num_threads (0: OpenMP's maximum); the policy module
-# pushes every change here, so a call reads a C int
-cdef int _num_threads = 0
-
-
-def set_num_threads(int n):
-    """The thread count of the parallel kernels (0: OpenMP's maximum). Called by
-    ``fastkl.backends._threads``; use ``fastkl.set_num_threads``."""
-    global _num_threads
-    _num_threads = n if n > 0 else 0
-
-
-cdef inline int _nthreads() noexcept nogil:
-    """Threads a parallel kernel uses: the policy's count, else ``_threads()`` (OpenMP's
-    maximum); 1 after fork() or without OpenMP."""
-    if _num_threads > 0 and not _forked and fk_openmp():
-        return _num_threads
-    return _threads()
-
-
-_policy.register(set_num_threads)
-
-
-def isa():
-    """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" or
-    "default"."""
-    return fk_isa().decode()
-
-
-def max_threads():
-    """Threads a parallel kernel call may use (``fastkl.set_num_threads``'s count, else
-    OpenMP's current maximum; 1 without OpenMP or in a child made by fork())."""
-    return _nthreads()
-
-
-cdef inline void _set(cnp.ndarray x, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
-    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(x)
-    ptr[0] = cnp.PyArray_DATA(x)
-    s0[0] = cnp.PyArray_STRIDES(x)[0] // item
-    s1[0] = cnp.PyArray_STRIDES(x)[1] // item
+include "runtime.pxi"
 
 
 cdef void _run(const fkl_args *A, int nthreads, Py_ssize_t chunk) noexcept nogil:
@@ -116,24 +81,28 @@ cdef void _run(const fkl_args *A, int nthreads, Py_ssize_t chunk) noexcept nogil
             fkl_row(A, r)
 
 
-def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fixed,
+def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint log_probs,
         object active, object tokens, long long ignore_index, object rowscale,
         cnp.ndarray out, object grad):
     """One kernel call over all rows: op 0 KL, 1 JSD, 2 entropy, 3 token log-prob (``b``),
-    4 KL value + gradient (into ``grad``, with ``rowscale``). Results into ``out``."""
+    4 KL value + gradient (into ``grad``, with ``rowscale``). Results into ``out``.
+    ``log_probs``: the rows are log-probabilities and inv_t == 1 (no max, no normaliser)."""
     cdef fkl_args A
     cdef cnp.ndarray act_arr, tok_arr, rs_arr, grad_arr, scratch_arr
     cdef cnp.npy_intp dims[1]
     cdef int nthreads = 1
     cdef Py_ssize_t chunk
 
+    if not 0 <= op < FKL_NOPS:
+        raise ValueError(f"unknown logits op code {op} (the kernel codes: {LOGITS_OPS}, "
+                         f"token {FKL_TOKEN}, grad {FKL_GRAD})")
     A.f32 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
     _set(a, &A.a, &A.a0, &A.a1)
     _set(b, &A.b, &A.b0, &A.b1)
     A.rows = cnp.PyArray_DIM(a, 0)
     A.V = cnp.PyArray_DIM(a, 1)
     A.op = op
-    A.fixed = fixed
+    A.log_probs = log_probs
     A.inv_t = inv_t
     A.beta = beta
     A.active = NULL
@@ -160,7 +129,7 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint fi
         return
     if A.rows > 1 and A.rows * A.V >= _parallel_min:
         nthreads = min(_nthreads(), A.rows)
-    if op == FKL_JSD and not fixed:
+    if op == FKL_JSD and not log_probs:
         # per thread: a row's exps from pass 1, which pass 2 rescales instead of recomputing
         dims[0] = nthreads * fkl_scratch_doubles(A.V)
         scratch_arr = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)

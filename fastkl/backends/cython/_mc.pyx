@@ -28,6 +28,12 @@ cdef extern from "mc.h" nogil:
     int FK_TERMS
     int FK_PARTIALS
     int FK_GRAD
+    int FK_K1
+    int FK_K2
+    int FK_K3
+    int FK_RK1
+    int FK_RK3
+    int FK_NEST
 
     ctypedef struct fk_arrays:
         const void *q
@@ -54,6 +60,9 @@ cdef extern from "mc.h" nogil:
 
 BLOCK = FK_BLOCK
 N_PARTIALS = FK_NPART
+# the estimator codes of mc.h, by label (tests/test_kernel_codes.py: equal to
+# fastkl._estimators)
+EST_CODES = {"k1": FK_K1, "k2": FK_K2, "k3": FK_K3, "rk1": FK_RK1, "rk3": FK_RK3}
 
 from fastkl.backends import _threads as _policy
 
@@ -63,53 +72,7 @@ cdef Py_ssize_t _parallel_min = _policy.CYTHON_MC_MIN
 PARALLEL_MIN = _parallel_min
 
 
-include "fork.pxi"
-
-# threads asked for by fastkl.set_num_threads (0: OpenMP's maximum); the policy module
-# pushes every change here, so a call reads a C int
-cdef int _num_threads = 0
-
-
-def set_num_threads(int n):
-    """The thread count of the parallel kernels (0: OpenMP's maximum). Called by
-    ``fastkl.backends._threads``; use ``fastkl.set_num_threads``."""
-    global _num_threads
-    _num_threads = n if n > 0 else 0
-
-
-cdef inline int _nthreads() noexcept nogil:
-    """Threads a parallel kernel uses: the policy's count, else ``_threads()`` (OpenMP's
-    maximum); 1 after fork() or without OpenMP."""
-    if _num_threads > 0 and not _forked and fk_openmp():
-        return _num_threads
-    return _threads()
-
-
-_policy.register(set_num_threads)
-
-
-def isa():
-    """The instruction set of the kernel clone the loader picked: "avx512f", "avx2" (with
-    FMA) or "default" (the baseline of the platform)."""
-    return fk_isa().decode()
-
-
-def openmp():
-    """True when the extension was built with OpenMP."""
-    return bool(fk_openmp())
-
-
-def max_threads():
-    """Threads a parallel kernel call may use (``fastkl.set_num_threads``'s count, else
-    OpenMP's current maximum; 1 without OpenMP or in a child made by fork())."""
-    return _nthreads()
-
-
-cdef inline void _set(cnp.ndarray a, const void **ptr, Py_ssize_t *s0, Py_ssize_t *s1):
-    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(a)
-    ptr[0] = cnp.PyArray_DATA(a)
-    s0[0] = cnp.PyArray_STRIDES(a)[0] // item
-    s1[0] = cnp.PyArray_STRIDES(a)[1] // item
+include "runtime.pxi"
 
 
 cdef void _run(const fk_arrays *A, const fk_params *P, Py_ssize_t ntasks, Py_ssize_t per,
@@ -142,6 +105,10 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
     cdef cnp.ndarray parts_arr = None, work_arr, m_arr, iw_arr, out_arr, rs_arr
     cdef double *parts = NULL
 
+    if not 0 <= est < FK_NEST:
+        raise ValueError(f"unknown estimator code {est} (the kernel codes: {EST_CODES})")
+    if not 0 <= mode <= FK_GRAD:
+        raise ValueError(f"unknown mode {mode}")
     A.f32 = cnp.PyArray_TYPE(logq) == cnp.NPY_FLOAT32
     _set(logq, &A.q, &A.q0, &A.q1)
     _set(logp, &A.p, &A.p0, &A.p1)

@@ -27,6 +27,40 @@
 #define FK_ALIGN(n)
 #endif
 
+/* ------------------------------------------------------------------ dtype instances */
+/* The loops that differ only in the element type are written once, in typed.h, and
+ * instantiated here per type: FK_TYPED(fk_get) -> fk_get_f32 / fk_get_f64 / fk_get_u8. */
+#define FK_CAT2_(a, b) a##_##b
+#define FK_CAT2(a, b) FK_CAT2_(a, b)
+#define FK_TYPED(name) FK_CAT2(name, FK_SFX)
+
+#define FK_T float
+#define FK_SFX f32
+#include "typed.h"
+#undef FK_T
+#undef FK_SFX
+
+#define FK_T double
+#define FK_SFX f64
+#include "typed.h"
+#undef FK_T
+#undef FK_SFX
+
+#define FK_T uint8_t /* the uint8 mask: only fk_get_u8 is used */
+#define FK_SFX u8
+#include "typed.h"
+#undef FK_T
+#undef FK_SFX
+
+/* The float32 or float64 instance of a typed.h function, by a run-time flag (a statement). */
+#define FK_BY_DTYPE(f32, fn, ...)                                                              \
+    do {                                                                                       \
+        if (f32)                                                                               \
+            fn##_f32(__VA_ARGS__);                                                             \
+        else                                                                                   \
+            fn##_f64(__VA_ARGS__);                                                             \
+    } while (0)
+
 /* ------------------------------------------------------------------ exp */
 #define FK_LOG2E 1.4426950408889634074
 #define FK_SHIFT 6755399441055744.0 /* 1.5 * 2**52 */
@@ -45,9 +79,13 @@ FK_INLINE uint64_t fk_to_bits(double d) {
     return u;
 }
 
+/* The two exp series, the value of every ``full`` flag of both headers: FK_SERIES_FULL for
+ * float64 inputs, FK_SERIES_LO for float32 inputs (see fk_exp_series). */
+enum { FK_SERIES_LO = 0, FK_SERIES_FULL = 1 };
+
 /* P(r) = (e^r - 1 - r) / r^2 for |r| <= ln2/2 (the range-reduced exp of both headers,
- * docs/kernel_math.md). full: the Taylor series to 1/13! (float64, < 1e-16 relative). Else a
- * degree-5 minimax fit (Remez, relative error 2.7e-9 = 0.05 float32 ulp; for float32
+ * docs/kernel_math.md). full: the Taylor series to 1/13! (float64, < 1e-16 relative). Else
+ * (lo) a degree-5 minimax fit (Remez, relative error 2.7e-9 = 0.05 float32 ulp; for float32
  * inputs, whose results need 1e-6): two FMAs fewer than the Taylor series to 1/9! it
  * replaces. The numba kernels use the same coefficients (numba.common.M0..M5). ``full`` is a
  * compile-time constant or loop-invariant at every call site. */

@@ -13,10 +13,12 @@
  *   4. scalar libm fix-up of the rare lanes outside the fast exp/log range
  *   5. chunk sums over FKL_NACC lanes in a fixed order, added to the row sums
  *
- * exp is the range-reduced polynomial of docs/kernel_math.md (degree 13 for float64 inputs,
- * degree 9 for float32 inputs: relative error < 1e-11, far inside the float32 tolerance);
- * log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa. Shares common.h
- * (macros, multiversioning, OpenMP queries) with mc.h.
+ * exp is the range-reduced exp of common.h (docs/kernel_math.md): e^r = 1 + r + r^2 P(r) with
+ * P the Taylor series to r^13 for float64 inputs (FK_SERIES_FULL) and, for float32 inputs
+ * (FK_SERIES_LO), the degree-5 minimax fit of fk_exp_series (relative error 2.7e-9, far
+ * inside the float32 tolerance); log (JSD only) is 2 atanh((f-1)/(f+1)) on the mantissa, to
+ * s^21 (full) or s^11 (lo). Shares common.h (macros, the dtype instances of typed.h,
+ * multiversioning, OpenMP queries) with mc.h.
  *
  * No -ffast-math: NaN/inf semantics and the order of every sum matter. Build with -O3
  * -fno-math-errno; -fno-trapping-math lets the compiler if-convert the selects.
@@ -30,7 +32,11 @@
 #define FKL_NACC 8    /* independent accumulators per sum (fixed: the summation order) */
 
 /* ------------------------------------------------------------------ arguments */
-enum { FKL_KL = 0, FKL_JSD = 1, FKL_ENT = 2, FKL_TOKEN = 3, FKL_GRAD = 4 };
+/* The op codes. FKL_KL, FKL_JSD, FKL_ENT must equal fastkl.backends._contract.LOGITS_OPS
+ * (tests/test_kernel_codes.py compares them through _logits.LOGITS_OPS); FKL_TOKEN and
+ * FKL_GRAD are the backend's own. _logits.run rejects any other code before a kernel runs;
+ * fkl_row gives NaN for one. */
+enum { FKL_KL = 0, FKL_JSD = 1, FKL_ENT = 2, FKL_TOKEN = 3, FKL_GRAD = 4, FKL_NOPS = 5 };
 
 typedef struct {
     const void *a, *b;          /* first element of each 2-D array */
@@ -38,7 +44,7 @@ typedef struct {
     ptrdiff_t rows, V;
     int f32;                    /* 1: float32 inputs (and grad output), 0: float64 */
     int op;                     /* FKL_* */
-    int fixed;                  /* log_probs with inv_t == 1: no max, no normaliser */
+    int log_probs;              /* log-probabilities with inv_t == 1: no max, no normaliser */
     double inv_t, beta;
     const uint8_t *active;      /* [rows] or NULL (ops KL, JSD, ENT) */
     const int64_t *tokens;      /* [rows] (FKL_TOKEN) */
@@ -64,20 +70,20 @@ FK_INLINE ptrdiff_t fkl_nchunks(ptrdiff_t V) { return (V + FKL_CHUNK - 1) / FKL_
 static inline ptrdiff_t fkl_scratch_doubles(ptrdiff_t V) { return 2 * V + 2 * fkl_nchunks(V); }
 
 /* e^z for z in [EXP_LO, EXP_HI] (callers clamp z there first; NaN stays NaN).
- * deg13: the Taylor series to r^13 (float64, ~1 ulp), else the minimax series of
+ * full: the Taylor series to r^13 (float64, ~1 ulp), else (lo) the minimax series of
  * fk_exp_series (relative error < 3e-9, float32 inputs). */
-FK_INLINE double fkl_exp_core(double z, int deg13) {
+FK_INLINE double fkl_exp_core(double z, const int full) {
     double s, r, q;
-    fk_exp_parts(z, deg13, &s, &r, &q);
+    fk_exp_parts(z, full, &s, &r, &q);
     return s + s * (r + q);
 }
 
 /* e^z for every z: exact 0 below EXP_ZERO (so e^-inf = 0), NaN stays NaN. Sets *bad when the
  * lane needs libm (z in [EXP_ZERO, EXP_LO) for subnormal results, or z > EXP_HI). */
-FK_INLINE double fkl_exp(double z, int deg13, int *bad) {
+FK_INLINE double fkl_exp(double z, const int full, int *bad) {
     double zc = (z < FKL_EXP_LO) ? FKL_EXP_LO : z;
     zc = (zc > FKL_EXP_HI) ? FKL_EXP_HI : zc;
-    const double e = fkl_exp_core(zc, deg13);
+    const double e = fkl_exp_core(zc, full);
     *bad |= ((z < FKL_EXP_LO) & (z >= FKL_EXP_ZERO)) | (z > FKL_EXP_HI);
     return (z < FKL_EXP_ZERO) ? 0.0 : e;
 }
@@ -126,22 +132,7 @@ FK_INLINE double fkl_log(double m, int *bad, const int full) {
 /* X[i] = (double)row[i * s] * inv_t (an exact product when inv_t == 1). */
 FK_INLINE void fkl_load(const void *base, int f32, ptrdiff_t s, ptrdiff_t c, double inv_t,
                          double *FK_RESTRICT X) {
-    ptrdiff_t i;
-    if (f32) {
-        const float *p = (const float *)base;
-        if (s == 1) {
-            for (i = 0; i < c; i++) X[i] = (double)p[i] * inv_t;
-        } else {
-            for (i = 0; i < c; i++) X[i] = (double)p[i * s] * inv_t;
-        }
-    } else {
-        const double *p = (const double *)base;
-        if (s == 1) {
-            for (i = 0; i < c; i++) X[i] = p[i] * inv_t;
-        } else {
-            for (i = 0; i < c; i++) X[i] = p[i * s] * inv_t;
-        }
-    }
+    FK_BY_DTYPE(f32, fk_get_scaled, base, s, c, inv_t, X);
 }
 
 /* max of a chunk, NaN ignored (it propagates through the exp later). */
@@ -184,7 +175,7 @@ FK_INLINE double fkl_sum(const double *FK_RESTRICT X, ptrdiff_t c) {
  * gives its sums in the same order. Returns nonzero when a lane needs libm (the sums are then
  * to be discarded). */
 FK_INLINE int fkl_fused_kl(const double *FK_RESTRICT X, const double *FK_RESTRICT Y,
-                            double mA, double mB, ptrdiff_t c, int deg13, double *z) {
+                            double mA, double mB, ptrdiff_t c, const int full, double *z) {
     double sA[FKL_NACC], sB[FKL_NACC], sT[FKL_NACC], sBad[FKL_NACC];
     const ptrdiff_t cm = c - c % FKL_NACC;
     ptrdiff_t i, j;
@@ -193,8 +184,8 @@ FK_INLINE int fkl_fused_kl(const double *FK_RESTRICT X, const double *FK_RESTRIC
     do {                                                                                       \
         int lane_bad = 0;                                                                      \
         const double za = X[k] - mA, zb = Y[k] - mB;                                           \
-        const double ea = fkl_exp(za, deg13, &lane_bad);                                       \
-        const double eb = fkl_exp(zb, deg13, &lane_bad);                                       \
+        const double ea = fkl_exp(za, full, &lane_bad);                                       \
+        const double eb = fkl_exp(zb, full, &lane_bad);                                       \
         sA[j] += ea;                                                                           \
         sB[j] += eb;                                                                           \
         /* ea == 0 exactly where za < EXP_ZERO (tested on za: see pass 2) */                   \
@@ -216,7 +207,7 @@ FK_INLINE int fkl_fused_kl(const double *FK_RESTRICT X, const double *FK_RESTRIC
 /* Running max / rescaled sums over a row (docs/logits_math.md). Sums are relative to the
  * current maxima MA, MB; S = sum eA * ((xa - MA) - (xb - MB)) for KL (want 3), sum eA *
  * (xa - MA) for the entropy (want 1), none otherwise. want: 1 = a only, 2 = b only, 3 =
- * both. In fixed mode (log_probs, inv_t == 1) MA = MB = 0 and no max is taken. */
+ * both. In log_probs mode (inv_t == 1) MA = MB = 0 and no max is taken. */
 typedef struct {
     double MA, MB, ZA, ZB, S;
     double XI; /* KL: max xa over entries with P > 0 = Q when seen (their +inf terms are kept
@@ -226,15 +217,15 @@ typedef struct {
 enum { FKL_S_NONE = 0, FKL_S_KL = 1, FKL_S_ENT = 2 };
 
 FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int smode,
-                              fkl_state *st, double *keep, const int deg13) {
+                              fkl_state *st, double *keep, const int full) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EA[FKL_CHUNK], EB[FKL_CHUNK],
         T[FKL_CHUNK];
     const double ninf = -(double)INFINITY;
-    const int wa = want & 1, wb = (want & 2) != 0, fixed = A->fixed;
+    const int wa = want & 1, wb = (want & 2) != 0, log_probs = A->log_probs;
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
-    double MA = fixed ? 0.0 : ninf, MB = fixed ? 0.0 : ninf;
+    double MA = log_probs ? 0.0 : ninf, MB = log_probs ? 0.0 : ninf;
     double ZA = 0.0, ZB = 0.0, S = 0.0, XI = ninf;
     ptrdiff_t off, i;
 
@@ -243,7 +234,7 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
         int bad = 0;
         if (wa) fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
         if (wb) fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
-        if (!fixed) {
+        if (!log_probs) {
             const double ma = wa ? fkl_max(X, c) : ninf, mb = wb ? fkl_max(Y, c) : ninf;
             if (ma > MA || mb > MB) {
                 const double NA = ma > MA ? ma : MA, NB = mb > MB ? mb : MB;
@@ -278,7 +269,7 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
             const double mA = (MA == ninf) ? 0.0 : MA, mB = (MB == ninf) ? 0.0 : MB;
             if (smode == FKL_S_KL) {
                 double z[3];
-                const int slow = fkl_fused_kl(X, Y, mA, mB, c, deg13, z);
+                const int slow = fkl_fused_kl(X, Y, mA, mB, c, full, z);
                 if (slow) {
                     /* a lane needs libm: the chunk again, sums in the same lane order */
                     for (i = 0; i < c; i++) {
@@ -299,7 +290,7 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                     for (i = 0; i < c; i++) {
                         const double za = X[i] - mA, zb = Y[i] - mB;
                         int lane_bad = 0;
-                        const double ea = slow ? fkl_exp_slow(za) : fkl_exp(za, deg13, &lane_bad);
+                        const double ea = slow ? fkl_exp_slow(za) : fkl_exp(za, full, &lane_bad);
                         const int zero = slow ? (ea == 0.0) : (za < FKL_EXP_ZERO);
                         if (!zero && zb == ninf && X[i] > XI) XI = X[i];
                         T[i] = (zero || zb == ninf) ? 0.0 : ea * (za - zb);
@@ -313,7 +304,7 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                 /* (the same fusion measured 4x slower here: GCC then leaves the loop scalar) */
                 for (i = 0; i < c; i++) {
                     const double za = X[i] - mA;
-                    const double ea = fkl_exp(za, deg13, &bad);
+                    const double ea = fkl_exp(za, full, &bad);
                     const double t = ea * za;
                     EA[i] = ea;
                     T[i] = (ea == 0.0) ? 0.0 : t;
@@ -337,10 +328,10 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
                     keep[2 * A->V + fkl_nchunks(A->V) + off / FKL_CHUNK] = mB;
                 }
                 if (wa) {
-                    for (i = 0; i < c; i++) ea[i] = fkl_exp(X[i] - mA, deg13, &bad);
+                    for (i = 0; i < c; i++) ea[i] = fkl_exp(X[i] - mA, full, &bad);
                 }
                 if (wb) {
-                    for (i = 0; i < c; i++) eb[i] = fkl_exp(Y[i] - mB, deg13, &bad);
+                    for (i = 0; i < c; i++) eb[i] = fkl_exp(Y[i] - mB, full, &bad);
                 }
                 if (bad) {
                     if (wa)
@@ -361,16 +352,16 @@ FK_INLINE void fkl_pass1_impl(const fkl_args *A, ptrdiff_t row, int want, int sm
     st->XI = XI;
 }
 
-/* The passes are compiled once per exp series (deg13 a constant in each copy): with deg13 a
+/* The passes are compiled once per exp series (full a constant in each copy): with full a
  * run-time flag GCC computes both series for every lane and selects (measured: float32 KL
  * slower with the shorter series than with the longer one). */
 FK_CLONES
 static void fkl_pass1(const fkl_args *A, ptrdiff_t row, int want, int smode, fkl_state *st,
                       double *keep) {
     if (A->f32)
-        fkl_pass1_impl(A, row, want, smode, st, keep, 0);
+        fkl_pass1_impl(A, row, want, smode, st, keep, FK_SERIES_LO);
     else
-        fkl_pass1_impl(A, row, want, smode, st, keep, 1);
+        fkl_pass1_impl(A, row, want, smode, st, keep, FK_SERIES_FULL);
 }
 
 /* ------------------------------------------------------------------ pass 2: JSD */
@@ -391,11 +382,11 @@ static double fkl_log_mix(double beta, double omb, double p, double q, double lp
  * the total masses sum p, sum q (0 for a row without mass).
  * keep (pass 1's exps and shifts, see fkl_pass1_impl): p = e^(xa - m_k) * (e^(m_k - MA) /
  * ZA) with m_k the shift pass 1 used for chunk k, one product instead of an exp per entry
- * (no rounding of log ZA inside the exponent either). Without keep (fixed mode): p = e^lp. */
+ * (no rounding of log ZA inside the exponent either). Without keep (log_probs mode): p = e^lp. */
 FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, double lZA,
                                    double ZA, double MB, double lZB, double ZB,
                                    const double *keep, double *SP, double *SQ, double *ZP,
-                                   double *ZQ, const int deg13) {
+                                   double *ZQ, const int full) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], TP[FKL_CHUNK], TQ[FKL_CHUNK],
         PP[FKL_CHUNK], QQ[FKL_CHUNK], BAD[FKL_CHUNK];
     const double beta = A->beta, omb = 1.0 - A->beta;
@@ -427,8 +418,8 @@ FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, d
         } else {
             for (i = 0; i < c; i++) {
                 const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
-                PP[i] = fkl_exp(lp, deg13, &bad);
-                QQ[i] = fkl_exp(lq, deg13, &bad);
+                PP[i] = fkl_exp(lp, full, &bad);
+                QQ[i] = fkl_exp(lq, full, &bad);
             }
         }
         /* the lanes needing libm are flagged in a buffer and counted after the loop: GCC
@@ -438,7 +429,7 @@ FK_INLINE void fkl_pass2_jsd_impl(const fkl_args *A, ptrdiff_t row, double MA, d
             const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
             const double p = PP[i], q = QQ[i];
             const double m = beta * p + omb * q;
-            const double lm = fkl_log(m, &lane_bad, deg13);
+            const double lm = fkl_log(m, &lane_bad, full);
             const double tp = p * (lp - lm), tq = q * (lq - lm);
             /* m underflowed (a tiny beta or 1 - beta): log M is taken in log space */
             lane_bad |= (m < FKL_DBL_MIN) & ((lp >= FKL_EXP_ZERO) | (lq >= FKL_EXP_ZERO));
@@ -478,18 +469,19 @@ FK_CLONES
 static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double ZA,
                           double MB, double lZB, double ZB, const double *keep, double *SP,
                           double *SQ, double *ZP, double *ZQ) {
-    /* fixed mode takes unnormalised rows as they come (p may be >> 1, where the first-order
+    /* log_probs mode takes unnormalised rows as they come (p may be >> 1, where the first-order
      * parts of the two sums cancel): the full series there */
-    if (A->f32 && !A->fixed)
-        fkl_pass2_jsd_impl(A, row, MA, lZA, ZA, MB, lZB, ZB, keep, SP, SQ, ZP, ZQ, 0);
+    if (A->f32 && !A->log_probs)
+        fkl_pass2_jsd_impl(A, row, MA, lZA, ZA, MB, lZB, ZB, keep, SP, SQ, ZP, ZQ, FK_SERIES_LO);
     else
-        fkl_pass2_jsd_impl(A, row, MA, lZA, ZA, MB, lZB, ZB, keep, SP, SQ, ZP, ZQ, 1);
+        fkl_pass2_jsd_impl(A, row, MA, lZA, ZA, MB, lZB, ZB, keep, SP, SQ, ZP, ZQ,
+                           FK_SERIES_FULL);
 }
 
 /* ------------------------------------------------------------------ pass 2: KL gradient */
 /* grad[row] = k * (e^lq - e^lp), k = rowscale * inv_t, in the input dtype. */
 FK_INLINE void fkl_pass2_grad_impl(const fkl_args *A, ptrdiff_t row, double MA, double lZA,
-                                    double MB, double lZB, double k, const int deg13) {
+                                    double MB, double lZB, double k, const int full) {
     FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK];
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
@@ -502,8 +494,8 @@ FK_INLINE void fkl_pass2_grad_impl(const fkl_args *A, ptrdiff_t row, double MA, 
         fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
         fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
         for (i = 0; i < c; i++) {
-            EP[i] = fkl_exp((X[i] - MA) - lZA, deg13, &bad);
-            EQ[i] = fkl_exp((Y[i] - MB) - lZB, deg13, &bad);
+            EP[i] = fkl_exp((X[i] - MA) - lZA, full, &bad);
+            EQ[i] = fkl_exp((Y[i] - MB) - lZB, full, &bad);
         }
         if (bad) {
             for (i = 0; i < c; i++) {
@@ -511,13 +503,10 @@ FK_INLINE void fkl_pass2_grad_impl(const fkl_args *A, ptrdiff_t row, double MA, 
                 EQ[i] = exp((Y[i] - MB) - lZB);
             }
         }
-        if (A->f32) {
-            float *g = (float *)A->grad + row * A->V + off;
-            for (i = 0; i < c; i++) g[i] = (float)((EQ[i] - EP[i]) * k);
-        } else {
-            double *g = (double *)A->grad + row * A->V + off;
-            for (i = 0; i < c; i++) g[i] = (EQ[i] - EP[i]) * k;
-        }
+        if (A->f32)
+            fk_put_diff_f32((float *)A->grad + row * A->V + off, c, EQ, EP, k);
+        else
+            fk_put_diff_f64((double *)A->grad + row * A->V + off, c, EQ, EP, k);
     }
 }
 
@@ -525,17 +514,17 @@ FK_CLONES
 static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
                            double lZB, double k) {
     if (A->f32)
-        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, 0);
+        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, FK_SERIES_LO);
     else
-        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, 1);
+        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, FK_SERIES_FULL);
 }
 
 /* ------------------------------------------------------------------ one row */
 /* KL from pass 1's state: NaN for a row without mass; +inf when an entry with Q = 0 still has P = e^(x - MA - log ZA)
  * > 0 at the row's final max (the reference's test), NaN kept. */
 static double fkl_kl_value(const fkl_args *A, const fkl_state *st) {
-    const double lza = A->fixed ? 0.0 : log(st->ZA);
-    const double val = A->fixed ? st->S : st->S / st->ZA - log(st->ZA / st->ZB);
+    const double lza = A->log_probs ? 0.0 : log(st->ZA);
+    const double val = A->log_probs ? st->S : st->S / st->ZA - log(st->ZA / st->ZB);
     if (st->ZA == 0.0 || st->ZB == 0.0) return NAN; /* a row without probability mass */
     if (st->XI > -(double)INFINITY && val == val && exp((st->XI - st->MA) - lza) > 0.0)
         return (double)INFINITY;
@@ -583,16 +572,16 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
     /* a row without probability mass (all -inf, also as log-probabilities) gives NaN */
     if (op == FKL_ENT) {
         fkl_pass1(A, row, 1, FKL_S_ENT, &st, NULL);
-        val = A->fixed ? -st.S : log(st.ZA) - st.S / st.ZA;
+        val = A->log_probs ? -st.S : log(st.ZA) - st.S / st.ZA;
         if (st.ZA == 0.0) val = NAN;
     } else if (op == FKL_KL) {
         fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
         val = fkl_kl_value(A, &st);
         val = (val < 0.0) ? 0.0 : val;
-    } else { /* JSD */
+    } else if (op == FKL_JSD) {
         double SP, SQ, ZP, ZQ, lZA = 0.0, lZB = 0.0;
         double *keep = NULL;
-        if (A->fixed) {
+        if (A->log_probs) {
             st.MA = st.MB = 0.0;
             st.ZA = st.ZB = 1.0;
         } else {
@@ -614,6 +603,8 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
         /* JSD_0 = KL(Q||Q), JSD_1 = KL(P||P): 0 unless NaN */
         if ((A->beta == 0.0 || A->beta == 1.0) && val == val) val = 0.0;
         if (ZP == 0.0 || ZQ == 0.0) val = NAN;
+    } else { /* an unknown op (_logits.run rejects it first): NaN, never another op */
+        val = NAN;
     }
     A->out[row] = val;
 }

@@ -46,6 +46,11 @@ typedef struct {
 
 enum { FK_TERMS = 0, FK_PARTIALS = 1, FK_GRAD = 2 };
 
+/* The estimator codes: must equal the ``code`` column of fastkl._estimators.ESTIMATORS
+ * (tests/test_kernel_codes.py compares them through _mc.EST_CODES). _mc.run rejects any
+ * other code before a kernel runs; the kernels' ``default:`` gives NaN, never a term. */
+enum { FK_K1 = 0, FK_K2 = 1, FK_K3 = 2, FK_RK1 = 3, FK_RK3 = 4, FK_NEST = 5 };
+
 typedef struct {
     int mode, est, want_m2;
     int clamp_l, clamp_v;
@@ -55,13 +60,13 @@ typedef struct {
 /* ------------------------------------------------------------------ constants */
 #define FK_FAST_MAX 700.0
 
-/* E = e^l - 1 - l and R = e^l for finite |l| <= 700 (docs/kernel_math.md). ``lo`` (a
- * compile-time constant at every call site): the minimax series of fk_exp_series (relative
- * error < 3e-9, for float32 inputs, whose results need 1e-6) instead of the Taylor series to
- * r^13 (float64). */
-FK_INLINE void fk_exp_core(double l, double *E, double *R, const int lo) {
+/* E = e^l - 1 - l and R = e^l for finite |l| <= 700 (docs/kernel_math.md). ``full`` (a
+ * compile-time constant at every call site): FK_SERIES_FULL, the Taylor series to r^13
+ * (float64), or FK_SERIES_LO, the minimax series of fk_exp_series (relative error < 3e-9,
+ * for float32 inputs, whose results need 1e-6). */
+FK_INLINE void fk_exp_core(double l, double *E, double *R, const int full) {
     double s, r, q;
-    fk_exp_parts(l, !lo, &s, &r, &q);
+    fk_exp_parts(l, full, &s, &r, &q);
     *E = s * q + (((s - 1.0) + s * r) - l);
     *R = s + s * (r + q);
 }
@@ -71,33 +76,37 @@ static void fk_term_slow(double l, int est, double *t, double *g) {
     const double inf = (double)INFINITY;
     double e, r, tt = l, gg = 1.0;
     switch (est) {
-    case 0:
+    case FK_K1:
         tt = -l;
         gg = 1.0;
         break;
-    case 1:
+    case FK_K2:
         tt = 0.5 * l * l;
         gg = -l;
         break;
-    case 2:
+    case FK_K3:
         e = expm1(l) - l;
         tt = e;
         gg = -(e + l);
         if (l == inf || l == -inf) tt = inf;
         break;
-    case 3:
+    case FK_RK1:
         r = exp(l);
         tt = r * l;
         gg = -r * (l + 1.0);
         if (l == -inf) tt = 0.0;
         break;
-    default: /* 4 */
+    case FK_RK3:
         e = expm1(l) - l;
         r = exp(l);
         tt = (l < -1.0) ? r * (l - 1.0) + 1.0 : l * l + (l - 1.0) * e;
         gg = -r * l;
         if (l == inf) tt = inf;
         if (l == -inf) tt = 1.0;
+        break;
+    default: /* an unknown code (_mc.run rejects it first): NaN, never another term */
+        tt = NAN;
+        gg = NAN;
         break;
     }
     *t = tt;
@@ -110,25 +119,12 @@ static void fk_term_slow(double l, int est, double *t, double *g) {
 FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrdiff_t col,
                          ptrdiff_t c, double *FK_RESTRICT L) {
     ptrdiff_t i;
-    if (A->f32) {
-        const float *q = (const float *)A->q + row * A->q0 + col * A->q1;
-        const float *p = (const float *)A->p + row * A->p0 + col * A->p1;
-        const ptrdiff_t sq = A->q1, sp = A->p1;
-        if (sq == 1 && sp == 1) {
-            for (i = 0; i < c; i++) L[i] = (double)p[i] - (double)q[i];
-        } else {
-            for (i = 0; i < c; i++) L[i] = (double)p[i * sp] - (double)q[i * sq];
-        }
-    } else {
-        const double *q = (const double *)A->q + row * A->q0 + col * A->q1;
-        const double *p = (const double *)A->p + row * A->p0 + col * A->p1;
-        const ptrdiff_t sq = A->q1, sp = A->p1;
-        if (sq == 1 && sp == 1) {
-            for (i = 0; i < c; i++) L[i] = p[i] - q[i];
-        } else {
-            for (i = 0; i < c; i++) L[i] = p[i * sp] - q[i * sq];
-        }
-    }
+    if (A->f32)
+        fk_get_diff_f32((const float *)A->p + row * A->p0 + col * A->p1, A->p1,
+                        (const float *)A->q + row * A->q0 + col * A->q1, A->q1, c, L);
+    else
+        fk_get_diff_f64((const double *)A->p + row * A->p0 + col * A->p1, A->p1,
+                        (const double *)A->q + row * A->q0 + col * A->q1, A->q1, c, L);
     if (P->clamp_l) {
         const double lo = P->lr_lo, hi = P->lr_hi;
         for (i = 0; i < c; i++) {
@@ -143,25 +139,25 @@ FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, 
 /* Terms (and derivatives when G != NULL) of a chunk; returns nonzero when a lane needs the
  * scalar fix-up. Branch-free inner loops, one per estimator. */
 FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double *FK_RESTRICT T,
-                       double *FK_RESTRICT G, const int lo) {
+                       double *FK_RESTRICT G, const int full) {
     ptrdiff_t i;
     int bad = 0;
     switch (est) {
-    case 0:
+    case FK_K1:
         for (i = 0; i < c; i++) T[i] = -L[i];
         if (G)
             for (i = 0; i < c; i++) G[i] = 1.0;
         return 0;
-    case 1:
+    case FK_K2:
         for (i = 0; i < c; i++) T[i] = 0.5 * L[i] * L[i];
         if (G)
             for (i = 0; i < c; i++) G[i] = -L[i];
         return 0;
-    case 2:
+    case FK_K3:
         if (G) {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R, lo);
+                fk_exp_core(l, &E, &R, full);
                 T[i] = E;
                 G[i] = -(E + l);
                 bad |= !(fabs(l) <= FK_FAST_MAX);
@@ -169,17 +165,17 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         } else {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R, lo);
+                fk_exp_core(l, &E, &R, full);
                 T[i] = E;
                 bad |= !(fabs(l) <= FK_FAST_MAX);
             }
         }
         return bad;
-    case 3:
+    case FK_RK1:
         if (G) {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R, lo);
+                fk_exp_core(l, &E, &R, full);
                 T[i] = R * l;
                 G[i] = -R * (l + 1.0);
                 bad |= !(fabs(l) <= FK_FAST_MAX);
@@ -187,17 +183,17 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         } else {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R, lo);
+                fk_exp_core(l, &E, &R, full);
                 T[i] = R * l;
                 bad |= !(fabs(l) <= FK_FAST_MAX);
             }
         }
         return bad;
-    default: /* 4 */
+    case FK_RK3:
         if (G) {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R, lo);
+                fk_exp_core(l, &E, &R, full);
                 const double lo = R * (l - 1.0) + 1.0, hi = l * l + (l - 1.0) * E;
                 T[i] = (l < -1.0) ? lo : hi;
                 G[i] = -R * l;
@@ -206,13 +202,18 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         } else {
             for (i = 0; i < c; i++) {
                 double l = L[i], E, R;
-                fk_exp_core(l, &E, &R, lo);
+                fk_exp_core(l, &E, &R, full);
                 const double lo = R * (l - 1.0) + 1.0, hi = l * l + (l - 1.0) * E;
                 T[i] = (l < -1.0) ? lo : hi;
                 bad |= !(fabs(l) <= FK_FAST_MAX);
             }
         }
         return bad;
+    default: /* an unknown code (_mc.run rejects it first): NaN, never another term */
+        for (i = 0; i < c; i++) T[i] = NAN;
+        if (G)
+            for (i = 0; i < c; i++) G[i] = NAN;
+        return 0;
     }
 }
 
@@ -222,26 +223,13 @@ FK_INLINE void fk_load_exp_iw(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, 
                               double *FK_RESTRICT X, double *FK_RESTRICT Y) {
     ptrdiff_t i;
     int bad = 0;
-    if (A->f32) {
-        const float *w = (const float *)A->iw + row * A->iw0 + col * A->iw1;
-        const ptrdiff_t s = A->iw1;
-        if (s == 1) {
-            for (i = 0; i < c; i++) Y[i] = (double)w[i];
-        } else {
-            for (i = 0; i < c; i++) Y[i] = (double)w[i * s];
-        }
-    } else {
-        const double *w = (const double *)A->iw + row * A->iw0 + col * A->iw1;
-        const ptrdiff_t s = A->iw1;
-        if (s == 1) {
-            for (i = 0; i < c; i++) Y[i] = w[i];
-        } else {
-            for (i = 0; i < c; i++) Y[i] = w[i * s];
-        }
-    }
+    if (A->f32)
+        fk_get_f32((const float *)A->iw + row * A->iw0 + col * A->iw1, A->iw1, c, Y);
+    else
+        fk_get_f64((const double *)A->iw + row * A->iw0 + col * A->iw1, A->iw1, c, Y);
     for (i = 0; i < c; i++) {
         double x = Y[i], E, R;
-        fk_exp_core(x, &E, &R, 0);
+        fk_exp_core(x, &E, &R, FK_SERIES_FULL);
         X[i] = R;
         bad |= !(fabs(x) <= FK_FAST_MAX);
     }
@@ -256,65 +244,20 @@ FK_INLINE void fk_load_exp_iw(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, 
 /* Wb[i] = mask as float64 for a chunk. */
 FK_INLINE void fk_load_w(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, ptrdiff_t c,
                          double *FK_RESTRICT Wb) {
-    ptrdiff_t i;
-    const ptrdiff_t s = A->m1;
-    if (A->mkind == 1) {
-        const uint8_t *m = (const uint8_t *)A->m + row * A->m0 + col * A->m1;
-        if (s == 1) {
-            for (i = 0; i < c; i++) Wb[i] = (double)m[i];
-        } else {
-            for (i = 0; i < c; i++) Wb[i] = (double)m[i * s];
-        }
-    } else {
-        const double *m = (const double *)A->m + row * A->m0 + col * A->m1;
-        if (s == 1) {
-            for (i = 0; i < c; i++) Wb[i] = m[i];
-        } else {
-            for (i = 0; i < c; i++) Wb[i] = m[i * s];
-        }
-    }
+    if (A->mkind == 1)
+        fk_get_u8((const uint8_t *)A->m + row * A->m0 + col * A->m1, A->m1, c, Wb);
+    else
+        fk_get_f64((const double *)A->m + row * A->m0 + col * A->m1, A->m1, c, Wb);
 }
 
 /* out[i] = w == 0 ? 0 : w * V[i] (V = term or derivative), in the output dtype. */
 FK_INLINE void fk_store(const fk_arrays *A, ptrdiff_t off, ptrdiff_t c,
                         const double *FK_RESTRICT V, const double *FK_RESTRICT Wb, double scale,
                         int use_scale) {
-    ptrdiff_t i;
-    if (A->f32) {
-        float *o = (float *)A->out + off;
-        if (!Wb && !use_scale) {
-            for (i = 0; i < c; i++) o[i] = (float)V[i];
-        } else if (!Wb) {
-            for (i = 0; i < c; i++) o[i] = (float)(V[i] * scale);
-        } else if (!use_scale) {
-            for (i = 0; i < c; i++) {
-                const double w = Wb[i], v = w * V[i];
-                o[i] = (float)((w == 0.0) ? 0.0 : v);
-            }
-        } else {
-            for (i = 0; i < c; i++) {
-                const double w = Wb[i], v = V[i] * w * scale;
-                o[i] = (float)((w == 0.0) ? 0.0 : v);
-            }
-        }
-    } else {
-        double *o = (double *)A->out + off;
-        if (!Wb && !use_scale) {
-            for (i = 0; i < c; i++) o[i] = V[i];
-        } else if (!Wb) {
-            for (i = 0; i < c; i++) o[i] = V[i] * scale;
-        } else if (!use_scale) {
-            for (i = 0; i < c; i++) {
-                const double w = Wb[i], v = w * V[i];
-                o[i] = (w == 0.0) ? 0.0 : v;
-            }
-        } else {
-            for (i = 0; i < c; i++) {
-                const double w = Wb[i], v = V[i] * w * scale;
-                o[i] = (w == 0.0) ? 0.0 : v;
-            }
-        }
-    }
+    if (A->f32)
+        fk_put_f32((float *)A->out + off, c, V, Wb, scale, use_scale);
+    else
+        fk_put_f64((double *)A->out + off, c, V, Wb, scale, use_scale);
 }
 
 typedef struct {
@@ -503,9 +446,9 @@ static void fk_block(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrd
         if (grad) Pl.clamp_l = 0;
 
         fk_load_l(A, &Pl, row, col, c, L);
-        /* two inlined copies: the series degree is a constant in each */
-        if (A->f32 ? fk_terms(P->est, L, c, T, grad ? G : NULL, 1)
-                   : fk_terms(P->est, L, c, T, grad ? G : NULL, 0)) {
+        /* two inlined copies: the series is a constant in each */
+        if (A->f32 ? fk_terms(P->est, L, c, T, grad ? G : NULL, FK_SERIES_LO)
+                   : fk_terms(P->est, L, c, T, grad ? G : NULL, FK_SERIES_FULL)) {
             for (i = 0; i < c; i++) {
                 const double l = L[i];
                 if (!(fabs(l) <= FK_FAST_MAX)) fk_term_slow(l, P->est, T + i, grad ? G + i : NULL);
