@@ -42,10 +42,12 @@ ESTIMATORS: tuple[Estimator, ...] = (
     Estimator("k3", False, 2, "k3", "KL(q||p)", "expm1(l) - l", "-expm1(l)", math.inf, math.inf),
     Estimator("k1", True, 3, "rk1", "KL(p||q)", "r * l", "-r * (l + 1)", 0.0, math.inf),
     Estimator("k3", True, 4, "rk3", "KL(p||q)", "r * l - expm1(l)", "-r * l", 1.0, math.inf),
+    # verl's "abs" penalty: not an estimate of a KL divergence, a distance-like penalty
+    Estimator("abs", False, 5, "abs", "E_q|log r|", "abs(l)", "-sign(l)", math.inf, math.inf),
 )
 
 # named codes, for the kernels (numba freezes module globals; C mirrors them in an enum)
-K1, K2, K3, RK1, RK3 = (e.code for e in ESTIMATORS)
+K1, K2, K3, RK1, RK3, ABS = (e.code for e in ESTIMATORS)
 
 BY_KEY: dict[tuple[str, bool], Estimator] = {(e.name, e.reverse): e for e in ESTIMATORS}
 BY_CODE: dict[int, Estimator] = {e.code: e for e in ESTIMATORS}

@@ -11,6 +11,7 @@ k2         False       l**2 / 2                    KL(q||p) (biased)
 k3         False       (r - 1) - l,  r = exp(l)    KL(q||p)
 k1         True        r * l                       KL(p||q)
 k3         True        r * l - (r - 1)             KL(p||q)
+abs        False       |l|                         E_q|l| (verl "abs")
 =========  ==========  ==========================  =================
 
 This module owns shapes, axes, masks, reductions and errors; the arithmetic lives in the
@@ -220,7 +221,9 @@ def kl_mc(
     ----------
     logq, logp : array_like of float16/32/64, same shape
         Log-densities of the samples under q (the sampling distribution) and p.
-    estimator : {"k1", "k2", "k3"}
+    estimator : {"k1", "k2", "k3", "abs"}
+        The per-sample term (``fastkl._estimators`` has the table; "abs" is verl's ``|l|``
+        penalty, not a KL estimate).
     reduction : {"none", "mean", "sum", "token-mean", "seq-mean-token-mean",
         "seq-mean-token-sum"}
         "none" returns the weighted terms ``w * t`` (float32 for float16/32 inputs);

@@ -31,6 +31,8 @@ def exact_term(q: float, p: float, est: tuple[str, bool]) -> mpmath.mpf:
             return -l
         if name == "k2":
             return l * l / 2
+        if name == "abs":
+            return abs(l)
         return mpmath.expm1(l) - l
     if name == "k1":
         return r * l

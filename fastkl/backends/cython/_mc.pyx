@@ -33,6 +33,7 @@ cdef extern from "mc.h" nogil:
     int FK_K3
     int FK_RK1
     int FK_RK3
+    int FK_ABS
     int FK_NEST
 
     ctypedef struct fk_arrays:
@@ -62,7 +63,8 @@ BLOCK = FK_BLOCK
 N_PARTIALS = FK_NPART
 # the estimator codes of mc.h, by label (tests/test_kernel_codes.py: equal to
 # fastkl._estimators)
-EST_CODES = {"k1": FK_K1, "k2": FK_K2, "k3": FK_K3, "rk1": FK_RK1, "rk3": FK_RK3}
+EST_CODES = {"k1": FK_K1, "k2": FK_K2, "k3": FK_K3, "rk1": FK_RK1, "rk3": FK_RK3,
+             "abs": FK_ABS}
 
 from fastkl.backends import _threads as _policy
 

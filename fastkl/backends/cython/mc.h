@@ -49,7 +49,7 @@ enum { FK_TERMS = 0, FK_PARTIALS = 1, FK_GRAD = 2 };
 /* The estimator codes: must equal the ``code`` column of fastkl._estimators.ESTIMATORS
  * (tests/test_kernel_codes.py compares them through _mc.EST_CODES). _mc.run rejects any
  * other code before a kernel runs; the kernels' ``default:`` gives NaN, never a term. */
-enum { FK_K1 = 0, FK_K2 = 1, FK_K3 = 2, FK_RK1 = 3, FK_RK3 = 4, FK_NEST = 5 };
+enum { FK_K1 = 0, FK_K2 = 1, FK_K3 = 2, FK_RK1 = 3, FK_RK3 = 4, FK_ABS = 5, FK_NEST = 6 };
 
 typedef struct {
     int mode, est, want_m2;
@@ -71,6 +71,9 @@ FK_INLINE void fk_exp_core(double l, double *E, double *R, const int full) {
     *R = s + s * (r + q);
 }
 
+/* -sign(l), the derivative of |l| with respect to logq (0 at 0, NaN for NaN). */
+FK_INLINE double fk_neg_sign(double l) { return l > 0.0 ? -1.0 : (l < 0.0 ? 1.0 : l * 0.0); }
+
 /* numpy.mc.term_and_grad for one lane outside the fast path (NaN, +-inf, |l| > 700). */
 static void fk_term_slow(double l, int est, double *t, double *g) {
     const double inf = (double)INFINITY;
@@ -83,6 +86,10 @@ static void fk_term_slow(double l, int est, double *t, double *g) {
     case FK_K2:
         tt = 0.5 * l * l;
         gg = -l;
+        break;
+    case FK_ABS:
+        tt = fabs(l);
+        gg = fk_neg_sign(l);
         break;
     case FK_K3:
         e = expm1(l) - l;
@@ -152,6 +159,11 @@ FK_INLINE int fk_terms(int est, const double *FK_RESTRICT L, ptrdiff_t c, double
         for (i = 0; i < c; i++) T[i] = 0.5 * L[i] * L[i];
         if (G)
             for (i = 0; i < c; i++) G[i] = -L[i];
+        return 0;
+    case FK_ABS:
+        for (i = 0; i < c; i++) T[i] = fabs(L[i]);
+        if (G)
+            for (i = 0; i < c; i++) G[i] = fk_neg_sign(L[i]);
         return 0;
     case FK_K3:
         if (G) {

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ..._estimators import BY_CODE, K1, K2, K3, RK1
+from ..._estimators import ABS, BY_CODE, K1, K2, K3, RK1
 from .._contract import BLOCK, N_PARTIALS
 from .cache import jit
 from .common import exp_parts as _exp_parts
@@ -58,13 +58,21 @@ def _clip(x, lo, hi):
 
 
 @jit(nogil=True)
+def _neg_sign(l):
+    """-sign(l), the derivative of |l| with respect to logq (0 at 0, NaN for NaN)."""
+    return -1.0 if l > 0.0 else (1.0 if l < 0.0 else l * 0.0)
+
+
+@jit(nogil=True)
 def _term_scalar(l, est):
     """(term, d term / d logq) with libm, for any l: numpy.mc.term_and_grad, one element.
-    ``est`` is one of the codes K1..RK3 (checked by the wrappers)."""
+    ``est`` is one of the codes K1..ABS (checked by the wrappers)."""
     if est == K1:
         return -l, 1.0
     if est == K2:
         return 0.5 * l * l, -l
+    if est == ABS:
+        return abs(l), _neg_sign(l)
     if est == RK1:
         r = math.exp(l)
         t = r * l
@@ -148,15 +156,20 @@ _stage_exp = _exp_parts
 
 def _terms_stage(lb, tb, gb, mm, est, want_g):
     """tb[:mm] = t(lb) (and gb[:mm] = dt/dlogq if want_g), unclamped; ``est`` one of the
-    codes K1..RK3 (checked by the wrappers).
+    codes K1..ABS (checked by the wrappers).
 
     Returns True when some lane went through the libm fix-up (its term may be NaN/inf)."""
     mx = 0  # max |bits| of l: > FAST_BITS iff some lane is NaN, inf or beyond FAST_MAX
-    if est == K1 or est == K2:  # exact for every l (NaN, inf included): no fix-up; NaN counts
-        if est == K1:
+    if est == K1 or est == K2 or est == ABS:  # exact for every l (NaN, inf included): no
+        if est == K1:  # fix-up; NaN counts
             for i in range(mm):
                 l = lb[i]
                 tb[i] = -l
+                mx = max(mx, f64_as_i64(l) & ABS_BITS)
+        elif est == ABS:
+            for i in range(mm):
+                l = lb[i]
+                tb[i] = abs(l)
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
         else:
             for i in range(mm):
@@ -164,8 +177,12 @@ def _terms_stage(lb, tb, gb, mm, est, want_g):
                 tb[i] = 0.5 * l * l
                 mx = max(mx, f64_as_i64(l) & ABS_BITS)
         if want_g:
-            for i in range(mm):
-                gb[i] = 1.0 if est == K1 else -lb[i]
+            if est == ABS:
+                for i in range(mm):
+                    gb[i] = _neg_sign(lb[i])
+            else:
+                for i in range(mm):
+                    gb[i] = 1.0 if est == K1 else -lb[i]
         return mx > FAST_BITS
     if est == K3:
         if want_g:

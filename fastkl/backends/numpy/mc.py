@@ -13,9 +13,10 @@ K2         KL(q||p)     l**2 / 2                       -l
 K3         KL(q||p)     expm1(l) - l                   -expm1(l)
 RK1        KL(p||q)     r * l                          -r * (l + 1)
 RK3        KL(p||q)     r * l - expm1(l)               -r * l
+ABS        (verl "abs") |l|                            -sign(l)
 =========  ===========  =============================  =====================
 
-(the codes, ``fastkl._estimators.K1..RK3``, are the integers of its table; an unknown code is
+(the codes, ``fastkl._estimators.K1..ABS``, are the integers of its table; an unknown code is
 a ValueError of ``mc_terms``, ``mc_partials`` and ``mc_grad``.)
 
 Numerics (float64 throughout):
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..._estimators import BY_CODE, K1, K2, K3, RK1, RK3
+from ..._estimators import ABS, BY_CODE, K1, K2, K3, RK1, RK3
 from .._contract import BLOCK, N_PARTIALS
 
 _TAYLOR_N = 20
@@ -79,6 +80,9 @@ def term_and_grad(l: np.ndarray, est: int, want_grad: bool = False):
             r = np.exp(l)
             t = np.where(l < -1.0, r * (l - 1.0) + 1.0, l * l + (l - 1.0) * e)
             g = -r * l
+        elif est == ABS:
+            t = np.abs(l)
+            g = 0.0 - np.sign(l)  # (+0.0 at l = 0, as the compiled backends)
         else:  # pragma: no cover - the entry points check it first
             raise ValueError(f"unknown estimator code {est!r}")
         # a term is a function of the log-ratio alone; at l = +-inf take its limit
