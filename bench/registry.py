@@ -213,7 +213,10 @@ def _numpy_textbook() -> dict[str, Callable[[Case], object]]:
         r = np.exp(l)
         return float(np.mean(r - 1 - l)), (1 - r) / c.n
 
-    return {"k1": k1, "k2": k2, "k3": k3, "stats k3": stats_k3,
+    def abs_(c):  # verl's "abs" penalty, averaged
+        return float(np.mean(np.abs(c.logp - c.logq)))
+
+    return {"k1": k1, "k2": k2, "k3": k3, "abs": abs_, "stats k3": stats_k3,
             "seq-mean-token-mean k3": seq_k3, "none k3": none_k3, "grad k3": grad_k3}
 
 
@@ -256,7 +259,10 @@ def _torch_textbook(torch) -> dict[str, Callable[[Case], object]]:
         v.backward()
         return float(v.detach()), lq.grad.numpy()
 
-    return {"k1": k1, "k2": k2, "k3": k3, "stats k3": stats_k3,
+    def abs_(c):
+        return float(torch.mean(torch.abs(t_(c.logp) - t_(c.logq))))
+
+    return {"k1": k1, "k2": k2, "k3": k3, "abs": abs_, "stats k3": stats_k3,
             "seq-mean-token-mean k3": seq_k3, "none k3": none_k3, "grad k3": grad_k3}
 
 
