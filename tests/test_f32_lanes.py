@@ -41,11 +41,11 @@ def _lanes_on():
     mc.F32_LANES = saved
 
 
-def _partials(q, p, est, want_m2=False, lanes=True):
+def _partials(q, p, est, want_m2=False, lanes=True, mask=None):
     saved = mc.F32_LANES
     mc.F32_LANES = lanes
     try:
-        return mc.mc_partials(q, p, None, None, est, NC, want_m2)
+        return mc.mc_partials(q, p, mask, None, est, NC, want_m2)
     finally:
         mc.F32_LANES = saved
 
@@ -152,6 +152,17 @@ def test_every_term_within_contract(name):
         assert (t >= 0).all(), name  # never negative (tiny lanes: float64, not a float32 zero)
 
 
+@pytest.mark.parametrize("name", list(ESTS))
+def test_mask_of_ones_same_sums(name):
+    """A 0/1 mask multiplies exactly: with every w = 1 the sums are those without a mask."""
+    q, p = lanes_sweep()
+    q, p = q[::7, None], p[::7, None]
+    a = _partials(q, p, ESTS[name], want_m2=True)
+    b = _partials(q, p, ESTS[name], want_m2=True, mask=np.ones(q.shape, np.uint8))
+    assert a[..., 1:3].tobytes() == b[..., 1:3].tobytes()
+    np.testing.assert_array_equal(b[..., [0, 3, 5]], np.ones(q.shape + (3,)))
+
+
 def error_table() -> list[tuple[str, str, int, float]]:
     rows = []
     for name in ESTS:
@@ -202,11 +213,13 @@ def test_special_lanes_as_float64_lanes(name):
 # --------------------------------------------------------------------------- block sums
 
 
-def _block_ref(q, p, name):
+def _block_ref(q, p, name, w=None):
     """float64 [rows, nblk, 4]: W, math.fsum of the reference terms, two-pass M2, and the
     sum of |terms| (k1 terms have both signs: a block sum may cancel)."""
     l = p.astype(np.float64) - q.astype(np.float64)
     t = ref_terms(l, name)
+    if w is not None:
+        t = np.where(w != 0, t, np.nan)  # excluded (0/1 weights: w*t == t)
     rows, n = t.shape
     nblk = -(-n // 4096)
     out = np.zeros((rows, nblk, 4))
@@ -214,8 +227,9 @@ def _block_ref(q, p, name):
         for b in range(nblk):
             x = t[r, b * 4096 : (b + 1) * 4096]
             x = x[~np.isnan(x)]
-            s = math.fsum(x)
-            out[r, b] = (x.size, s, math.fsum((x - s / x.size) ** 2), math.fsum(np.abs(x)))
+            if x.size:
+                s = math.fsum(x)
+                out[r, b] = (x.size, s, math.fsum((x - s / x.size) ** 2), math.fsum(np.abs(x)))
     return out
 
 
@@ -240,14 +254,29 @@ def block_errors(name):
     if name not in _BLOCKS:
         out = {}
         for label, q, p in _cases():
-            got = _partials(q, p, ESTS[name], want_m2=True)
-            ref = _block_ref(q, p, name)
-            assert np.array_equal(got[..., 0], ref[..., 0]), (name, label)
-            es = np.abs(got[..., 1] - ref[..., 1]) / ref[..., 3]
-            em = np.abs(got[..., 2] - ref[..., 2]) / np.abs(ref[..., 2])
-            out[label] = (float(es.max()), float(em.max()))
+            _check_blocks(name, label, q, p, None, out)
+            w = (np.random.default_rng(4).random(q.shape) < 0.7).astype(np.uint8)
+            w[0, :5000] = 0  # the first block fully masked out, the second partly
+            p = p.copy()
+            idx = np.flatnonzero(w[1] == 0)[:3]
+            p[1, idx] = [np.nan, np.inf, 200.0]  # ignored where w == 0
+            _check_blocks(name, label + ", 0/1 mask", q, p, w, out)
         _BLOCKS[name] = out
     return _BLOCKS[name]
+
+
+def _check_blocks(name, label, q, p, w, out):
+    got = _partials(q, p, ESTS[name], want_m2=True, mask=w)
+    ref = _block_ref(q, p, name, w)
+    old = _partials(q, p, ESTS[name], want_m2=True, mask=w, lanes=False)
+    # weights and counts: exactly the float64 lanes'
+    assert np.array_equal(got[..., [0, 3, 4, 5]], old[..., [0, 3, 4, 5]]), (name, label)
+    assert np.array_equal(got[..., 0], ref[..., 0]), (name, label)
+    live = ref[..., 0] > 0
+    assert np.all(got[~live][:, 1:3] == 0.0), (name, label)
+    es = np.abs(got[..., 1] - ref[..., 1])[live] / ref[..., 3][live]
+    em = np.abs(got[..., 2] - ref[..., 2])[live] / np.abs(ref[..., 2][live])
+    out[label] = (float(es.max()), float(em.max()))
 
 
 @pytest.mark.parametrize("name", list(ESTS))
@@ -265,11 +294,13 @@ def test_same_bits_any_layout_and_thread_count(name):
     p = (q + rng.standard_normal((2, n)) - 0.5).astype(F32)
     p[1, 10] = np.nan
     p[0, 9000] = 100.0
-    runs = []
-    for k in (1, 2, 3):
-        with fastkl.threads(k):
-            runs.append(_partials(q, p, ESTS[name], want_m2=True).tobytes())
-    assert runs[0] == runs[1] == runs[2]
+    w = (rng.random((2, n)) < 0.8).astype(np.uint8)
+    for mask in (None, w):
+        runs = []
+        for k in (1, 2, 3):
+            with fastkl.threads(k):
+                runs.append(_partials(q, p, ESTS[name], want_m2=True, mask=mask).tobytes())
+        assert runs[0] == runs[1] == runs[2]
     # a reversed view (gather path) gives the bits of its contiguous copy
     qr, pr = q[:, ::-1], p[:, ::-1]
     a = _partials(qr, pr, ESTS[name], want_m2=True)
@@ -278,11 +309,11 @@ def test_same_bits_any_layout_and_thread_count(name):
 
 
 def test_other_paths_unchanged():
-    """float64 inputs, masks, clamps and reverse k1 keep the float64 lanes."""
+    """float64 inputs, float64 weights, clamps and reverse k1 keep the float64 lanes."""
     rng = np.random.default_rng(2)
     q = rng.standard_normal((1, 5000)).astype(F32)
     p = (q + 0.3).astype(F32)
-    w = (rng.random((1, 5000)) < 0.5).astype(np.uint8)
+    w = (rng.random((1, 5000)) < 0.5).astype(np.float64)
     cases = [(q.astype(float), p.astype(float), None, K3, NC), (q, p, w, K3, NC),
              (q, p, None, K3, (-1.0, 1.0, -math.inf, math.inf)), (q, p, None, 3, NC)]
     for qq, pp, m, est, cl in cases:

@@ -610,6 +610,71 @@ def _stage32(qv, pv, ts, u, est):
 
 
 @jit(nogil=True)
+def _wterm32(t, w):
+    """t * w for an included lane (w != 0), exactly 0 for an excluded one (even if t is NaN)."""
+    return t * w if w != ZERO_32 else ZERO_32
+
+
+@jit(nogil=True)
+def _stage32m(qv, pv, mv, ts, u, est):
+    """``_stage32`` with a uint8 mask: u[k] sums w * t of the included lanes (w != 0; a
+    0/1 mask multiplies exactly); the flags look at included lanes only. Returns (max abs
+    bits, min tiny key, sum w, sum w**2, number of lanes with w != 0)."""
+    mx = np.int32(0)
+    mn = np.int32(0x7FFFFFFF)
+    for k in range(LANES32):
+        u[k] = ZERO_32
+    if est == K1:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = -l
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+    elif est == K2:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = HALF_32 * l * l
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+                mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    elif est == K3:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = _k3_32(l)
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+                mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    else:  # RK3
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = _rk3_32(l)
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+                mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    sw = 0
+    sw2 = 0
+    nz = 0
+    for i in range(SUB32):
+        wi = np.int64(mv[i])
+        sw += wi
+        sw2 += wi * wi
+        nz += 1 if wi != 0 else 0
+    return mx, mn, sw, sw2, nz
+
+
+@jit(nogil=True)
 def _ok32(l, fast):
     """True where the float32 lane formula holds (see TINY32 / FAST32)."""
     a = abs(l)
@@ -617,17 +682,27 @@ def _ok32(l, fast):
 
 
 @jit(nogil=True)
-def _sub32(qv, pv, ts, u, acc, mm, est, fast, fast_bits):
-    """One sub-chunk of SUB32 lanes (the first ``mm`` real, the rest zeros) into acc;
-    returns (NaN count, whether some lane went through the float64 fix-up)."""
-    mx, mn = _stage32(qv, pv, ts, u, est)
+def _sub32(qv, pv, mv, ts, u, acc, mm, est, has_mask, fast, fast_bits):
+    """One sub-chunk of SUB32 lanes (the first ``mm`` real, the rest zeros, with w = 0 if
+    ``has_mask``) into acc; returns (sum w, sum w**2, NaN count, count, whether some lane
+    went through the float64 fix-up). Without a mask the weights and counts are left to
+    ``_write_part`` (0.0, 0.0, nbad, 0)."""
+    if has_mask:
+        mx, mn, sw, sw2, nz = _stage32m(qv, pv, mv, ts, u, est)
+    else:
+        mx, mn = _stage32(qv, pv, ts, u, est)
+        sw = sw2 = nz = 0
     if mx <= fast_bits and mn >= TINY32_KEY:
         for k in range(LANES32):
             acc[k] += np.float64(u[k])
-        return 0, False
-    nbad = 0
+        return np.float64(sw), np.float64(sw2), 0, nz, False
+    W = W2 = 0.0
+    nbad = cnt = 0
     dirty = False
     for i in range(mm):
+        w = np.float64(mv[i]) if has_mask else 1.0
+        if w == 0.0:
+            continue
         l = pv[i] - qv[i]
         if _ok32(l, fast):
             t = np.float64(ts[i])
@@ -638,9 +713,15 @@ def _sub32(qv, pv, ts, u, acc, mm, est, fast, fast_bits):
             nbad += 1
             ts[i] = np.nan
         else:
-            acc[i % LANES32] += t
+            acc[i % LANES32] += w * t
+            W += w
+            W2 += w * w
+            cnt += 1
             ts[i] = np.float32(t)  # (M2 of a dirty block recomputes the fix-up lanes)
-    return nbad, dirty
+    if not has_mask:
+        W = W2 = 0.0
+        cnt = 0
+    return W, W2, nbad, cnt, dirty
 
 
 @jit(nogil=True)
@@ -650,6 +731,29 @@ def _gather32(xb, o, s, mm, out):
         out[i] = xb[o + i * s]
     for i in range(mm, SUB32):
         out[i] = ZERO_32
+
+
+@jit(nogil=True)
+def _gather8(xb, o, s, mm, out):
+    """``_gather32`` for the uint8 mask (w = 0 past ``mm``)."""
+    for i in range(mm):
+        out[i] = xb[o + i * s]
+    for i in range(mm, SUB32):
+        out[i] = 0
+
+
+@jit(nogil=True)
+def _dev2_64m(tb, wb, m, mean, acc):
+    """``_dev2_64`` with uint8 weights, as ``_wdev2`` (an excluded lane adds 0 * mean**2)."""
+    for k in range(LANES32):
+        acc[k] = 0.0
+    m64 = m - m % LANES32
+    for g in range(0, m64, LANES32):
+        for k in range(LANES32):
+            acc[k] += _wdev2(np.float64(tb[g + k]), np.float64(wb[g + k]), mean)
+    for i in range(m64, m):
+        acc[i % LANES32] += _wdev2(np.float64(tb[i]), np.float64(wb[i]), mean)
+    return _fold64(acc)
 
 
 @jit(nogil=True)
@@ -681,7 +785,7 @@ def _fold64(acc):
 
 
 @threaded_kernel
-def _partials32_kernel(qb, pb, geo, rows, n, est, want_m2, part):
+def _partials32_kernel(qb, pb, mb, geo, rows, n, est, has_mask, want_m2, part):
     nblk = part.shape[1]
     ntasks = rows * nblk
     nchunk = min(ntasks, NCHUNK)
@@ -689,8 +793,10 @@ def _partials32_kernel(qb, pb, geo, rows, n, est, want_m2, part):
     fast_bits = FAST32_BITS_R if est == RK3 else FAST32_BITS
     qs = geo[0, 2]
     ps = geo[1, 2]
+    ms = geo[2, 2]
     for c in prange(nchunk):
         tblk = np.empty(BLOCK, np.float32)
+        wblk = np.zeros(BLOCK if has_mask else 1, np.uint8)
         qg = np.empty(SUB32, np.float32)
         pg = np.empty(SUB32, np.float32)
         u = np.empty(LANES32, np.float32)
@@ -699,26 +805,36 @@ def _partials32_kernel(qb, pb, geo, rows, n, est, want_m2, part):
             row, j0, m = _task(rows, nblk, n, task)
             qo = geo[0, 0] + row * geo[0, 1] + j0 * qs
             po = geo[1, 0] + row * geo[1, 1] + j0 * ps
+            mo = geo[2, 0] + row * geo[2, 1] + j0 * ms
             for k in range(LANES32):
                 acc[k] = 0.0
-            nbad = 0
+            W = W2 = 0.0
+            nbad = cnt = 0
             dirty = False
             o = 0
             while o < m:
                 mm = min(SUB32, m - o)
                 ts = tblk[o : o + SUB32]
+                mv = wblk[o : o + SUB32] if has_mask else wblk
+                if has_mask:
+                    _gather8(mb, mo + o * ms, ms, mm, mv)
                 if mm == SUB32 and qs == 1 and ps == 1:
-                    nb, d = _sub32(qb[qo + o : qo + o + SUB32], pb[po + o : po + o + SUB32],
-                                   ts, u, acc, mm, est, fast, fast_bits)
+                    sw, sv, nb, cn, d = _sub32(qb[qo + o : qo + o + SUB32],
+                                               pb[po + o : po + o + SUB32], mv, ts, u, acc,
+                                               mm, est, has_mask, fast, fast_bits)
                 else:
                     _gather32(qb, qo + o * qs, qs, mm, qg)
                     _gather32(pb, po + o * ps, ps, mm, pg)
-                    nb, d = _sub32(qg, pg, ts, u, acc, mm, est, fast, fast_bits)
+                    sw, sv, nb, cn, d = _sub32(qg, pg, mv, ts, u, acc, mm, est, has_mask, fast,
+                                               fast_bits)
+                W += sw
+                W2 += sv
                 nbad += nb
+                cnt += cn
                 dirty |= d
                 o += mm
             out = part[row, j0 // BLOCK]
-            _write_part(out, 0.0, _fold64(acc), 0.0, nbad, 0, m, False)
+            _write_part(out, W, _fold64(acc), W2, nbad, cnt, m, has_mask)
             W = out[0]
             if want_m2 and W > 0:
                 mean = out[1] / W
@@ -730,9 +846,10 @@ def _partials32_kernel(qb, pb, geo, rows, n, est, want_m2, part):
                         px = pb[po + i * ps]
                         if not _ok32(px - qx, fast):
                             t = _term64(np.float64(px) - np.float64(qx), est)
-                        if t == t:
-                            M2 += (t - mean) * (t - mean)
+                        M2 += _wdev2(t, np.float64(wblk[i]) if has_mask else 1.0, mean)
                     out[2] = M2
+                elif has_mask:
+                    out[2] = _dev2_64m(tblk, wblk, m, mean, acc)
                 else:
                     out[2] = _dev2_64(tblk, m, mean, acc)
                 if m < BLOCK:  # the reference pads a short block with w = t = 0: 0*(0-mean)**2
@@ -910,9 +1027,9 @@ def mc_partials(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
         return part
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
     cl = _clamp(clamp)
-    if (F32_LANES and qb.dtype == np.float32 and not has_m and not has_iw and cl is _NO_CLAMP
-            and est in _EST32):
-        _partials32_kernel(rows * n, qb, pb, geo, rows, n, est, bool(want_m2), part)
+    if (F32_LANES and qb.dtype == np.float32 and mb.dtype == np.uint8 and not has_iw
+            and cl is _NO_CLAMP and est in _EST32):
+        _partials32_kernel(rows * n, qb, pb, mb, geo, rows, n, est, has_m, bool(want_m2), part)
         return part
     _partials_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, cl,
                      bool(want_m2), part)
