@@ -727,8 +727,13 @@ def _sub32(qv, pv, mv, ts, u, acc, mm, est, has_mask, fast, fast_bits):
 @jit(nogil=True)
 def _gather32(xb, o, s, mm, out):
     """out[:mm] = xb[o + i*s], out[mm:] = 0 (zero lanes give zero terms)."""
-    for i in range(mm):
-        out[i] = xb[o + i * s]
+    if s == 1:  # a short contiguous block (a row shorter than a sub-chunk): a plain copy
+        v = xb[o : o + mm]
+        for i in range(mm):
+            out[i] = v[i]
+    else:
+        for i in range(mm):
+            out[i] = xb[o + i * s]
     for i in range(mm, SUB32):
         out[i] = ZERO_32
 
@@ -736,8 +741,13 @@ def _gather32(xb, o, s, mm, out):
 @jit(nogil=True)
 def _gather8(xb, o, s, mm, out):
     """``_gather32`` for the uint8 mask (w = 0 past ``mm``)."""
-    for i in range(mm):
-        out[i] = xb[o + i * s]
+    if s == 1:
+        v = xb[o : o + mm]
+        for i in range(mm):
+            out[i] = v[i]
+    else:
+        for i in range(mm):
+            out[i] = xb[o + i * s]
     for i in range(mm, SUB32):
         out[i] = 0
 
