@@ -223,6 +223,15 @@ MUTANTS: list[Mutant] = [
            "{100 * rep.rms_dp_sem:5.3f}", "{rep.rms_dp_sem:5.3f}",
            _t("tests/test_reports.py", "-k", "cli_compare"),
            "fastkl compare prints the RMS Δp error bar as a fraction, not in %"),
+    # ---- numba float32 lanes (issue 12; tests/test_f32_lanes.py turns them on) ----------
+    Mutant("numba-f32-tiny", B + "numba/mc.py",
+           "if mx <= fast_bits and mn >= TINY32_KEY:", "if mx <= fast_bits:",
+           _t("tests/test_f32_lanes.py", "-k", "every_term"),
+           "float32 lanes keep 0 < |l| < 2**-62 (k3 terms underflow) instead of the fix-up"),
+    Mutant("numba-f32-masked-nan", B + "numba/mc.py",
+           "return t * w if w != ZERO_32 else ZERO_32", "return t * w",
+           _t("tests/test_f32_lanes.py", "-k", "block_sums and k3"),
+           "float32 lanes add 0 * NaN of a masked-out lane (numba uint8 mask)"),
 ]
 
 

@@ -304,3 +304,100 @@ def exp_parts_lo(x):
     p = fma(p, r, M1)
     p = fma(p, r, M0)
     return _scale(t), r, (r * r) * p
+
+
+# --------------------------------------------------------------------------- float32 lanes
+# The float32 term lanes of the Monte Carlo partials (issue 12; docs/kernel_math.md, "float32
+# lanes"). numba widens int32 arithmetic to int64 and a Python float literal promotes a
+# float32 lane to float64, so the bit tricks are intrinsics and every constant is an
+# ``np.float32`` global.
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c for float32 (one rounding where the host has FMA, as ``fma``)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if HAS_FMA:
+            return builder.fma(*args)
+        return builder.fadd(builder.fmul(args[0], args[1]), args[2])
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def pow2_of32(typingctx, t):
+    """2**k from t = k + 1.5*2**23 (float32): (bits(t) + 127) << 23 in int32 lanes."""
+    if t != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        b = builder.bitcast(args[0], i32)
+        b = builder.shl(builder.add(b, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(b, ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def abs_bits32(typingctx, x):
+    """bits(x) & 0x7fffffff as int32: ordered like |x|, NaN above inf."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def tiny_key32(typingctx, x):
+    """((bits(x) & 0x7fffffff) - 1) ^ 0x80000000 as int32: the unsigned order of |bits| - 1
+    as a signed one, so a signed min over lanes finds the smallest nonzero |x| (a zero maps
+    to the int32 maximum and never flags a lane)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        b = builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
+        b = builder.sub(b, ir.Constant(i32, 1))
+        return builder.xor(b, ir.Constant(i32, -0x80000000))
+
+    return types.int32(types.float32), codegen
+
+
+F32 = np.float32
+LOG2E_32 = F32(LOG2E)
+SHIFT_32 = F32(12582912.0)  # 1.5 * 2**23
+LN2_HI_32 = F32(0.693145751953125)  # 0x3f317200: 9 trailing zero bits, kf * LN2_HI_32 exact
+LN2_LO_32 = F32(1.428606765330187045e-06)
+M0_32 = F32(M0)
+M1_32 = F32(M1)
+M2_32 = F32(M2)
+M3_32 = F32(M3)
+M4_32 = F32(M4)
+M5_32 = F32(M5)
+ONE_32 = F32(1.0)
+HALF_32 = F32(0.5)
+ZERO_32 = F32(0.0)
+
+
+@jit(nogil=True)
+def exp_parts32(x):
+    """``exp_parts_lo`` in float32 lanes: (s, r, q), e^x = s * (1 + r + q), for
+    -87 <= x <= 87 (2**k a normal float32)."""
+    t = fma32(x, LOG2E_32, SHIFT_32)
+    kf = t - SHIFT_32
+    r = fma32(-kf, LN2_LO_32, fma32(-kf, LN2_HI_32, x))
+    p = fma32(M5_32, r, M4_32)
+    p = fma32(p, r, M3_32)
+    p = fma32(p, r, M2_32)
+    p = fma32(p, r, M1_32)
+    p = fma32(p, r, M0_32)
+    return pow2_of32(t), r, (r * r) * p

@@ -16,16 +16,31 @@ load loop, others a gather loop.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import prange
 
-from ..._estimators import ABS, BY_CODE, K1, K2, K3, RK1
+from ..._estimators import ABS, BY_CODE, K1, K2, K3, RK1, RK3
 from .._contract import BLOCK, N_PARTIALS
 from .cache import jit
+from .common import (
+    HALF_32,
+    ONE_32,
+    ZERO_32,
+    abs_bits32,
+    exp_parts32,
+    f64_as_i64,
+    flat_buffer,
+    fma,
+    fma32,
+    geometry,
+    specialize,
+    threaded_kernel,
+    tiny_key32,
+)
 from .common import exp_parts as _exp_parts
 from .common import exp_parts_lo as _exp_parts_lo
-from .common import f64_as_i64, flat_buffer, fma, geometry, specialize, threaded_kernel
 
 SUB = 512  # elements per sub-chunk: the l / exp(log_iw) scratch buffers stay in L1
 NCHUNK = 256  # parallel chunks of consecutive tasks (any value gives the same bits)
@@ -33,6 +48,22 @@ NCHUNK = 256  # parallel chunks of consecutive tasks (any value gives the same b
 FAST_MAX = 700.0  # |l| <= FAST_MAX: 2**k is a normal double and exp(l) cannot overflow
 FAST_BITS = 0x4085E00000000000  # the bits of 700.0
 ABS_BITS = 0x7FFFFFFFFFFFFFFF
+
+# float32 lanes (``_partials32_kernel``): the lane formulas hold for |l| <= 87 (80 for
+# reverse k3, whose term overflows float32 from l = 84.3) and |l| >= 2**-62 (below, k2, k3
+# and reverse k3 terms, about l**2/2, leave float32's normal range); other lanes (NaN, inf,
+# out of range) go through the float64 fix-up. ``F32_LANES`` (env ``FASTKL_NUMBA_F32_LANES``,
+# read in Python only: no compiled code depends on it) turns the float32 lanes on.
+F32_LANES = os.environ.get("FASTKL_NUMBA_F32_LANES", "0") == "1"
+FAST32 = np.float32(87.0)
+FAST32_R = np.float32(80.0)
+FAST32_BITS = np.int32(0x42AE0000)  # bits of 87.0f
+FAST32_BITS_R = np.int32(0x42A00000)  # bits of 80.0f
+TINY32 = np.float32(2.0**-62)
+TINY32_KEY = np.int32((0x20800000 - 1) - 2**31)  # tiny_key32 of 2**-62: below it, fix-up
+NEG_CLAMP32 = np.float32(-87.0)  # exp argument floor: e^l < 2e-38 there, l -> -inf is +inf
+SUB32 = 512  # a float32 sub-chunk: 8 runs of LANES32 lanes
+LANES32 = 64
 
 
 # --------------------------------------------------------------------------- lane math
@@ -499,6 +530,359 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
                     out[2] += 0.0 * (mean * mean)  # (NaN when the mean is +-inf)
 
 
+# --------------------------------------------------------------------------- float32 lanes
+# Float32 inputs, no mask, no log_iw, no clamp, k1/k2/k3/reverse k3 (issue 12;
+# docs/kernel_math.md "float32 lanes"): l = logp - logq and the terms in float32 lanes, summed
+# in the loop that computes them into 64 float32 lane sums of 8 terms (u[k], k = i mod 64),
+# widened into 64 float64 accumulators per sub-chunk of 512 and folded by a fixed tree at the
+# end of the block. Every inner loop is a loop over k with no reduction: LLVM vectorizes it
+# (numba never reorders a float reduction). A sub-chunk with a lane outside the float32 range
+# (NaN, inf, |l| > 87 (80), 0 < |l| < 2**-62) is summed lane by lane in float64, those lanes
+# computed by the float64 lanes' formula (``_term64``). The order is fixed: same bits for
+# any thread count.
+
+
+@jit(nogil=True)
+def _k3_32(l):
+    """k3 in float32, one range-reduced exp: E = s q + ((s r + (s - 1)) - l); the exp
+    argument is floored at -87 (l -> -inf gives +inf, NaN stays NaN)."""
+    lc = l if not (l < NEG_CLAMP32) else NEG_CLAMP32
+    s, r, q = exp_parts32(lc)
+    return fma32(s, q, fma32(s, r, s - ONE_32) - l)
+
+
+@jit(nogil=True)
+def _rk3_32(l):
+    """reverse k3 in float32: l*l + (l - 1) E for l >= -1, e^l (l - 1) + 1 below."""
+    lc = l if not (l < NEG_CLAMP32) else NEG_CLAMP32
+    s, r, q = exp_parts32(lc)
+    e = fma32(s, q, fma32(s, r, s - ONE_32) - l)
+    rr = fma32(s, r + q, s)
+    a = fma32(l - ONE_32, e, l * l)
+    b = fma32(rr, l - ONE_32, ONE_32)
+    return a if l >= -ONE_32 else b
+
+
+@jit(nogil=True)
+def _term64(l, est):
+    """The term of a fix-up lane, as the float64 lanes compute it for float32 inputs."""
+    if _slow(l):
+        return _term_scalar(l, est)[0]
+    if est == K1:
+        return -l
+    if est == K2:
+        return 0.5 * l * l
+    s, r, q = _exp_parts_lo(l)
+    e = _em1x(l, s, r, q)
+    if est == K3:
+        return e
+    rr = _ex(s, r, q)
+    return rr * (l - 1.0) + 1.0 if l < -1.0 else l * l + (l - 1.0) * e
+
+
+@jit(nogil=True)
+def _stage32(qv, pv, ts, u, est):
+    """ts[:SUB32] = float32 terms of pv - qv, u[k] = float32 sum of ts[k::LANES32] (in
+    order); returns (max abs_bits32(l), min tiny_key32(l)) over the lanes."""
+    mx = np.int32(0)
+    mn = np.int32(0x7FFFFFFF)
+    for k in range(LANES32):
+        u[k] = ZERO_32
+    if est == K1:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                t = -l
+                ts[g + k] = t
+                u[k] += t
+                mx = max(mx, abs_bits32(l))
+    elif est == K2:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                t = HALF_32 * l * l
+                ts[g + k] = t
+                u[k] += t
+                mx = max(mx, abs_bits32(l))
+                mn = min(mn, tiny_key32(l))
+    elif est == K3:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                t = _k3_32(l)
+                ts[g + k] = t
+                u[k] += t
+                mx = max(mx, abs_bits32(l))
+                mn = min(mn, tiny_key32(l))
+    else:  # RK3
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                t = _rk3_32(l)
+                ts[g + k] = t
+                u[k] += t
+                mx = max(mx, abs_bits32(l))
+                mn = min(mn, tiny_key32(l))
+    return mx, mn
+
+
+@jit(nogil=True)
+def _wterm32(t, w):
+    """t * w for an included lane (w != 0), exactly 0 for an excluded one (even if t is NaN)."""
+    return t * w if w != ZERO_32 else ZERO_32
+
+
+@jit(nogil=True)
+def _stage32m(qv, pv, mv, ts, u, est):
+    """``_stage32`` with a uint8 mask: u[k] sums w * t of the included lanes (w != 0; a
+    0/1 mask multiplies exactly); the flags look at included lanes only. Returns (max abs
+    bits, min tiny key, sum w, sum w**2, number of lanes with w != 0)."""
+    mx = np.int32(0)
+    mn = np.int32(0x7FFFFFFF)
+    for k in range(LANES32):
+        u[k] = ZERO_32
+    if est == K1:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = -l
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+    elif est == K2:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = HALF_32 * l * l
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+                mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    elif est == K3:
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = _k3_32(l)
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+                mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    else:  # RK3
+        for g in range(0, SUB32, LANES32):
+            for k in range(LANES32):
+                l = pv[g + k] - qv[g + k]
+                w = np.float32(mv[g + k])
+                t = _rk3_32(l)
+                ts[g + k] = t
+                u[k] += _wterm32(t, w)
+                mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
+                mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    sw = 0
+    sw2 = 0
+    nz = 0
+    for i in range(SUB32):
+        wi = np.int64(mv[i])
+        sw += wi
+        sw2 += wi * wi
+        nz += 1 if wi != 0 else 0
+    return mx, mn, sw, sw2, nz
+
+
+@jit(nogil=True)
+def _ok32(l, fast):
+    """True where the float32 lane formula holds (see TINY32 / FAST32)."""
+    a = abs(l)
+    return a <= fast and (a >= TINY32 or a == ZERO_32)
+
+
+@jit(nogil=True)
+def _sub32(qv, pv, mv, ts, u, acc, mm, est, has_mask, fast, fast_bits):
+    """One sub-chunk of SUB32 lanes (the first ``mm`` real, the rest zeros, with w = 0 if
+    ``has_mask``) into acc; returns (sum w, sum w**2, NaN count, count, whether some lane
+    went through the float64 fix-up). Without a mask the weights and counts are left to
+    ``_write_part`` (0.0, 0.0, nbad, 0)."""
+    if has_mask:
+        mx, mn, sw, sw2, nz = _stage32m(qv, pv, mv, ts, u, est)
+    else:
+        mx, mn = _stage32(qv, pv, ts, u, est)
+        sw = sw2 = nz = 0
+    if mx <= fast_bits and mn >= TINY32_KEY:
+        for k in range(LANES32):
+            acc[k] += np.float64(u[k])
+        return np.float64(sw), np.float64(sw2), 0, nz, False
+    W = W2 = 0.0
+    nbad = cnt = 0
+    dirty = False
+    for i in range(mm):
+        w = np.float64(mv[i]) if has_mask else 1.0
+        if w == 0.0:
+            continue
+        l = pv[i] - qv[i]
+        if _ok32(l, fast):
+            t = np.float64(ts[i])
+        else:
+            dirty = True
+            t = _term64(np.float64(pv[i]) - np.float64(qv[i]), est)
+        if t != t:
+            nbad += 1
+            ts[i] = np.nan
+        else:
+            acc[i % LANES32] += w * t
+            W += w
+            W2 += w * w
+            cnt += 1
+            ts[i] = np.float32(t)  # (M2 of a dirty block recomputes the fix-up lanes)
+    if not has_mask:
+        W = W2 = 0.0
+        cnt = 0
+    return W, W2, nbad, cnt, dirty
+
+
+@jit(nogil=True)
+def _gather32(xb, o, s, mm, out):
+    """out[:mm] = xb[o + i*s], out[mm:] = 0 (zero lanes give zero terms)."""
+    if s == 1:  # a short contiguous block (a row shorter than a sub-chunk): a plain copy
+        v = xb[o : o + mm]
+        for i in range(mm):
+            out[i] = v[i]
+    else:
+        for i in range(mm):
+            out[i] = xb[o + i * s]
+    for i in range(mm, SUB32):
+        out[i] = ZERO_32
+
+
+@jit(nogil=True)
+def _gather8(xb, o, s, mm, out):
+    """``_gather32`` for the uint8 mask (w = 0 past ``mm``)."""
+    if s == 1:
+        v = xb[o : o + mm]
+        for i in range(mm):
+            out[i] = v[i]
+    else:
+        for i in range(mm):
+            out[i] = xb[o + i * s]
+    for i in range(mm, SUB32):
+        out[i] = 0
+
+
+@jit(nogil=True)
+def _dev2_64m(tb, wb, m, mean, acc):
+    """``_dev2_64`` with uint8 weights, as ``_wdev2`` (an excluded lane adds 0 * mean**2)."""
+    for k in range(LANES32):
+        acc[k] = 0.0
+    m64 = m - m % LANES32
+    for g in range(0, m64, LANES32):
+        for k in range(LANES32):
+            acc[k] += _wdev2(np.float64(tb[g + k]), np.float64(wb[g + k]), mean)
+    for i in range(m64, m):
+        acc[i % LANES32] += _wdev2(np.float64(tb[i]), np.float64(wb[i]), mean)
+    return _fold64(acc)
+
+
+@jit(nogil=True)
+def _dev2_64(tb, m, mean, acc):
+    """sum (t - mean)**2 over tb[:m] in 64 float64 lanes (k = i mod 64), then a fixed tree:
+    the loop over k has no reduction, so LLVM vectorizes it."""
+    for k in range(LANES32):
+        acc[k] = 0.0
+    m64 = m - m % LANES32
+    for g in range(0, m64, LANES32):
+        for k in range(LANES32):
+            d = np.float64(tb[g + k]) - mean
+            acc[k] += d * d
+    for i in range(m64, m):
+        d = np.float64(tb[i]) - mean
+        acc[i % LANES32] += d * d
+    return _fold64(acc)
+
+
+@jit(nogil=True)
+def _fold64(acc):
+    """The fixed tree over the 64 float64 lanes."""
+    w = LANES32 // 2
+    while w >= 1:
+        for k in range(w):
+            acc[k] = acc[k] + acc[k + w]
+        w //= 2
+    return acc[0]
+
+
+@threaded_kernel
+def _partials32_kernel(qb, pb, mb, geo, rows, n, est, has_mask, want_m2, part):
+    nblk = part.shape[1]
+    ntasks = rows * nblk
+    nchunk = min(ntasks, NCHUNK)
+    fast = FAST32_R if est == RK3 else FAST32
+    fast_bits = FAST32_BITS_R if est == RK3 else FAST32_BITS
+    qs = geo[0, 2]
+    ps = geo[1, 2]
+    ms = geo[2, 2]
+    for c in prange(nchunk):
+        tblk = np.empty(BLOCK, np.float32)
+        wblk = np.zeros(BLOCK if has_mask else 1, np.uint8)
+        qg = np.empty(SUB32, np.float32)
+        pg = np.empty(SUB32, np.float32)
+        u = np.empty(LANES32, np.float32)
+        acc = np.empty(LANES32)
+        for task in range(c * ntasks // nchunk, (c + 1) * ntasks // nchunk):
+            row, j0, m = _task(rows, nblk, n, task)
+            qo = geo[0, 0] + row * geo[0, 1] + j0 * qs
+            po = geo[1, 0] + row * geo[1, 1] + j0 * ps
+            mo = geo[2, 0] + row * geo[2, 1] + j0 * ms
+            for k in range(LANES32):
+                acc[k] = 0.0
+            W = W2 = 0.0
+            nbad = cnt = 0
+            dirty = False
+            o = 0
+            while o < m:
+                mm = min(SUB32, m - o)
+                ts = tblk[o : o + SUB32]
+                mv = wblk[o : o + SUB32] if has_mask else wblk
+                if has_mask:
+                    _gather8(mb, mo + o * ms, ms, mm, mv)
+                if mm == SUB32 and qs == 1 and ps == 1:
+                    sw, sv, nb, cn, d = _sub32(qb[qo + o : qo + o + SUB32],
+                                               pb[po + o : po + o + SUB32], mv, ts, u, acc,
+                                               mm, est, has_mask, fast, fast_bits)
+                else:
+                    _gather32(qb, qo + o * qs, qs, mm, qg)
+                    _gather32(pb, po + o * ps, ps, mm, pg)
+                    sw, sv, nb, cn, d = _sub32(qg, pg, mv, ts, u, acc, mm, est, has_mask, fast,
+                                               fast_bits)
+                W += sw
+                W2 += sv
+                nbad += nb
+                cnt += cn
+                dirty |= d
+                o += mm
+            out = part[row, j0 // BLOCK]
+            _write_part(out, W, _fold64(acc), W2, nbad, cnt, m, has_mask)
+            W = out[0]
+            if want_m2 and W > 0:
+                mean = out[1] / W
+                if dirty or nbad:  # the fix-up lanes again in float64 (a float32 copy may be inf)
+                    M2 = 0.0
+                    for i in range(m):
+                        t = np.float64(tblk[i])
+                        qx = qb[qo + i * qs]
+                        px = pb[po + i * ps]
+                        if not _ok32(px - qx, fast):
+                            t = _term64(np.float64(px) - np.float64(qx), est)
+                        M2 += _wdev2(t, np.float64(wblk[i]) if has_mask else 1.0, mean)
+                    out[2] = M2
+                elif has_mask:
+                    out[2] = _dev2_64m(tblk, wblk, m, mean, acc)
+                else:
+                    out[2] = _dev2_64(tblk, m, mean, acc)
+                if m < BLOCK:  # the reference pads a short block with w = t = 0: 0*(0-mean)**2
+                    out[2] += 0.0 * (mean * mean)
+
+
 @threaded_kernel
 def _terms_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, out):
     nblk = max(1, -(-n // BLOCK))
@@ -628,6 +1012,9 @@ def _clamp(clamp) -> np.ndarray:
     return arr
 
 
+_EST32 = (K1, K2, K3, RK3)  # the estimators with float32 lanes (reverse k1: float64 only)
+
+
 def _nblk(n: int) -> int:
     return max(1, -(-n // BLOCK))
 
@@ -666,7 +1053,12 @@ def mc_partials(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
     if rows * n == 0:
         return part
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
-    _partials_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, _clamp(clamp),
+    cl = _clamp(clamp)
+    if (F32_LANES and qb.dtype == np.float32 and mb.dtype == np.uint8 and not has_iw
+            and cl is _NO_CLAMP and est in _EST32):
+        _partials32_kernel(rows * n, qb, pb, mb, geo, rows, n, est, has_m, bool(want_m2), part)
+        return part
+    _partials_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, cl,
                      bool(want_m2), part)
     return part
 
