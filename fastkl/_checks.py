@@ -16,6 +16,11 @@ from . import _estimators
 NAN_POLICIES = ("propagate", "omit", "raise")
 PLAIN_REDUCTIONS = ("none", "mean", "sum")
 RL_REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# taken by kl_mc / kl_mc_grad only (not by the accumulators, files or dask graphs)
+NORM_REDUCTIONS = ("seq-mean-token-sum-norm",)
+SEQ_REDUCTIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
+EMPTY_ROWS = ("skip", "zero")
+JSD_ENDPOINTS = ("mixture", "kl")
 
 
 def _to_numpy(x):
@@ -98,11 +103,12 @@ def estimator_code(estimator, reverse) -> int:
     return row.code
 
 
-def reduction(value, ndim: int, allow_rl: bool = True) -> str:
-    allowed = PLAIN_REDUCTIONS + (RL_REDUCTIONS if allow_rl else ())
+def reduction(value, ndim: int, allow_rl: bool = True, allow_norm: bool = False) -> str:
+    allowed = (PLAIN_REDUCTIONS + (RL_REDUCTIONS if allow_rl else ())
+               + (NORM_REDUCTIONS if allow_norm else ()))
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"reduction must be one of {list(allowed)}, got {value!r}")
-    if value in RL_REDUCTIONS and ndim != 2:
+    if (value in RL_REDUCTIONS or value in NORM_REDUCTIONS) and ndim != 2:
         raise ValueError(
             f"reduction={value!r} needs 2-D [batch, tokens] inputs, got {ndim}-D"
         )
@@ -239,6 +245,25 @@ def temperature(value) -> float:
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be finite and > 0, got {value!r}")
     return t
+
+
+def positive_count(value, name: str) -> float:
+    """A finite number > 0 (a normaliser: ``norm``, ``denominator``) as a float."""
+    v = real_scalar(value, name)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def empty_value(value) -> float:
+    """``empty``: any real number (NaN and infinities included) as a float."""
+    return real_scalar(value, "empty")
+
+
+def choice(value, allowed: tuple, name: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 def beta(value) -> float:

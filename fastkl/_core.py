@@ -31,6 +31,25 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 @dataclass(frozen=True)
+class Aggregation:
+    """The options of the RL reductions beyond their name (``_validate.aggregation``).
+
+    ``norm``: the divisor of "seq-mean-token-sum-norm" (None: the token-axis length);
+    ``empty_rows``: "skip" (seq-mean-* average the rows with a token) or "zero" (every row
+    counts, a row without tokens as 0); ``empty``: the value of a mean over zero total
+    weight; ``denominator``: a given token count (token-mean) or sequence count
+    (seq-mean-*) that divides the sum instead of the local one."""
+
+    norm: float | None = None
+    empty_rows: str = "skip"
+    empty: float = math.nan
+    denominator: float | None = None
+
+
+DEFAULT_AGG = Aggregation()
+
+
+@dataclass(frozen=True)
 class KLStats:
     """Summary of per-sample KL terms: mean with its standard error and a 95% interval.
 
@@ -68,23 +87,28 @@ def merge_blocks(part: np.ndarray) -> np.ndarray:
     return tot
 
 
-def finish_scalar(row: np.ndarray, how: str, policy: str) -> float:
-    """``finish`` for a single row, in Python floats (cheap for small inputs)."""
+def finish_scalar(row: np.ndarray, how: str, policy: str, agg: Aggregation = DEFAULT_AGG
+                  ) -> float:
+    """``finish`` for a single row, in Python floats (cheap for small inputs). A mean is
+    ``S / W`` (``S / agg.denominator`` when given; ``agg.empty`` when ``W == 0``)."""
     W, S, nbad = float(row[0]), float(row[1]), row[4]
     if policy == "propagate" and nbad > 0:
         return math.nan
     if how == "sum":
         return S
-    return S / W if W > 0 else math.nan
+    if agg.denominator is not None:
+        return S / agg.denominator
+    return S / W if W > 0 else agg.empty
 
 
-def finish(tot: np.ndarray, how: str, policy: str) -> np.ndarray:
-    """Per-row mean or sum from merged partials, honouring the NaN policy."""
+def finish(tot: np.ndarray, how: str, policy: str, empty: float = math.nan) -> np.ndarray:
+    """Per-row mean or sum from merged partials, honouring the NaN policy (a mean over no
+    weight is ``empty``)."""
     W, S, nbad = tot[:, 0], tot[:, 1], tot[:, 4]
     with np.errstate(invalid="ignore", divide="ignore"):
         val = S / W if how == "mean" else S.copy()
     if how == "mean":
-        val[W == 0] = np.nan
+        val[W == 0] = empty
     if policy == "propagate":
         val[nbad > 0] = np.nan
     return val
@@ -104,13 +128,55 @@ def seq_row_values(W, S, nbad, reduction: str, policy: str, e: int = 0) -> np.nd
     return per_row[has]
 
 
-def rl_reduce(tot: np.ndarray, reduction: str, policy: str) -> float:
-    """seq-mean-token-mean / seq-mean-token-sum from merged partials per row (``[rows,
-    N_PARTIALS]``): the mean over rows with a token of the per-row mean / sum."""
+def rl_reduce(tot: np.ndarray, reduction: str, policy: str, agg: Aggregation = DEFAULT_AGG,
+              ncols: int = 0) -> float:
+    """seq-mean-token-mean / seq-mean-token-sum / seq-mean-token-sum-norm from merged
+    partials per row (``[rows, N_PARTIALS]``, weights in units of 1 unless the value is a
+    ratio): the mean over rows with a token (``agg.empty_rows="zero"``: over all rows;
+    ``agg.denominator``: the sum divided by it) of the per-row mean / sum; for "-norm" the
+    sum over all rows divided by ``agg.norm`` (default ``ncols``, the token-axis length).
+    A mean over no rows is ``agg.empty``."""
+    if reduction == "seq-mean-token-sum-norm":
+        if policy == "propagate" and (tot[:, 4] > 0).any():
+            return math.nan
+        norm = float(ncols) if agg.norm is None else agg.norm
+        return float(np.sum(tot[:, 1])) / norm if norm > 0 else agg.empty
     vals = seq_row_values(tot[:, 0], tot[:, 1], tot[:, 4], reduction, policy)
+    if agg.denominator is not None:
+        return float(np.sum(vals)) / agg.denominator
+    if agg.empty_rows == "zero":
+        return float(np.sum(vals)) / tot.shape[0] if tot.shape[0] else agg.empty
     if not vals.size:
-        return math.nan
+        return agg.empty
     return float(np.mean(vals))
+
+
+def row_grad_scale(wrow: np.ndarray, how: str, agg: Aggregation = DEFAULT_AGG,
+                   ncols: int = 0) -> np.ndarray:
+    """The factor of each row's per-term derivatives for a reduction ``how`` ("none", "sum",
+    "mean", or an RL reduction after "token-mean" became "mean") of rows with weight sums
+    ``wrow``: the derivative of ``finish`` / ``rl_reduce`` with respect to a row's weighted
+    sum (0 for rows without weight, where an ``empty`` value is a constant)."""
+    has = wrow > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if how in ("none", "sum"):
+            return np.ones(wrow.shape)
+        if how == "mean":
+            if agg.denominator is not None:
+                return np.where(has, 1.0 / agg.denominator, 0.0)
+            return np.where(has, 1.0 / wrow, 0.0)
+        if how == "seq-mean-token-sum-norm":
+            norm = float(ncols) if agg.norm is None else agg.norm
+            return np.where(has, 1.0 / norm, 0.0) if norm > 0 else np.zeros(wrow.shape)
+        if agg.denominator is not None:
+            nrows = agg.denominator
+        elif agg.empty_rows == "zero":
+            nrows = max(wrow.size, 1)
+        else:
+            nrows = max(int(has.sum()), 1)
+        base = np.where(has, 1.0 / nrows, 0.0)
+        rowscale = base / wrow if how == "seq-mean-token-mean" else base
+        return np.where(has, rowscale, 0.0)
 
 
 def stats(tot: np.ndarray, policy: str) -> KLStats:
@@ -159,8 +225,10 @@ def ratio_weights(mask: np.ndarray | None) -> np.ndarray | None:
 # --------------------------------------------------------------------------- logits rows
 
 
-def reduce_rows(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_dtype):
-    """Per-row float64 values -> "none" (w * v, input precision) / "mean" / "sum" (float)."""
+def reduce_rows(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_dtype,
+                empty: float = math.nan):
+    """Per-row float64 values -> "none" (w * v, input precision) / "mean" / "sum" (float);
+    a mean over zero total weight is ``empty``."""
     if reduction == "mean":
         mask = ratio_weights(mask)
     if mask is not None:
@@ -173,7 +241,7 @@ def reduce_rows(vals: np.ndarray, mask: np.ndarray | None, reduction: str, out_d
     if reduction == "sum":
         return total
     weight = float(vals.size) if mask is None else float(np.sum(mask, dtype=np.float64))
-    return total / weight if weight > 0 else math.nan
+    return total / weight if weight > 0 else empty
 
 
 # --------------------------------------------------------------------------- errors

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import _checks
+from . import _checks, _core
 
 NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf)
 
@@ -96,6 +96,35 @@ def mc_inputs(logq, logp, estimator=None, reverse=False, mask=None, log_iw=None,
     inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
     inp.clamp = clamp_bounds(clamp_log_ratio, clamp_value) if clamp is None else clamp
     return inp
+
+
+def aggregation(reduction: str, norm=None, empty_rows="skip", empty=math.nan,
+                denominator=None):
+    """The checked ``_core.Aggregation`` of a Monte Carlo reduction (already checked):
+    ``norm`` only with "seq-mean-token-sum-norm", ``denominator`` only with "token-mean" and
+    the seq-mean-* modes, ``empty_rows="zero"`` only with seq-mean-*; ``_core.DEFAULT_AGG``
+    (the same object) when every option has its default."""
+    if (norm is None and denominator is None and isinstance(empty_rows, str)
+            and empty_rows == "skip" and isinstance(empty, float) and math.isnan(empty)):
+        return _core.DEFAULT_AGG
+    if norm is not None:
+        if reduction != "seq-mean-token-sum-norm":
+            raise ValueError(f"norm is for reduction='seq-mean-token-sum-norm', not "
+                             f"reduction={reduction!r}")
+        norm = _checks.positive_count(norm, "norm")
+    empty_rows = _checks.choice(empty_rows, _checks.EMPTY_ROWS, "empty_rows")
+    if empty_rows != "skip" and reduction not in _checks.SEQ_REDUCTIONS:
+        raise ValueError(f"empty_rows={empty_rows!r} is for the seq-mean-token-mean / "
+                         f"seq-mean-token-sum reductions, not reduction={reduction!r}")
+    empty = _checks.empty_value(empty)
+    if denominator is not None:
+        if reduction not in _checks.RL_REDUCTIONS:
+            raise ValueError(
+                f"denominator (a global token or sequence count) is for reduction="
+                f"'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum', not "
+                f"reduction={reduction!r}")
+        denominator = _checks.positive_count(denominator, "denominator")
+    return _core.Aggregation(norm, empty_rows, empty, denominator)
 
 
 def natural_rows(arrays, shape):

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _checks, _core, _dask
 from ._core import KLStats
-from ._validate import NO_CLAMPS, MCInputs, mc_inputs, natural_rows
+from ._validate import NO_CLAMPS, MCInputs, aggregation, mc_inputs, natural_rows
 from .backends import get_backend
 from .backends._contract import BLOCK, N_PARTIALS
 
@@ -192,6 +192,13 @@ def _raise_first_nan(backend, inp: MCInputs):
     _core.raise_first_nan(out, views[2], locate)
 
 
+def _no_dask_agg(func: str, agg) -> None:
+    if agg is not _core.DEFAULT_AGG:
+        raise NotImplementedError(
+            f"{func}: norm=, empty_rows=, empty= and denominator= are not supported for dask "
+            f"arrays yet; call .compute() on the inputs first")
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -209,6 +216,10 @@ def kl_mc(
     clamp_value: tuple[float, float] | None = None,
     nan_policy: str = "propagate",
     backend: str | None = None,
+    norm: float | None = None,
+    empty_rows: str = "skip",
+    empty: float = math.nan,
+    denominator: float | None = None,
 ) -> float | np.ndarray:
     """Monte Carlo estimate of KL(q||p) (or KL(p||q) with ``reverse=True``) from samples x ~ q.
 
@@ -225,18 +236,34 @@ def kl_mc(
         The per-sample term (``fastkl._estimators`` has the table; "abs" is verl's ``|l|``
         penalty, not a KL estimate).
     reduction : {"none", "mean", "sum", "token-mean", "seq-mean-token-mean",
-        "seq-mean-token-sum"}
+        "seq-mean-token-sum", "seq-mean-token-sum-norm"}
         "none" returns the weighted terms ``w * t`` (float32 for float16/32 inputs);
         "mean" is ``sum w*t / sum w`` and "sum" is ``sum w*t`` over ``axis``, accumulated in
         float64 (a Python float for a full reduction). The RL modes need 2-D
         ``[batch, tokens]`` inputs: masked mean over all tokens; masked mean per row then
-        mean over rows with a token; masked sum per row then mean over rows with a token.
+        mean over rows with a token; masked sum per row then mean over rows with a token;
+        masked sum over everything divided by ``norm`` (verl's "seq-mean-token-sum-norm":
+        no division by the batch size).
     mask : array_like of bool or non-negative weights, optional
         0 excludes a position (a NaN there is ignored).
     log_iw : array_like, optional
         Log importance weights ``log q(x) - log mu(x)`` for samples drawn from mu.
     nan_policy : {"propagate", "omit", "raise"}
     backend : {None, "cython", "numba", "numpy"}
+    norm : float > 0, optional
+        The divisor of "seq-mean-token-sum-norm" (default: the token-axis length,
+        ``logq.shape[1]``; verl's ``loss_scale_factor``; TRL ``dr_grpo``: batch size times
+        ``max_completion_length``).
+    empty_rows : {"skip", "zero"}
+        seq-mean-* modes: average the rows with a token ("skip", verl) or every row, a row
+        without tokens counting as 0 ("zero", TRL ``grpo``).
+    empty : float
+        The value of a mean over zero total weight (default NaN; 0.0 as TRL ``bnpo`` and
+        Liger).
+    denominator : float > 0, optional
+        Data-parallel shards: the global token count (token-mean) or sequence count
+        (seq-mean-*) that divides this shard's sum instead of the local count (verl's
+        ``batch_num_tokens`` / ``global_batch_size``).
 
     Returns
     -------
@@ -244,13 +271,15 @@ def kl_mc(
         A lazy dask array (0-d for a full reduction) when an input is a dask array.
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
+        _no_dask_agg("kl_mc", aggregation(reduction, norm, empty_rows, empty, denominator))
         return _dask.kl_mc(logq, logp, estimator, reverse=reverse, reduction=reduction,
                            axis=axis, mask=mask, log_iw=log_iw,
                            clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
                            nan_policy=nan_policy, backend=backend)
     inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
-                    ratio_only=reduction in _RATIO_REDUCTIONS)
-    reduction = _checks.reduction(reduction, len(inp.shape))
+                    ratio_only=reduction in _RATIO_REDUCTIONS and denominator is None)
+    reduction = _checks.reduction(reduction, len(inp.shape), allow_norm=True)
+    agg = aggregation(reduction, norm, empty_rows, empty, denominator)
     red_axes = _checks.axes(axis, len(inp.shape))
     policy = _checks.nan_policy(nan_policy)
     be = get_backend(backend)
@@ -268,7 +297,7 @@ def kl_mc(
                     _raise_first_nan(be, inp)
         return out if out.ndim else out[()]
 
-    if reduction in _checks.RL_REDUCTIONS:
+    if reduction in _checks.RL_REDUCTIONS or reduction in _checks.NORM_REDUCTIONS:
         if reduction == "token-mean":
             red_axes, how = None, "mean"
         else:
@@ -279,10 +308,10 @@ def kl_mc(
     if policy == "raise" and (tot[:, 4] > 0).any():
         _raise_first_nan(be, inp)
     if how is None:
-        return _core.rl_reduce(tot, reduction, policy)
+        return _core.rl_reduce(tot, reduction, policy, agg, inp.shape[1])
     if out_shape == ():
-        return _core.finish_scalar(tot[0], how, policy)
-    return _core.finish(tot, how, policy).reshape(out_shape)
+        return _core.finish_scalar(tot[0], how, policy, agg)
+    return _core.finish(tot, how, policy, agg.empty).reshape(out_shape)
 
 
 def kl_mc_stats(
@@ -332,6 +361,10 @@ def kl_mc_grad(
     mask: ArrayLike | None = None,
     log_iw: ArrayLike | None = None,
     backend: str | None = None,
+    norm: float | None = None,
+    empty_rows: str = "skip",
+    empty: float = math.nan,
+    denominator: float | None = None,
 ) -> tuple[float | np.ndarray, np.ndarray]:
     """The reduced KL estimate (as ``kl_mc``, NaN propagating) and its derivative with
     respect to ``logq``, elementwise, in one fused pass.
@@ -340,13 +373,18 @@ def kl_mc_grad(
     ``-r (l + 1)``, reverse k3 ``-r l``; each multiplied by ``w * exp(log_iw)`` and by the
     reduction's normalisation (``1 / sum w`` for "mean" and "token-mean", ``1 / (B sum_j
     w_bj)`` for "seq-mean-token-mean", ``1 / B`` for "seq-mean-token-sum", B the number of
-    rows with a token). Returns ``(value, grad)`` with ``grad.shape == logq.shape``.
+    rows with a token (every row with ``empty_rows="zero"``; ``denominator`` in place of
+    ``sum w`` or B when given), ``1 / norm`` for "seq-mean-token-sum-norm"). Where a mean is
+    over zero total weight the value is ``empty`` and the gradient 0. Returns ``(value,
+    grad)`` with ``grad.shape == logq.shape``. ``norm``, ``empty_rows``, ``empty``,
+    ``denominator``: as ``kl_mc``.
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
         _dask.unsupported("kl_mc_grad")
     inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw,
-                    ratio_only=reduction in _RATIO_REDUCTIONS)
-    reduction = _checks.reduction(reduction, len(inp.shape))
+                    ratio_only=reduction in _RATIO_REDUCTIONS and denominator is None)
+    reduction = _checks.reduction(reduction, len(inp.shape), allow_norm=True)
+    agg = aggregation(reduction, norm, empty_rows, empty, denominator)
     red_axes = _checks.axes(axis, len(inp.shape))
     be = get_backend(backend)
     how = reduction
@@ -354,7 +392,7 @@ def kl_mc_grad(
         red_axes = None if len(inp.shape) < 2 else (len(inp.shape) - 1,)
     elif reduction == "token-mean":
         red_axes, how = None, "mean"
-    elif reduction in _checks.RL_REDUCTIONS:
+    elif reduction in _checks.RL_REDUCTIONS or reduction in _checks.NORM_REDUCTIONS:
         red_axes = (1,)
     views, out_shape, perm = _as_rows(inp.arrays(), inp.shape, red_axes)
     rows, n = views[0].shape
@@ -363,16 +401,8 @@ def kl_mc_grad(
         wrow = np.full(rows, float(n))
     else:
         wrow = views[2].sum(axis=1, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if how in ("none", "sum"):
-            rowscale = np.ones(rows)
-        elif how == "mean":
-            rowscale = np.where(wrow > 0, 1.0 / wrow, 0.0)
-        else:
-            nrows = max(int((wrow > 0).sum()), 1)
-            base = np.where(wrow > 0, 1.0 / nrows, 0.0)
-            rowscale = base / wrow if how == "seq-mean-token-mean" else base
-            rowscale = np.where(wrow > 0, rowscale, 0.0)
+    ncols = inp.shape[1] if len(inp.shape) == 2 else 0
+    rowscale = _core.row_grad_scale(wrow, how, agg, ncols)
 
     gperm = np.empty(tuple(inp.shape[i] for i in perm), dtype=inp.out_dtype)
     if rows * n:
@@ -394,6 +424,6 @@ def kl_mc_grad(
         return (value if value.ndim else value[()]), grad
     if how in ("mean", "sum"):
         if out_shape == ():
-            return _core.finish_scalar(tot[0], how, "propagate"), grad
-        return _core.finish(tot, how, "propagate").reshape(out_shape), grad
-    return _core.rl_reduce(tot, reduction, "propagate"), grad
+            return _core.finish_scalar(tot[0], how, "propagate", agg), grad
+        return _core.finish(tot, how, "propagate", agg.empty).reshape(out_shape), grad
+    return _core.rl_reduce(tot, reduction, "propagate", agg, ncols), grad

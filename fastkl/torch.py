@@ -31,6 +31,7 @@ imports it.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -186,10 +187,15 @@ def kl_mc(
     clamp_log_ratio: tuple[float, float] | None = None,
     clamp_value: tuple[float, float] | None = None,
     backend: str | None = None,
+    norm: float | None = None,
+    empty_rows: str = "skip",
+    empty: float = math.nan,
+    denominator: float | None = None,
 ):
     """``fastkl.kl_mc`` on torch CPU tensors, differentiable with respect to ``logq``.
 
-    Same arguments and semantics as ``fastkl.kl_mc`` (NaN propagating). Returns a tensor of
+    Same arguments and semantics as ``fastkl.kl_mc`` (NaN propagating; ``norm``,
+    ``empty_rows``, ``empty`` and ``denominator`` included). Returns a tensor of
     the inputs' dtype (promoted if ``logq`` and ``logp`` differ): 0-d for a full reduction
     ("mean"/"sum" with ``axis=None`` and the RL reductions), otherwise shaped like the numpy
     API's result. Accumulation is float64 as in fastkl; the result is then rounded to the
@@ -221,7 +227,8 @@ def kl_mc(
     m = _as_numpy(torch, mask, "mask")
     iw = _as_numpy(torch, log_iw, "log_iw")
     kw = dict(reverse=reverse, reduction=reduction, axis=axis, mask=m, log_iw=iw,
-              backend=backend)
+              backend=backend, norm=norm, empty_rows=empty_rows, empty=empty,
+              denominator=denominator)
 
     if not _wants_grad(torch, logq):
         value = fastkl.kl_mc(q, p, estimator, clamp_log_ratio=clamp_log_ratio,

@@ -1,0 +1,402 @@
+"""The RL and distillation frameworks' aggregations and losses, written in torch from their
+documented arithmetic, against fastkl (value and, for ``kl_mc_grad``, the gradient via
+torch autograd), in float32 and float64.
+
+References (read from the frameworks' source):
+
+* verl ``trainer/ppo/core_algos.py::agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size,
+  batch_num_tokens, global_batch_size, loss_scale_factor)``: token-mean ``masked_sum /
+  batch_num_tokens * dp_size`` (default ``loss_mask.sum()``); seq-mean-token-sum / -mean:
+  per-row sum / mean (``sum / (count + 1e-8)``) summed over rows with a token, ``/
+  global_batch_size * dp_size`` (default: the number of rows with a token);
+  seq-mean-token-sum-norm: ``sum(loss_mat * loss_mask) / loss_scale_factor`` (default
+  ``loss_mask.shape[-1]``), not divided by the batch size.
+* TRL ``trainer/grpo_trainer.py`` ``loss_type``: "grpo" ``((l * m).sum(-1) /
+  m.sum(-1).clamp(min=1)).mean()``; "bnpo" ``(l * m).sum() / m.sum().clamp(min=1)``;
+  "dr_grpo" ``(l * m).sum() / (l.size(0) * max_completion_length)``; the logged KL
+  ``(kl * m).sum() / m.sum()``.
+* TRL ``trainer/gkd_trainer.py::generalized_jsd_loss(student_logits, teacher_logits,
+  labels, beta, temperature)``: beta 0 ``kl_div(student_logp, teacher_logp)`` = KL(teacher
+  || student), beta 1 KL(student || teacher), else ``beta KL(T || M) + (1 - beta) KL(S ||
+  M)``, ``M = beta T + (1 - beta) S``; "batchmean" with labels: sum over the tokens whose
+  label is not -100 / their count.
+* Liger ``LigerJSD`` / ``LigerFusedLinearJSD`` (``log_q`` the student, ``log_p`` the
+  teacher, same beta mapping and mixture): loss 0.0 when every label is ``ignore_index``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastkl
+
+torch = pytest.importorskip("torch")
+
+DTYPES = [np.float32, np.float64]
+
+
+def _tol(dtype):
+    return dict(rtol=2e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+
+
+def _inputs(dtype, B=6, T=9, seed=0, empty_row=True):
+    rng = np.random.default_rng(seed)
+    logq = (rng.normal(size=(B, T)) - 2.0).astype(dtype)  # the policy (samples' dist.)
+    logp = (logq + 0.5 * rng.normal(size=(B, T))).astype(dtype)  # the reference
+    mask = rng.random((B, T)) < 0.6
+    mask[:, 0] = True
+    if empty_row:
+        mask[2] = False  # a row without tokens
+    return logq, logp, mask
+
+
+def _k3_torch(logq, logp):
+    """TRL / verl low_var_kl unclamped: exp(ref - logp) - (ref - logp) - 1."""
+    q = torch.tensor(logq, requires_grad=True)
+    p = torch.tensor(logp)
+    d = p - q
+    return q, torch.exp(d) - d - 1
+
+
+def _check(ref_fn, fastkl_kwargs, dtype, mask=None, inputs=None, scale=1.0, tol=None):
+    logq, logp, m = _inputs(dtype) if inputs is None else inputs
+    m = m if mask is None else mask
+    q, kl = _k3_torch(logq, logp)
+    mt = torch.tensor(m, dtype=kl.dtype)
+    ref = ref_fn(kl, mt)
+    ref.backward()
+    tol = _tol(dtype) if tol is None else tol
+    value = fastkl.kl_mc(logq, logp, "k3", mask=m, **fastkl_kwargs)
+    np.testing.assert_allclose(value * scale, ref.item(), **tol)
+    gvalue, grad = fastkl.kl_mc_grad(logq, logp, "k3", mask=m, **fastkl_kwargs)
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(gvalue * scale, ref.item(), **tol)
+    np.testing.assert_allclose(grad * scale, q.grad.numpy(), **tol)
+    return value
+
+
+# --------------------------------------------------------------------------- verl agg_loss
+
+
+def verl_agg_loss(loss_mat, loss_mask, mode, dp_size=1, batch_num_tokens=None,
+                  global_batch_size=None, loss_scale_factor=None):
+    if mode == "token-mean":
+        n = loss_mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return (loss_mat * loss_mask).sum() / n * dp_size
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        seq = (loss_mat * loss_mask).sum(-1)
+        count = loss_mask.sum(-1)
+        if mode == "seq-mean-token-mean":
+            seq = seq / (count + 1e-8)
+        seq_mask = (count > 0).to(loss_mat.dtype)
+        n = seq_mask.sum() if global_batch_size is None else global_batch_size
+        return (seq * seq_mask).sum() / n * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        norm = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        return (loss_mat * loss_mask).sum(-1).sum() / norm
+    raise ValueError(mode)
+
+
+def _verl_tol(dtype, mode):
+    # verl's seq-mean-token-mean divides by (count + 1e-8): a relative 1e-8 / count
+    if mode == "seq-mean-token-mean" and dtype == np.float64:
+        return dict(rtol=2e-8, atol=1e-14)
+    return _tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_verl_agg_loss(dtype, mode):
+    _check(lambda kl, m: verl_agg_loss(kl, m, mode), dict(reduction=mode), dtype,
+           tol=_verl_tol(dtype, mode))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_seq_mean_token_sum_norm_given_factor(dtype):
+    _check(lambda kl, m: verl_agg_loss(kl, m, "seq-mean-token-sum-norm",
+                                       loss_scale_factor=512),
+           dict(reduction="seq-mean-token-sum-norm", norm=512), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_verl_data_parallel_denominators(dtype, mode):
+    """Two shards with verl's global ``batch_num_tokens`` / ``global_batch_size``: fastkl's
+    ``denominator`` gives the shard's share (verl's value / dp_size), and the shares add up
+    to the unsharded result."""
+    logq, logp, m = _inputs(dtype, B=8)
+    if mode == "token-mean":
+        denom = float(m.sum())
+        verl_kw = dict(batch_num_tokens=denom)
+    else:
+        denom = float((m.sum(-1) > 0).sum())
+        verl_kw = dict(global_batch_size=denom)
+    dp = 2
+    shares = []
+    for sl in (slice(0, 4), slice(4, 8)):
+        inputs = (logq[sl], logp[sl], m[sl])
+        shares.append(_check(lambda kl, mt: verl_agg_loss(kl, mt, mode, dp_size=dp, **verl_kw),
+                             dict(reduction=mode, denominator=denom), dtype, inputs=inputs,
+                             scale=dp, tol=_verl_tol(dtype, mode)))
+    whole = fastkl.kl_mc(logq, logp, "k3", mask=m, reduction=mode)
+    np.testing.assert_allclose(sum(shares), whole, **_tol(dtype))
+
+
+# --------------------------------------------------------------------------- TRL GRPO
+
+
+def trl_loss(per_token, mask, loss_type, max_completion_length=None):
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    if loss_type == "logged_kl":
+        return (per_token * mask).sum() / mask.sum()
+    raise ValueError(loss_type)
+
+
+TRL_SETTINGS = {
+    "grpo": dict(reduction="seq-mean-token-mean", empty_rows="zero"),
+    "bnpo": dict(reduction="token-mean", empty=0.0),
+    "logged_kl": dict(reduction="token-mean"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "logged_kl"])
+def test_trl_grpo_loss_types(dtype, loss_type):
+    _check(lambda kl, m: trl_loss(kl, m, loss_type), TRL_SETTINGS[loss_type], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trl_dr_grpo(dtype):
+    B, L = 6, 16  # max_completion_length beyond the padded width
+    _check(lambda kl, m: trl_loss(kl, m, "dr_grpo", L),
+           dict(reduction="seq-mean-token-sum-norm", norm=B * L), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_trl_all_empty_mask(dtype, loss_type):
+    logq, logp, m = _inputs(dtype)
+    none = np.zeros_like(m)
+    v = _check(lambda kl, mt: trl_loss(kl, mt, loss_type), TRL_SETTINGS[loss_type], dtype,
+               mask=none)
+    assert v == 0.0
+    _, grad = fastkl.kl_mc_grad(logq, logp, "k3", mask=none, **TRL_SETTINGS[loss_type])
+    assert not grad.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trl_logged_kl_all_empty_is_nan(dtype):
+    logq, logp, m = _inputs(dtype)
+    none = np.zeros_like(m)
+    q, kl = _k3_torch(logq, logp)
+    assert math.isnan(trl_loss(kl, torch.tensor(none, dtype=kl.dtype), "logged_kl").item())
+    assert math.isnan(fastkl.kl_mc(logq, logp, "k3", mask=none, reduction="token-mean"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_kl_mc_passes_options(dtype):
+    """``fastkl.torch.kl_mc`` with the aggregation options: TRL grpo and dr_grpo,
+    differentiated by torch."""
+    ft = pytest.importorskip("fastkl.torch")
+    logq, logp, m = _inputs(dtype)
+    for loss_type, kw in (("grpo", TRL_SETTINGS["grpo"]),
+                          ("dr_grpo", dict(reduction="seq-mean-token-sum-norm", norm=6 * 16))):
+        q, kl = _k3_torch(logq, logp)
+        mt = torch.tensor(m, dtype=kl.dtype)
+        ref = trl_loss(kl, mt, loss_type, 16)
+        ref.backward()
+        q2 = torch.tensor(logq, requires_grad=True)
+        out = ft.kl_mc(q2, torch.tensor(logp), "k3", mask=torch.tensor(m), **kw)
+        out.backward()
+        np.testing.assert_allclose(out.item(), ref.item(), **_tol(dtype))
+        np.testing.assert_allclose(q2.grad.numpy(), q.grad.numpy(), **_tol(dtype))
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def test_empty_rows_and_empty_options():
+    logq, logp, m = _inputs(np.float64)
+    skip = fastkl.kl_mc(logq, logp, mask=m, reduction="seq-mean-token-sum")
+    zero = fastkl.kl_mc(logq, logp, mask=m, reduction="seq-mean-token-sum", empty_rows="zero")
+    np.testing.assert_allclose(zero, skip * 5 / 6, rtol=1e-14)
+    none = np.zeros_like(m)
+    for red in ("mean", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        assert math.isnan(fastkl.kl_mc(logq, logp, mask=none, reduction=red))
+        assert fastkl.kl_mc(logq, logp, mask=none, reduction=red, empty=-1.5) == -1.5
+        v, g = fastkl.kl_mc_grad(logq, logp, mask=none, reduction=red, empty=0.0)
+        assert v == 0.0 and not g.any()
+    rows = fastkl.kl_mc(logq, logp, mask=m, reduction="mean", axis=1, empty=7.0)
+    assert rows[2] == 7.0 and np.isfinite(rows).all()
+    # the defaults are the same bits as before
+    for red in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        a = fastkl.kl_mc(logq, logp, mask=m, reduction=red)
+        b = fastkl.kl_mc(logq, logp, mask=m, reduction=red, empty_rows="skip",
+                         empty=float("nan"))
+        assert a == b
+
+
+def test_option_errors():
+    logq, logp, m = _inputs(np.float64)
+    cases = [
+        (dict(reduction="mean", denominator=4), ValueError, "denominator"),
+        (dict(reduction="sum", denominator=4), ValueError, "denominator"),
+        (dict(reduction="seq-mean-token-sum-norm", denominator=4), ValueError, "denominator"),
+        (dict(reduction="token-mean", denominator=0), ValueError, "denominator"),
+        (dict(reduction="token-mean", denominator=float("nan")), ValueError, "denominator"),
+        (dict(reduction="token-mean", denominator="8"), TypeError, "denominator"),
+        (dict(reduction="token-mean", norm=4), ValueError, "norm"),
+        (dict(reduction="seq-mean-token-sum-norm", norm=-1), ValueError, "norm"),
+        (dict(reduction="seq-mean-token-sum-norm", norm=math.inf), ValueError, "norm"),
+        (dict(reduction="seq-mean-token-mean", empty_rows="drop"), ValueError, "empty_rows"),
+        (dict(reduction="token-mean", empty_rows="zero"), ValueError, "empty_rows"),
+        (dict(reduction="token-mean", empty="0"), TypeError, "empty"),
+    ]
+    for kw, exc, word in cases:
+        for fn in (fastkl.kl_mc, fastkl.kl_mc_grad):
+            with pytest.raises(exc, match=word):
+                fn(logq, logp, mask=m, **kw)
+    with pytest.raises(ValueError, match="2-D"):
+        fastkl.kl_mc(logq.ravel(), logp.ravel(), reduction="seq-mean-token-sum-norm")
+
+
+def test_norm_reduction_only_in_memory():
+    """"seq-mean-token-sum-norm" is for kl_mc / kl_mc_grad: the shared reduction check
+    (accumulators, files, dask graphs) does not take it."""
+    from fastkl import _checks
+
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        _checks.reduction("seq-mean-token-sum-norm", 2)
+
+
+# --------------------------------------------------------------------------- GKD / Liger
+
+
+def gkd_generalized_jsd(student_logits, teacher_logits, labels=None, beta=0.5,
+                        temperature=1.0):
+    F = torch.nn.functional
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=s.dtype)
+        mix = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
+        jsd = (beta * F.kl_div(mix, t, reduction="none", log_target=True)
+               + (1 - beta) * F.kl_div(mix, s, reduction="none", log_target=True))
+    per_token = jsd.sum(-1)
+    if labels is None:
+        return per_token.sum() / per_token.numel(), per_token
+    keep = labels != -100
+    return per_token[keep].sum() / keep.sum(), per_token
+
+
+def liger_jsd(log_q, log_p, label, beta, ignore_index=-100):
+    """Liger's reference arithmetic: log_q the student, log_p the teacher."""
+    if beta == 0:
+        loss = (torch.exp(log_p) * (log_p - log_q)).sum(-1)
+    elif beta == 1:
+        loss = (torch.exp(log_q) * (log_q - log_p)).sum(-1)
+    else:
+        m = torch.lerp(torch.exp(log_q), torch.exp(log_p), beta)
+        lm = torch.log(m)
+        loss = (beta * (torch.exp(log_p) * (log_p - lm)).sum(-1)
+                + (1 - beta) * (torch.exp(log_q) * (log_q - lm)).sum(-1))
+    keep = label != ignore_index
+    n = int(keep.sum())
+    if n == 0:
+        return torch.zeros((), dtype=log_q.dtype)
+    return torch.where(keep, loss, 0.0).sum() / n
+
+
+def _logits(dtype, B=3, T=5, V=11, seed=1):
+    rng = np.random.default_rng(seed)
+    student = (2 * rng.normal(size=(B, T, V))).astype(dtype)
+    teacher = (2 * rng.normal(size=(B, T, V))).astype(dtype)
+    labels = rng.integers(0, V, size=(B, T))
+    labels[0, :2] = -100
+    labels[2, 3:] = -100
+    return student, teacher, labels
+
+
+def _ltol(dtype):
+    return dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_trl_gkd_generalized_jsd(dtype, beta, temperature):
+    student, teacher, labels = _logits(dtype)
+    ref, per_token = gkd_generalized_jsd(torch.tensor(student), torch.tensor(teacher),
+                                         torch.tensor(labels), beta, temperature)
+    keep = labels != -100
+    v = fastkl.jsd_logits(teacher, student, beta, endpoints="kl", mask=keep,
+                          reduction="mean", temperature=temperature)
+    np.testing.assert_allclose(v, ref.item(), **_ltol(dtype))
+    rows = fastkl.jsd_logits(teacher, student, beta, endpoints="kl", temperature=temperature)
+    np.testing.assert_allclose(rows, per_token.numpy(), **_ltol(dtype))
+    if 0 < beta < 1:  # in between the endpoints are the mixture's
+        np.testing.assert_array_equal(
+            rows, fastkl.jsd_logits(teacher, student, beta, temperature=temperature))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_liger_jsd(dtype, beta):
+    student, teacher, labels = _logits(dtype)
+    F = torch.nn.functional
+    s = F.log_softmax(torch.tensor(student), -1).reshape(-1, student.shape[-1])
+    t = F.log_softmax(torch.tensor(teacher), -1).reshape(-1, teacher.shape[-1])
+    lab = torch.tensor(labels).reshape(-1)
+    ref = liger_jsd(s, t, lab, beta)
+    v = fastkl.jsd_logits(teacher, student, beta, endpoints="kl", mask=labels != -100,
+                          reduction="mean", empty=0.0)
+    np.testing.assert_allclose(v, ref.item(), **_ltol(dtype))
+    # every label ignored: Liger gives 0.0, fastkl too with empty=0.0 (NaN by default)
+    ignored = torch.full_like(lab, -100)
+    assert liger_jsd(s, t, ignored, beta).item() == 0.0
+    none = np.zeros(labels.shape, bool)
+    assert fastkl.jsd_logits(teacher, student, beta, endpoints="kl", mask=none,
+                             reduction="mean", empty=0.0) == 0.0
+    assert math.isnan(fastkl.jsd_logits(teacher, student, beta, endpoints="kl", mask=none,
+                                        reduction="mean"))
+
+
+def test_jsd_endpoints_semantics():
+    student, teacher, _ = _logits(np.float64)
+    kl_pq = fastkl.kl_logits(teacher, student)
+    kl_qp = fastkl.kl_logits(student, teacher)
+    np.testing.assert_array_equal(fastkl.jsd_logits(teacher, student, 0.0, endpoints="kl"),
+                                  kl_pq)
+    np.testing.assert_array_equal(fastkl.jsd_logits(teacher, student, 1.0, endpoints="kl"),
+                                  kl_qp)
+    assert not fastkl.jsd_logits(teacher, student, 0.0).any()  # the mixture's endpoints
+    assert not fastkl.jsd_logits(teacher, student, 1.0, endpoints="mixture").any()
+    with pytest.raises(ValueError, match="endpoints"):
+        fastkl.jsd_logits(teacher, student, 0.5, endpoints="kl-reverse")
+
+
+def test_logits_empty_option():
+    student, teacher, _ = _logits(np.float64)
+    none = np.zeros(student.shape[:-1], bool)
+    for fn, args in ((fastkl.kl_logits, (teacher, student)), (fastkl.entropy_logits, (student,)),
+                     (fastkl.jsd_logits, (teacher, student))):
+        assert math.isnan(fn(*args, mask=none, reduction="mean"))
+        assert fn(*args, mask=none, reduction="mean", empty=0.0) == 0.0
+        assert fn(*args, mask=none, reduction="sum", empty=3.0) == 0.0
+    v, g = fastkl.kl_logits_grad(teacher, student, mask=none, empty=0.0)
+    assert v == 0.0 and not g.any()
+    with pytest.raises(TypeError, match="empty"):
+        fastkl.kl_logits(teacher, student, reduction="mean", empty=None)
