@@ -22,7 +22,9 @@ import pytest
 import fastkl
 from fastkl.files import LlamaSource, open_source, write_llama_logits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory that holds the fastkl under test (the source tree, or site-packages in CI):
+# subprocesses import the same copy, never an unbuilt source tree beside the tests
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastkl.__file__)))
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"),
                                 reason="measures memory through /proc")
 
