@@ -10,9 +10,12 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "fastkl"
+# the source of the fastkl under test (the source tree, or site-packages when the tests run
+# against an installed wheel from a copy of tests/); found without importing it
+PACKAGE = Path(importlib.util.find_spec("fastkl").origin).resolve().parent
 PUBLIC = ("mc", "logits", "stream", "outofcore", "files")
 
 
