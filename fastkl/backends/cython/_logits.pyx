@@ -65,7 +65,6 @@ from fastkl.backends import _threads as _policy
 # below this many elements one thread does all rows (a parallel region costs a few us); the
 # value lives in the thread policy (``backends._threads``), read once here
 cdef Py_ssize_t _parallel_min = _policy.CYTHON_LOGITS_MIN
-PARALLEL_MIN = _parallel_min
 
 
 include "runtime.pxi"
