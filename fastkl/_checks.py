@@ -20,6 +20,8 @@ RL_REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 NORM_REDUCTIONS = ("seq-mean-token-sum-norm",)
 SEQ_REDUCTIONS = ("seq-mean-token-mean", "seq-mean-token-sum")
 EMPTY_ROWS = ("skip", "zero")
+CLAMP_ORDERS = ("term", "weighted")
+GRAD_WRT = ("logq", "logp", "log_iw")
 JSD_ENDPOINTS = ("mixture", "kl")
 
 
@@ -101,6 +103,29 @@ def estimator_code(estimator, reverse) -> int:
             "with reverse=True"
         )
     return row.code
+
+
+def grad_estimator_code(grad_estimator, reverse) -> int | None:
+    """The kernel code of ``grad_estimator`` (taken with the same ``reverse``), or None."""
+    if grad_estimator is None:
+        return None
+    names = _estimators.NAMES
+    if not isinstance(grad_estimator, str) or grad_estimator not in names:
+        choices = ", ".join(repr(n) for n in names)
+        raise ValueError(f"grad_estimator must be None or one of {choices}, got "
+                         f"{grad_estimator!r}")
+    row = _estimators.lookup(grad_estimator, reverse)
+    if row is None:
+        raise ValueError(f"grad_estimator {grad_estimator!r} has no reverse (KL(p||q)) form; "
+                         f"with reverse=True use None or one of "
+                         f"{list(_estimators.REVERSIBLE)}")
+    return row.code
+
+
+def flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def reduction(value, ndim: int, allow_rl: bool = True, allow_norm: bool = False) -> str:

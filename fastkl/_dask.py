@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks, _core
-from ._validate import LogitsRows, logits_options, mc_inputs, meta, natural_rows
+from ._validate import LogitsRows, aggregation, logits_options, mc_inputs, meta, natural_rows
 from .backends._contract import LOGITS_OPS, N_PARTIALS
 
 ArrayLike = Any
@@ -243,21 +243,21 @@ def _merged(cells: np.ndarray) -> np.ndarray:
     return _core.merge_blocks(part)
 
 
-def _mc_finish_block(cells, *, how, policy, nk, block_info=None):
+def _mc_finish_block(cells, *, how, policy, nk, agg=_core.DEFAULT_AGG, block_info=None):
     """Mean or sum per output row of one output chunk (``cells``: its kept axes, of size 1,
     then the chunk grid of the reduced axes)."""
     tot = _merged(cells)
     if nk == 0:
-        return np.asarray(_core.finish_scalar(tot[0], how, policy), dtype=np.float64)
+        return np.asarray(_core.finish_scalar(tot[0], how, policy, agg), dtype=np.float64)
     shape = tuple(block_info[None]["chunk-shape"])
-    return _core.finish(tot, how, policy).reshape(shape)
+    return _core.finish(tot, how, policy, agg.empty).reshape(shape)
 
 
-def _mc_rl_block(cells, *, reduction, policy):
+def _mc_rl_block(cells, *, reduction, policy, agg=_core.DEFAULT_AGG, ncols=0):
     """seq-mean-*: merge each row chunk across the token chunks, then the in-memory mean
     over rows (which needs every row, so this is one task)."""
     tot = np.concatenate([_merged(cells[i]) for i in range(cells.shape[0])], axis=0)
-    return np.asarray(_core.rl_reduce(tot, reduction, policy), dtype=np.float64)
+    return np.asarray(_core.rl_reduce(tot, reduction, policy, agg, ncols), dtype=np.float64)
 
 
 def _stats_finish(cells, policy):
@@ -273,7 +273,7 @@ class _MCInputs:
 
 
 def _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
-               clamp_value) -> _MCInputs:
+               clamp_value, clamp_order="term") -> _MCInputs:
     """The in-memory validator (``_validate.mc_inputs``) run on zero-size stand-ins of the
     inputs' dtypes, then the shapes checked; every input becomes a dask array with the
     chunks of the first dask input."""
@@ -283,7 +283,7 @@ def _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
     iw = None if log_iw is None else _input(log_iw, "log_iw", da)
     chk = mc_inputs(*(None if a is None else _empty_like_dtype(a) for a in (q, p)), estimator,
                     reverse, *(None if a is None else _empty_like_dtype(a) for a in (m, iw)),
-                    clamp_log_ratio, clamp_value)
+                    clamp_log_ratio, clamp_value, clamp_order=clamp_order)
     for a, nm in ((p, "logp"), (m, "mask"), (iw, "log_iw")):
         if a is not None:
             _checks.same_shape(a, q.shape, nm)
@@ -325,12 +325,14 @@ def _partials_grid(inp: _MCInputs, red_axes, want_m2: bool, policy: str, bname: 
 
 def kl_mc(logq, logp, estimator="k3", *, reverse=False, reduction="mean", axis=None,
           mask=None, log_iw=None, clamp_log_ratio=None, clamp_value=None,
-          nan_policy="propagate", backend=None):
+          clamp_order="term", nan_policy="propagate", backend=None, norm=None,
+          empty_rows="skip", empty=math.nan, denominator=None):
     """``fastkl.kl_mc`` on dask arrays: a lazy dask array (0-d for full reductions)."""
     da = _da()
     inp = _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
-                     clamp_value)
-    reduction = _checks.reduction(reduction, inp.ndim)
+                     clamp_value, clamp_order)
+    reduction = _checks.reduction(reduction, inp.ndim, allow_norm=True)
+    agg = aggregation(reduction, norm, empty_rows, empty, denominator)
     red_axes = _checks.axes(axis, inp.ndim)
     policy = _checks.nan_policy(nan_policy)
     bname = _backend_name(backend)
@@ -345,38 +347,41 @@ def kl_mc(logq, logp, estimator="k3", *, reverse=False, reduction="mean", axis=N
 
     if reduction == "token-mean":
         red_axes, how = None, "mean"
-    elif reduction in _checks.RL_REDUCTIONS:
+    elif reduction in _checks.RL_REDUCTIONS or reduction in _checks.NORM_REDUCTIONS:
         red_axes, how = (1,), None
     else:
         how = reduction
     cells, kept_chunks, nred = _partials_grid(
         inp, red_axes, False, policy, bname,
-        ratio_only=how == "mean" or reduction == "seq-mean-token-mean")
+        ratio_only=(how == "mean" or reduction == "seq-mean-token-mean")
+        and agg.denominator is None)
     nk = len(kept_chunks)
     red_pos = list(range(nk, cells.ndim))
     if how is None:
         cells = cells.rechunk({0: -1, 1: -1})
         return da.map_blocks(
-            _mc_rl_block, cells, reduction=reduction, policy=policy, drop_axis=[0, 1],
+            _mc_rl_block, cells, reduction=reduction, policy=policy, agg=agg,
+            ncols=int(inp.arrays[0].shape[1]), drop_axis=[0, 1],
             chunks=(), dtype=np.float64, meta=np.empty((), dtype=np.float64),
             token="fastkl-mc-rl",
         )
     cells = cells.rechunk({ax: -1 for ax in red_pos})
     return da.map_blocks(
-        _mc_finish_block, cells, how=how, policy=policy, nk=nk, drop_axis=red_pos,
+        _mc_finish_block, cells, how=how, policy=policy, nk=nk, agg=agg, drop_axis=red_pos,
         chunks=kept_chunks, dtype=np.float64, meta=np.empty((0,) * nk, dtype=np.float64),
         token="fastkl-mc-" + how,
     )
 
 
 def kl_mc_stats(logq, logp, estimator="k3", *, reverse=False, mask=None, log_iw=None,
-                clamp_log_ratio=None, clamp_value=None, nan_policy="propagate", backend=None):
+                clamp_log_ratio=None, clamp_value=None, clamp_order="term",
+                nan_policy="propagate", backend=None):
     """``fastkl.kl_mc_stats`` on dask arrays: a ``dask.delayed`` object whose ``.compute()``
     is the ``KLStats``."""
     import dask
 
     inp = _mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
-                     clamp_value)
+                     clamp_value, clamp_order)
     policy = _checks.nan_policy(nan_policy)
     bname = _backend_name(backend)
     cells, _, _ = _partials_grid(inp, None, True, policy, bname, ratio_only=True)

@@ -17,7 +17,9 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import _checks, _core
 
-NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf)
+# the kernels' clamp tuple (lr_lo, lr_hi, v_lo, v_hi, weighted): weighted = 1.0 for
+# clamp_order="weighted" with a clamp (without one the order changes nothing)
+NO_CLAMPS = (-math.inf, math.inf, -math.inf, math.inf, 0.0)
 
 # float16 / byte-swapped logits are widened this many bytes of input at a time, so memory
 # stays O(rows) whatever the array size
@@ -43,22 +45,27 @@ class MCInputs:
         return [self.logq, self.logp, self.mask, self.log_iw]
 
 
-def mc_options(estimator, reverse, clamp_log_ratio, clamp_value) -> tuple[int, tuple]:
-    """(kernel estimator code, the four clamp bounds): the options an ``MCAccumulator``
-    keeps."""
+def mc_options(estimator, reverse, clamp_log_ratio, clamp_value,
+               clamp_order="term") -> tuple[int, tuple]:
+    """(kernel estimator code, the clamp tuple): the options an ``MCAccumulator`` keeps."""
     return _checks.estimator_code(estimator, reverse), clamp_bounds(clamp_log_ratio,
-                                                                   clamp_value)
+                                                                   clamp_value, clamp_order)
 
 
-def clamp_bounds(clamp_log_ratio, clamp_value) -> tuple:
-    return _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio") + _checks.clamp_pair(
-        clamp_value, "clamp_value"
-    )
+def clamp_bounds(clamp_log_ratio, clamp_value, clamp_order="term") -> tuple:
+    """The kernels' clamp tuple ``(lr_lo, lr_hi, v_lo, v_hi, weighted)``."""
+    lr = _checks.clamp_pair(clamp_log_ratio, "clamp_log_ratio")
+    v = _checks.clamp_pair(clamp_value, "clamp_value")
+    order = _checks.choice(clamp_order, _checks.CLAMP_ORDERS, "clamp_order")
+    if lr == v == (-math.inf, math.inf):
+        return NO_CLAMPS  # nothing to clamp: the order changes nothing
+    weighted = 1.0 if order == "weighted" else 0.0
+    return lr + v + (weighted,)
 
 
 def mc_inputs(logq, logp, estimator=None, reverse=False, mask=None, log_iw=None,
               clamp_log_ratio=None, clamp_value=None, ratio_only=False, *, est=None,
-              clamp=None, dtype=None) -> MCInputs:
+              clamp=None, dtype=None, clamp_order="term") -> MCInputs:
     """The Monte Carlo inputs, checked and converted for the kernels.
 
     ``ratio_only``: only ratios of weighted sums are wanted (means, std, sem), so extreme
@@ -67,7 +74,7 @@ def mc_inputs(logq, logp, estimator=None, reverse=False, mask=None, log_iw=None,
     ``dtype``: the kernel dtype of the whole array a chunk belongs to."""
     if (type(logq) is np.ndarray and type(logp) is np.ndarray and mask is None
             and log_iw is None and clamp_log_ratio is None and clamp_value is None
-            and logq.shape == logp.shape and logq.dtype == logp.dtype
+            and clamp_order == "term" and logq.shape == logp.shape and logq.dtype == logp.dtype
             and logq.dtype.char in "fd" and logq.dtype.isnative
             and (dtype is None or dtype == logq.dtype)):
         # the common small-input case: two native float32/float64 arrays of one dtype and
@@ -94,7 +101,8 @@ def mc_inputs(logq, logp, estimator=None, reverse=False, mask=None, log_iw=None,
     inp.mask = _checks.mask_array(mask, q.shape)
     inp.wexp = _checks.scale_weights(inp.mask) if ratio_only else 0
     inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
-    inp.clamp = clamp_bounds(clamp_log_ratio, clamp_value) if clamp is None else clamp
+    inp.clamp = (clamp_bounds(clamp_log_ratio, clamp_value, clamp_order) if clamp is None
+                 else clamp)
     return inp
 
 

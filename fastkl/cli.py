@@ -188,6 +188,8 @@ def cmd_mc(args) -> int:
         args.logq, args.logp, args.estimator, reverse=args.reverse,
         reduction=args.reduction, mask=args.mask, log_iw=args.log_iw,
         clamp_log_ratio=args.clamp_log_ratio, clamp_value=args.clamp_value,
+        clamp_order=args.clamp_order, norm=args.norm, empty_rows=args.empty_rows,
+        empty=args.empty, denominator=args.denominator,
         nan_policy=args.nan_policy, backend=args.backend,
         memory_limit=args.memory_limit * 2**20,
     )
@@ -498,9 +500,21 @@ def _add_mc(sub) -> None:
                     help="log importance weights log q(x) - log mu(x) (.npy)")
     mc.add_argument("--reduction", default="mean",
                     choices=("mean", "sum", "token-mean", "seq-mean-token-mean",
-                             "seq-mean-token-sum"), help="value reported besides the mean")
+                             "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+                    help="value reported besides the mean")
+    mc.add_argument("--norm", type=float, default=None,
+                    help="divisor of seq-mean-token-sum-norm (default: the token axis length)")
+    mc.add_argument("--empty-rows", choices=("skip", "zero"), default="skip",
+                    help="seq-mean-*: skip rows without tokens, or count them as 0")
+    mc.add_argument("--empty", type=float, default=float("nan"),
+                    help="the value of a mean over no tokens (default nan)")
+    mc.add_argument("--denominator", type=float, default=None,
+                    help="a global token / sequence count dividing the sum (data parallel)")
     mc.add_argument("--clamp-log-ratio", type=float, nargs=2, metavar=("LO", "HI"))
     mc.add_argument("--clamp-value", type=float, nargs=2, metavar=("LO", "HI"))
+    mc.add_argument("--clamp-order", choices=("term", "weighted"), default="term",
+                    help="the value clamp acts on the term (default) or on "
+                         "exp(log_iw) * term (NeMo-RL)")
     mc.add_argument("--nan-policy", default="propagate", choices=("propagate", "omit", "raise"))
     _file_options(mc)
 

@@ -192,13 +192,6 @@ def _raise_first_nan(backend, inp: MCInputs):
     _core.raise_first_nan(out, views[2], locate)
 
 
-def _no_dask_agg(func: str, agg) -> None:
-    if agg is not _core.DEFAULT_AGG:
-        raise NotImplementedError(
-            f"{func}: norm=, empty_rows=, empty= and denominator= are not supported for dask "
-            f"arrays yet; call .compute() on the inputs first")
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -214,6 +207,7 @@ def kl_mc(
     log_iw: ArrayLike | None = None,
     clamp_log_ratio: tuple[float, float] | None = None,
     clamp_value: tuple[float, float] | None = None,
+    clamp_order: str = "term",
     nan_policy: str = "propagate",
     backend: str | None = None,
     norm: float | None = None,
@@ -226,7 +220,9 @@ def kl_mc(
     With ``l = logp - logq`` and ``r = exp(l)``, each sample contributes the term
     ``k1 = -l``, ``k2 = l**2/2``, ``k3 = (r - 1) - l`` (forward) or ``k1 = r*l``,
     ``k3 = r*l - (r - 1)`` (reverse), optionally clamped (``clamp_log_ratio`` on l,
-    ``clamp_value`` on the term) and multiplied by ``exp(log_iw)``.
+    ``clamp_value`` on the term) and multiplied by ``exp(log_iw)``: ``exp(log_iw) *
+    clip(t)`` with ``clamp_order="term"`` (verl, OpenRLHF, TRL), ``clip(exp(log_iw) * t)``
+    with ``clamp_order="weighted"`` (NeMo-RL).
 
     Parameters
     ----------
@@ -271,12 +267,14 @@ def kl_mc(
         A lazy dask array (0-d for a full reduction) when an input is a dask array.
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
-        _no_dask_agg("kl_mc", aggregation(reduction, norm, empty_rows, empty, denominator))
         return _dask.kl_mc(logq, logp, estimator, reverse=reverse, reduction=reduction,
                            axis=axis, mask=mask, log_iw=log_iw,
                            clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
-                           nan_policy=nan_policy, backend=backend)
+                           clamp_order=clamp_order, nan_policy=nan_policy, backend=backend,
+                           norm=norm, empty_rows=empty_rows, empty=empty,
+                           denominator=denominator)
     inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
+                    clamp_order=clamp_order,
                     ratio_only=reduction in _RATIO_REDUCTIONS and denominator is None)
     reduction = _checks.reduction(reduction, len(inp.shape), allow_norm=True)
     agg = aggregation(reduction, norm, empty_rows, empty, denominator)
@@ -324,6 +322,7 @@ def kl_mc_stats(
     log_iw: ArrayLike | None = None,
     clamp_log_ratio: tuple[float, float] | None = None,
     clamp_value: tuple[float, float] | None = None,
+    clamp_order: str = "term",
     nan_policy: str = "propagate",
     backend: str | None = None,
 ) -> KLStats:
@@ -338,10 +337,10 @@ def kl_mc_stats(
     if _dask.is_dask(logq, logp, mask, log_iw):
         return _dask.kl_mc_stats(logq, logp, estimator, reverse=reverse, mask=mask,
                                  log_iw=log_iw, clamp_log_ratio=clamp_log_ratio,
-                                 clamp_value=clamp_value, nan_policy=nan_policy,
-                                 backend=backend)
+                                 clamp_value=clamp_value, clamp_order=clamp_order,
+                                 nan_policy=nan_policy, backend=backend)
     inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio, clamp_value,
-                    ratio_only=True)
+                    clamp_order=clamp_order, ratio_only=True)
     policy = _checks.nan_policy(nan_policy)
     be = get_backend(backend)
     tot, _, _ = _row_partials(be, inp, None, want_m2=True)
@@ -360,6 +359,12 @@ def kl_mc_grad(
     axis: int | tuple[int, ...] | None = None,
     mask: ArrayLike | None = None,
     log_iw: ArrayLike | None = None,
+    clamp_log_ratio: tuple[float, float] | None = None,
+    clamp_value: tuple[float, float] | None = None,
+    clamp_order: str = "term",
+    grad_estimator: str | None = None,
+    iw_grad: bool = False,
+    wrt: str = "logq",
     backend: str | None = None,
     norm: float | None = None,
     empty_rows: str = "skip",
@@ -370,19 +375,53 @@ def kl_mc_grad(
     respect to ``logq``, elementwise, in one fused pass.
 
     Per-term derivatives ``dt/dlogq``: k1 ``1``, k2 ``-l``, k3 ``-(r - 1)``, reverse k1
-    ``-r (l + 1)``, reverse k3 ``-r l``; each multiplied by ``w * exp(log_iw)`` and by the
-    reduction's normalisation (``1 / sum w`` for "mean" and "token-mean", ``1 / (B sum_j
-    w_bj)`` for "seq-mean-token-mean", ``1 / B`` for "seq-mean-token-sum", B the number of
-    rows with a token (every row with ``empty_rows="zero"``; ``denominator`` in place of
-    ``sum w`` or B when given), ``1 / norm`` for "seq-mean-token-sum-norm"). Where a mean is
-    over zero total weight the value is ``empty`` and the gradient 0. Returns ``(value,
-    grad)`` with ``grad.shape == logq.shape``. ``norm``, ``empty_rows``, ``empty``,
-    ``denominator``: as ``kl_mc``.
+    ``-r (l + 1)``, reverse k3 ``-r l``, abs ``-sign(l)``. With ``iw = exp(log_iw)`` (1
+    without ``log_iw``) the weighted term is ``v = iw * clip_v(t(clip_l(l)))``
+    (``clamp_order="term"``) or ``v = clip_v(iw * t(clip_l(l)))`` (``"weighted"``,
+    NeMo-RL), and the derivative is autograd's of that formula: a clamp passes the gradient
+    where its input lies inside the bounds (inclusive) and 0 where it bites, so a clamped
+    term has derivative 0 (verl ``low_var_kl``: logq = 0, logp = [0.1, 3, 25] gives
+    [-0.105, 0, 0]). In the "weighted" order ``iw`` is also held constant where the
+    log-ratio clamp bites (NeMo-RL's ``calculate_kl``), so such an element passes no
+    gradient at all.
+
+    ``iw_grad=True``: ``log_iw = logq - log mu`` depends on ``logq``, so the derivative
+    also flows through the importance weight (``d iw / d logq = iw``): TRL's
+    bias-corrected KL, and NeMo-RL's on-policy KL. Without ``log_iw`` the weight is
+    ``exp(logq - stop_gradient(logq))``: 1 in value, with that derivative (NeMo-RL's KL
+    without importance sampling).
+
+    ``grad_estimator`` (straight-through, verl's "k1+", "k3+", "low_var_kl+" =
+    ``grad_estimator="k2"``): the value is that of ``estimator`` (with its clamps), the
+    derivative that of ``iw * t_g`` with ``t_g`` the unclamped term of ``grad_estimator``
+    (taken with the same ``reverse``; ``iw_grad`` as above). This costs a second pass.
+
+    ``wrt``: the input differentiated: "logq" (default), "logp" (the derivative of ``v``
+    with respect to ``logp``: minus that with respect to ``logq`` with ``iw`` held fixed) or
+    "log_iw" (``dv / dlog_iw``; needs ``log_iw``). The gradient has that input's shape.
+
+    Each derivative is multiplied by the mask weight ``w`` and the reduction's
+    normalisation (``1 / sum w`` for "mean" and "token-mean", ``1 / (B sum_j w_bj)`` for
+    "seq-mean-token-mean", ``1 / B`` for "seq-mean-token-sum", B the number of rows with a
+    token (every row with ``empty_rows="zero"``; ``denominator`` in place of ``sum w`` or B
+    when given), ``1 / norm`` for "seq-mean-token-sum-norm"). Where a mean is over zero
+    total weight the value is ``empty`` and the gradient 0. Returns ``(value, grad)`` with
+    ``grad.shape == logq.shape``. ``norm``, ``empty_rows``, ``empty``, ``denominator``: as
+    ``kl_mc``.
     """
     if _dask.is_dask(logq, logp, mask, log_iw):
         _dask.unsupported("kl_mc_grad")
-    inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw,
+    inp = mc_inputs(logq, logp, estimator, reverse, mask, log_iw, clamp_log_ratio,
+                    clamp_value, clamp_order=clamp_order,
                     ratio_only=reduction in _RATIO_REDUCTIONS and denominator is None)
+    gest = _checks.grad_estimator_code(grad_estimator, reverse)
+    iw_grad = _checks.flag(iw_grad, "iw_grad")
+    wrt = _checks.choice(wrt, _checks.GRAD_WRT, "wrt")
+    if wrt == "log_iw" and inp.log_iw is None:
+        raise ValueError("wrt='log_iw' needs log_iw (the derivative with respect to an "
+                         "input that was not given)")
+    # the kernels' iw_grad: 0 iw fixed, 1 also through iw (d iw/d logq = iw), 2 d/dlog_iw
+    iw_mode = {"logq": int(iw_grad), "logp": 0, "log_iw": 2}[wrt]
     reduction = _checks.reduction(reduction, len(inp.shape), allow_norm=True)
     agg = aggregation(reduction, norm, empty_rows, empty, denominator)
     red_axes = _checks.axes(axis, len(inp.shape))
@@ -404,24 +443,30 @@ def kl_mc_grad(
     ncols = inp.shape[1] if len(inp.shape) == 2 else 0
     rowscale = _core.row_grad_scale(wrow, how, agg, ncols)
 
+    # one fused pass, unless the derivative is another term's (straight-through)
+    g_est, g_clamp = (inp.est, inp.clamp) if gest is None else (gest, NO_CLAMPS)
     gperm = np.empty(tuple(inp.shape[i] for i in perm), dtype=inp.out_dtype)
     if rows * n:
         g2 = gperm.reshape(rows, n)
         part = _sliced_partials(
-            lambda v, rs, cs: be.mc_grad(*v, inp.est, rowscale[rs], g2[rs, cs]), views, rows, n)
+            lambda v, rs, cs: be.mc_grad(*v, g_est, g_clamp, iw_mode, rowscale[rs],
+                                         g2[rs, cs]), views, rows, n)
+        if wrt == "logp":  # v depends on logp - logq: d/dlogp = -d/dlogq (iw fixed)
+            np.negative(gperm, out=gperm)
     else:
         part = np.zeros((rows, 1, N_PARTIALS))
     grad = gperm.transpose(np.argsort(perm))
     if not grad.flags.c_contiguous:  # a copy only if an axis moved (ascontiguousarray would
         grad = grad.copy(order="C")  # also turn a 0-d gradient into shape (1,))
-    tot = _core.merge_blocks(part)
-
     if how == "none":
         value = np.empty(inp.shape, dtype=inp.out_dtype)
         if value.size:
             vviews = natural_rows(inp.arrays(), inp.shape)
-            mc_terms_sliced(be, vviews, inp.est, NO_CLAMPS, value.reshape(vviews[0].shape))
+            mc_terms_sliced(be, vviews, inp.est, inp.clamp, value.reshape(vviews[0].shape))
         return (value if value.ndim else value[()]), grad
+    if gest is not None and rows * n:  # the value's own pass
+        part = mc_partials_sliced(be, views, inp.est, inp.clamp, False)
+    tot = _core.merge_blocks(part)
     if how in ("mean", "sum"):
         if out_shape == ():
             return _core.finish_scalar(tot[0], how, "propagate", agg), grad

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks, _core
+from ._validate import aggregation
 from .backends import get_backend
 from .backends._contract import BLOCK
 from .files import LlamaSource, Source, load_small, open_source
@@ -108,6 +109,7 @@ class _SeqRows:
     def __init__(self, reduction: str, policy: str) -> None:
         self.reduction, self.policy = reduction, policy
         self.total, self.rows = 0.0, 0
+        self.all_rows = 0  # rows with or without a token (empty_rows="zero")
         self.row: np.ndarray | None = None  # merged partials of the long row being read
         self.e = 0
 
@@ -117,6 +119,7 @@ class _SeqRows:
                                     self.policy, e)
         self.total += float(vals.sum())
         self.rows += vals.size
+        self.all_rows += rows.shape[0]
 
     def add_piece(self, piece: np.ndarray, e: int, row_end: bool) -> None:
         """One piece of a long row (merged partials in units of ``2**e``)."""
@@ -130,8 +133,12 @@ class _SeqRows:
             self.add_rows(self.row[None], self.e)
             self.row = None
 
-    def value(self) -> float:
-        return self.total / self.rows if self.rows else math.nan
+    def value(self, agg: _core.Aggregation) -> float:
+        """``_core.rl_reduce``'s value, from the running sums."""
+        if agg.denominator is not None:
+            return self.total / agg.denominator
+        n = self.all_rows if agg.empty_rows == "zero" else self.rows
+        return self.total / n if n else agg.empty
 
 
 def _file_mask(v: np.ndarray, path: str, e0: int, shape: tuple) -> np.ndarray:
@@ -174,7 +181,8 @@ class MCFileReport:
         return d
 
 
-_FILE_REDUCTIONS = ("mean", "sum", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+_FILE_REDUCTIONS = ("mean", "sum", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                    "seq-mean-token-sum-norm")
 
 
 def kl_mc_file(
@@ -188,10 +196,15 @@ def kl_mc_file(
     log_iw: PathOrArray | None = None,
     clamp_log_ratio: tuple[float, float] | None = None,
     clamp_value: tuple[float, float] | None = None,
+    clamp_order: str = "term",
     nan_policy: str = "propagate",
     backend: str | None = None,
     memory_limit: float = DEFAULT_MEMORY_LIMIT,
     progress: bool | None = None,
+    norm: float | None = None,
+    empty_rows: str = "skip",
+    empty: float = math.nan,
+    denominator: float | None = None,
 ) -> MCFileReport:
     """``kl_mc_stats`` (and ``kl_mc``'s reductions) over arrays in files, streamed in blocks.
 
@@ -207,18 +220,22 @@ def kl_mc_file(
     the token-level mean, std, sem and 95% interval. Peak resident memory stays near
     ``memory_limit`` bytes (default 256 MiB), long rows included (a seq-mean-* row is read
     in pieces); the bits of the result do not depend on it. ``progress``: a tqdm bar (None:
-    only when stderr is a terminal).
+    only when stderr is a terminal). ``reduction="seq-mean-token-sum-norm"`` and ``norm``,
+    ``empty_rows``, ``empty``, ``denominator``: as ``kl_mc`` (they change ``.value`` only).
     """
     acc = MCAccumulator(estimator, reverse=reverse, clamp_log_ratio=clamp_log_ratio,
-                        clamp_value=clamp_value, nan_policy=nan_policy, backend=backend)
+                        clamp_value=clamp_value, clamp_order=clamp_order,
+                        nan_policy=nan_policy, backend=backend)
     limit = _memory_limit(memory_limit)
     be = get_backend(backend)
     srcs: list[Source | None] = []
     try:
         q, p, m, iw = _open_mc_sources(logq_path, logp_path, mask, log_iw, reduction, srcs)
+        agg = aggregation(reduction, norm, empty_rows, empty, denominator)
         dtype = _checks.compute_dtype(*(np.empty(0, s.dtype if s.dtype.itemsize <= 8 else "f8")
                                         for s in (q, p)))
-        seq = _SeqRows(reduction, acc.nan_policy) if reduction.startswith("seq-") else None
+        seq = (_SeqRows(reduction, acc.nan_policy)
+               if reduction in _checks.SEQ_REDUCTIONS else None)
         est, clamp = acc.kernel_options
         tiny = np.zeros((1, 2), dtype=dtype)
         be.mc_partials(tiny, tiny, None, None, est, clamp, True)  # load / compile
@@ -243,7 +260,7 @@ def kl_mc_file(
             bar.close()
     finally:
         _close_all(srcs)
-    return _mc_file_report(acc, reduction, seq)
+    return _mc_file_report(acc, reduction, seq, agg, q.shape[-1] if q.shape else 0)
 
 
 def _open_mc_sources(logq_path, logp_path, mask, log_iw, reduction, srcs: list):
@@ -264,7 +281,7 @@ def _open_mc_sources(logq_path, logp_path, mask, log_iw, reduction, srcs: list):
     if not isinstance(reduction, str) or reduction not in _FILE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(_FILE_REDUCTIONS)} for files, got "
                          f"{reduction!r}")
-    _checks.reduction(reduction, len(q.shape))
+    _checks.reduction(reduction, len(q.shape), allow_norm=True)
     m = iw = None
     if mask is not None:
         m = open_source(mask, "mask", prefer="mask")
@@ -367,17 +384,23 @@ def _fold_units(acc: MCAccumulator, seq: _SeqRows | None, part: np.ndarray, grou
                 seq.add_piece(piece, e, row_end)
 
 
-def _mc_file_report(acc: MCAccumulator, reduction: str, seq: _SeqRows | None
-                    ) -> MCFileReport:
+def _mc_file_report(acc: MCAccumulator, reduction: str, seq: _SeqRows | None,
+                    agg: _core.Aggregation, ncols: int) -> MCFileReport:
     st = acc.result()
     (S, W), nbad = acc.total, acc.n_nan
     nan_out = acc.nan_policy == "propagate" and nbad > 0
     if reduction in ("mean", "token-mean"):
-        value = st.mean
+        if agg.denominator is not None:
+            value = math.nan if nan_out else S / agg.denominator
+        else:
+            value = agg.empty if W == 0 and not nan_out else st.mean
     elif reduction == "sum":
         value = math.nan if nan_out else S
+    elif reduction == "seq-mean-token-sum-norm":
+        nrm = float(ncols) if agg.norm is None else agg.norm
+        value = math.nan if nan_out else (S / nrm if nrm > 0 else agg.empty)
     else:
-        value = seq.value()
+        value = seq.value(agg)
     return MCFileReport(st.mean, st.std, st.sem, st.n, st.ci95, value, reduction,
                         math.nan if nan_out else S, W, nbad, acc.estimator, acc.reverse)
 

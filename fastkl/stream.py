@@ -93,10 +93,12 @@ class MCAccumulator:
         reverse: bool = False,
         clamp_log_ratio: tuple[float, float] | None = None,
         clamp_value: tuple[float, float] | None = None,
+        clamp_order: str = "term",
         nan_policy: str = "propagate",
         backend: str | None = None,
     ) -> None:
-        self._est, self._clamp = mc_options(estimator, reverse, clamp_log_ratio, clamp_value)
+        self._est, self._clamp = mc_options(estimator, reverse, clamp_log_ratio, clamp_value,
+                                            clamp_order)
         self.estimator = estimator
         self.reverse = bool(reverse)
         self.nan_policy = _checks.nan_policy(nan_policy)
@@ -105,6 +107,11 @@ class MCAccumulator:
         self._tot = np.zeros(N_PARTIALS)  # W, S, M2, sum w**2, NaN count, n
         self._e = 0  # W, S, M2 are in units of 2**_e, sum w**2 in units of 4**_e
         self.n_updates = 0
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if len(self._clamp) == 4:  # pickled before clamp_order: the "term" order
+            self._clamp = tuple(self._clamp) + (0.0,)
 
     # options that must agree for a merge
     def _key(self) -> tuple:

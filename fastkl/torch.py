@@ -7,18 +7,17 @@ keeps the gradient for the backward pass, which only scales it by the upstream g
 
 What is differentiated:
 
-* ``kl_mc``: ``logq``, the log-probabilities of the sampled tokens under the policy being
-  trained. ``logp`` (the reference policy's log-probabilities) is a constant, as in verl and
-  TRL, where it comes from a frozen model under ``torch.no_grad``; a ``logp`` (or ``log_iw``,
-  or a weight ``mask``) that requires grad raises ``NotImplementedError`` rather than being
-  detached behind the user's back: pass ``.detach()`` when it is meant as a constant.
+* ``kl_mc``: ``logq`` (the policy being trained), ``logp`` and ``log_iw``, each where it
+  requires grad, with every option of ``fastkl.kl_mc_grad`` (clamps, ``clamp_order``,
+  ``grad_estimator``, ``iw_grad``); a weight ``mask`` that requires grad raises
+  ``NotImplementedError`` rather than being detached behind the user's back.
 * ``kl_logits``: ``logits_q``, the student's logits of KL(P||Q) in distillation; a
   ``logits_p`` (teacher) that requires grad raises ``NotImplementedError``.
 
-Options the fused kernels cannot differentiate yet (the clamps of ``kl_mc``, ``log_probs=True``
-of ``kl_logits``) raise ``NotImplementedError`` when a gradient is wanted; without one (no input
-requires grad, or under ``torch.no_grad()``) every option of the numpy API works. Gradients
-are first-order only (a double backward raises).
+Options the fused kernels cannot differentiate yet (``log_probs=True`` of ``kl_logits``)
+raise ``NotImplementedError`` when a gradient is wanted; without one (no input requires
+grad, or under ``torch.no_grad()``) every option of the numpy API works. Gradients are
+first-order only (a double backward raises).
 
 Tensors must be on the CPU (fastkl computes there): a CUDA, meta or other device tensor is a
 ``TypeError``. float32/float64 tensors are read in place (``tensor.detach().numpy()``, no
@@ -145,7 +144,7 @@ def _functions() -> dict[str, Any]:
 
     class FastklKLMC(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, logq, call):
+        def forward(ctx, logq, logp, log_iw, call):
             value, saved = call()
             ctx.fastkl_saved = saved
             return value
@@ -153,7 +152,9 @@ def _functions() -> dict[str, Any]:
         @staticmethod
         @once_differentiable
         def backward(ctx, grad_output):
-            return _backward(ctx.fastkl_saved, grad_output), None
+            saved = ctx.fastkl_saved  # {input index: _Saved}
+            return tuple(None if k not in saved else _backward(saved[k], grad_output)
+                         for k in range(3)) + (None,)
 
     class FastklKLLogits(torch.autograd.Function):
         @staticmethod
@@ -186,27 +187,33 @@ def kl_mc(
     log_iw=None,
     clamp_log_ratio: tuple[float, float] | None = None,
     clamp_value: tuple[float, float] | None = None,
+    clamp_order: str = "term",
+    grad_estimator: str | None = None,
+    iw_grad: bool = False,
     backend: str | None = None,
     norm: float | None = None,
     empty_rows: str = "skip",
     empty: float = math.nan,
     denominator: float | None = None,
 ):
-    """``fastkl.kl_mc`` on torch CPU tensors, differentiable with respect to ``logq``.
+    """``fastkl.kl_mc`` on torch CPU tensors, differentiable with respect to ``logq``,
+    ``logp`` and ``log_iw``.
 
-    Same arguments and semantics as ``fastkl.kl_mc`` (NaN propagating; ``norm``,
-    ``empty_rows``, ``empty`` and ``denominator`` included). Returns a tensor of
-    the inputs' dtype (promoted if ``logq`` and ``logp`` differ): 0-d for a full reduction
-    ("mean"/"sum" with ``axis=None`` and the RL reductions), otherwise shaped like the numpy
-    API's result. Accumulation is float64 as in fastkl; the result is then rounded to the
-    dtype.
+    Same arguments and semantics as ``fastkl.kl_mc`` / ``fastkl.kl_mc_grad`` (NaN
+    propagating; clamps and ``clamp_order``, ``norm``, ``empty_rows``, ``empty`` and
+    ``denominator`` included). Returns a tensor of the inputs' dtype (promoted if ``logq``
+    and ``logp`` differ): 0-d for a full reduction ("mean"/"sum" with ``axis=None`` and the
+    RL reductions), otherwise shaped like the numpy API's result. Accumulation is float64
+    as in fastkl; the result is then rounded to the dtype.
 
-    When ``logq`` requires grad (and grad mode is on), the forward pass is one fused
-    ``fastkl.kl_mc_grad`` call and the backward pass multiplies its gradient by the upstream
-    one (elementwise for ``reduction="none"``, broadcast over the reduced axes otherwise).
-    ``logp`` is a constant (the reference policy); it, ``log_iw`` and ``mask`` must not
-    require grad (``NotImplementedError``: detach them). ``clamp_log_ratio``/``clamp_value``
-    with a gradient raise ``NotImplementedError`` (no clamped gradient kernel yet).
+    For each of ``logq``, ``logp``, ``log_iw`` that requires grad (with grad mode on) the
+    forward pass runs the fused ``fastkl.kl_mc_grad`` kernel (``wrt=`` that input; one pass
+    for ``logq`` alone) and the backward pass multiplies its gradient by the upstream one.
+    The derivative is that of ``kl_mc_grad``: clamps pass no gradient where they bite,
+    ``grad_estimator`` makes it straight-through, and ``iw_grad=True`` lets it flow through
+    ``exp(log_iw)`` into ``logq`` (for a ``log_iw`` that does not itself carry ``logq``'s
+    graph; one that does, e.g. ``logq - old.detach()``, gets that gradient from autograd).
+    A weight ``mask`` that requires grad raises ``NotImplementedError`` (detach it).
 
     Raises ``TypeError`` for a tensor that is not on the CPU or not dense.
     """
@@ -215,48 +222,46 @@ def kl_mc(
         if _is_tensor(torch, x):
             _check_device(torch, x, name)
     out_dtype = _out_dtype(torch, "kl_mc", logq, logp, ("logq", "logp"))
-    _no_grad_for(torch, "kl_mc", logp, "logp",
-                 "the reference log-probabilities are a constant (verl and TRL compute them "
-                 "under torch.no_grad); pass logp.detach()")
-    _no_grad_for(torch, "kl_mc", log_iw, "log_iw",
-                 "the importance weights are taken as constants; pass log_iw.detach() (a "
-                 "gradient through them is not computed)")
     _no_grad_for(torch, "kl_mc", mask, "mask", "pass mask.detach()")
     q = _as_numpy(torch, logq, "logq")
     p = _as_numpy(torch, logp, "logp")
     m = _as_numpy(torch, mask, "mask")
     iw = _as_numpy(torch, log_iw, "log_iw")
     kw = dict(reverse=reverse, reduction=reduction, axis=axis, mask=m, log_iw=iw,
-              backend=backend, norm=norm, empty_rows=empty_rows, empty=empty,
-              denominator=denominator)
-
-    if not _wants_grad(torch, logq):
-        value = fastkl.kl_mc(q, p, estimator, clamp_log_ratio=clamp_log_ratio,
-                             clamp_value=clamp_value, **kw)
+              clamp_log_ratio=clamp_log_ratio, clamp_value=clamp_value,
+              clamp_order=clamp_order, backend=backend, norm=norm, empty_rows=empty_rows,
+              empty=empty, denominator=denominator)
+    wanted = [k for k, x in enumerate((logq, logp, log_iw)) if _wants_grad(torch, x)]
+    if not wanted:
+        if grad_estimator is not None or iw_grad:  # checked as kl_mc_grad would
+            fastkl.kl_mc_grad(np.zeros(1), np.zeros(1), estimator, reverse=reverse,
+                              grad_estimator=grad_estimator, iw_grad=iw_grad)
+        value = fastkl.kl_mc(q, p, estimator, **kw)
         return _to_tensor(torch, value, out_dtype)
-    for opt, name in ((clamp_log_ratio, "clamp_log_ratio"), (clamp_value, "clamp_value")):
-        if opt is not None:
-            raise NotImplementedError(
-                f"fastkl.torch.kl_mc: {name} with a gradient is not supported yet (the fused "
-                f"gradient kernel has no clamps); compute without {name}, or without a "
-                f"gradient (torch.no_grad() or logq.detach())")
 
     def call():
-        value, grad = fastkl.kl_mc_grad(q, p, estimator, **kw)
-        shape = tuple(logq.shape)
-        saved = _Saved()
-        saved.grad = torch.from_numpy(grad)
-        saved.dtype = logq.dtype
-        red = _normal_axes(axis, len(shape)) if reduction in ("mean", "sum") else None
-        if reduction == "none":
-            saved.go_shape = shape
-        elif red is None:
-            saved.go_shape = (1,) * len(shape)
-        else:
-            saved.go_shape = tuple(1 if i in red else n for i, n in enumerate(shape))
+        saved: dict[int, _Saved] = {}
+        value = None
+        for k in wanted:
+            x = (logq, logp, log_iw)[k]
+            value, grad = fastkl.kl_mc_grad(q, p, estimator, grad_estimator=grad_estimator,
+                                            iw_grad=iw_grad, wrt=("logq", "logp", "log_iw")[k],
+                                            **kw)
+            shape = tuple(x.shape)
+            s = _Saved()
+            s.grad = torch.from_numpy(grad)
+            s.dtype = x.dtype
+            red = _normal_axes(axis, len(shape)) if reduction in ("mean", "sum") else None
+            if reduction == "none":
+                s.go_shape = shape
+            elif red is None:
+                s.go_shape = (1,) * len(shape)
+            else:
+                s.go_shape = tuple(1 if i in red else n for i, n in enumerate(shape))
+            saved[k] = s
         return _to_tensor(torch, value, out_dtype), saved
 
-    return _functions()["kl_mc"].apply(logq, call)
+    return _functions()["kl_mc"].apply(logq, logp, log_iw, call)
 
 
 def kl_logits(

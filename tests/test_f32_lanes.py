@@ -27,7 +27,7 @@ from fastkl._estimators import K1, K2, K3, RK3
 from fastkl.backends.numba import mc
 
 F32 = np.float32
-NC = (-math.inf, math.inf, -math.inf, math.inf)
+NC = (-math.inf, math.inf, -math.inf, math.inf, 0.0)
 ESTS = {"k1": K1, "k2": K2, "k3": K3, "rk3": RK3}
 REGIMES = [(0.0, 1e-10), (1e-10, 1e-4), (1e-4, 0.35), (0.35, 1.0), (1.0, 10.0), (10.0, 88.0),
            (88.0, math.inf)]
@@ -315,7 +315,7 @@ def test_other_paths_unchanged():
     p = (q + 0.3).astype(F32)
     w = (rng.random((1, 5000)) < 0.5).astype(np.float64)
     cases = [(q.astype(float), p.astype(float), None, K3, NC), (q, p, w, K3, NC),
-             (q, p, None, K3, (-1.0, 1.0, -math.inf, math.inf)), (q, p, None, 3, NC)]
+             (q, p, None, K3, (-1.0, 1.0, -math.inf, math.inf, 0.0)), (q, p, None, 3, NC)]
     for qq, pp, m, est, cl in cases:
         mc.F32_LANES = True
         a = mc.mc_partials(qq, pp, m, None, est, cl, True)

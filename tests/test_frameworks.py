@@ -22,6 +22,21 @@ References (read from the frameworks' source):
   label is not -100 / their count.
 * Liger ``LigerJSD`` / ``LigerFusedLinearJSD`` (``log_q`` the student, ``log_p`` the
   teacher, same beta mapping and mixture): loss 0.0 when every label is ``ignore_index``.
+* verl ``core_algos.py::kl_penalty(logprob, ref_logprob, kl_penalty)``: the forward score of
+  ``kl_penalty_forward`` ("k1"/"kl" ``logprob - ref``, "abs" its absolute value, "k2"/"mse"
+  half its square, "low_var_kl"/"k3": ``d = clamp(ref - logprob, -20, 20)``,
+  ``clamp(exp(d) - d - 1, -10, 10)``); a mode ending in "+" returns ``b - b.detach() +
+  forward.detach()`` with ``b = 0.5 (logprob - ref)**2`` (straight-through k2 gradient).
+* NeMo-RL ``algorithms/utils.py::calculate_kl(logprobs, logprobs_reference, kl_type,
+  input_clamp_value, output_clamp_value, importance_sampling_weights)``: ``logr = ref -
+  logprobs`` clamped to +-input_clamp (the weight detached where that clamp changes logr),
+  k1 ``-logr``, k2 ``logr**2 / 2``, k3 ``exp(logr) - 1 - logr``, times the weights, then
+  clamped to +-output_clamp; the loss (``ClippedPGLossFn``) weights by ``exp(curr -
+  generation)`` (on-policy KL approximation) or ``exp(curr - curr.detach())``, both
+  differentiated, and ``masked_mean(kl, mask, global_valid_toks)`` = ``sum(kl * mask) /
+  (global_valid_toks + 1e-8)``.
+* TRL ``grpo_trainer.py`` with ``use_bias_correction_kl``: ``per_token_kl * coef_1``,
+  ``coef_1 = exp(per_token_logps - old_per_token_logps)`` (not detached).
 """
 
 from __future__ import annotations
@@ -269,13 +284,43 @@ def test_option_errors():
         fastkl.kl_mc(logq.ravel(), logp.ravel(), reduction="seq-mean-token-sum-norm")
 
 
-def test_norm_reduction_only_in_memory():
-    """"seq-mean-token-sum-norm" is for kl_mc / kl_mc_grad: the shared reduction check
-    (accumulators, files, dask graphs) does not take it."""
+def test_norm_reduction_not_for_accumulators():
+    """"seq-mean-token-sum-norm" is for kl_mc, kl_mc_grad, kl_mc_file and dask graphs: the
+    shared reduction check without allow_norm (the accumulators') does not take it."""
     from fastkl import _checks
 
     with pytest.raises(ValueError, match="reduction must be one of"):
         _checks.reduction("seq-mean-token-sum-norm", 2)
+
+
+AGG_CASES = [
+    dict(reduction="seq-mean-token-sum-norm"),
+    dict(reduction="seq-mean-token-sum-norm", norm=37.0),
+    dict(reduction="seq-mean-token-mean", empty_rows="zero"),
+    dict(reduction="seq-mean-token-sum", empty_rows="zero"),
+    dict(reduction="seq-mean-token-mean", denominator=11.0),
+    dict(reduction="token-mean", denominator=50.0),
+    dict(reduction="token-mean", empty=0.0),
+]
+
+
+@pytest.mark.parametrize("case", AGG_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_file_and_dask_take_the_aggregation_options(case, tmp_path):
+    """kl_mc_file (.value) and dask graphs give kl_mc's number for every aggregation option
+    (an empty row included; an all-empty mask for the `empty` case)."""
+    logq, logp, m = _inputs(np.float64, B=7, T=10)
+    masks = [m, np.zeros_like(m)] if "empty" in case else [m]
+    for mask in masks:
+        ref = fastkl.kl_mc(logq, logp, mask=mask, **case)
+        for name, a in (("q", logq), ("p", logp), ("m", mask)):
+            np.save(tmp_path / f"{name}.npy", a)
+        rep = fastkl.kl_mc_file(tmp_path / "q.npy", tmp_path / "p.npy", mask=tmp_path / "m.npy",
+                                **case)
+        np.testing.assert_allclose(rep.value, ref, rtol=1e-13)
+        da = pytest.importorskip("dask.array")
+        got = fastkl.kl_mc(da.from_array(logq, chunks=(3, 4)), da.from_array(logp, chunks=(3, 4)),
+                           mask=da.from_array(mask, chunks=(3, 4)), **case).compute()
+        np.testing.assert_allclose(float(got), ref, rtol=1e-13)
 
 
 # --------------------------------------------------------------------------- GKD / Liger
@@ -400,3 +445,150 @@ def test_logits_empty_option():
     assert v == 0.0 and not g.any()
     with pytest.raises(TypeError, match="empty"):
         fastkl.kl_logits(teacher, student, reduction="mean", empty=None)
+
+
+# --------------------------------------------------------------------------- clamps, "+" modes
+
+
+def _clamp_inputs(dtype, B=5, T=12, seed=3):
+    """Log-ratios with a tail beyond verl's clamps (|l| up to 25, k3 terms beyond 10)."""
+    rng = np.random.default_rng(seed)
+    logq = rng.normal(-2.0, 1.0, (B, T))
+    l = rng.normal(0.0, 1.0, (B, T))
+    l[:, :3] = rng.choice([-24.0, -15.0, 3.0, 4.5, 21.0, 30.0], size=(B, 3))
+    mask = rng.random((B, T)) < 0.8
+    mask[:, 0] = True
+    return logq.astype(dtype), (logq + l).astype(dtype), mask
+
+
+def verl_kl_penalty(logprob, ref, mode):
+    base = mode[:-1] if mode.endswith("+") else mode
+    if base in ("kl", "k1"):
+        fwd = logprob - ref
+    elif base == "abs":
+        fwd = (logprob - ref).abs()
+    elif base in ("mse", "k2"):
+        fwd = 0.5 * (logprob - ref).square()
+    elif base in ("low_var_kl", "k3"):
+        d = torch.clamp(ref - logprob, min=-20, max=20)
+        fwd = torch.clamp(torch.exp(d) - d - 1, min=-10, max=10)
+    else:
+        raise ValueError(mode)
+    if not mode.endswith("+") or base in ("mse", "k2"):
+        return fwd
+    b = 0.5 * (logprob - ref).square()
+    return b - b.detach() + fwd.detach()
+
+
+VERL_KL = {  # verl kl_penalty -> fastkl kl_mc_grad arguments
+    "k1": dict(estimator="k1"),
+    "abs": dict(estimator="abs"),
+    "k2": dict(estimator="k2"),
+    "low_var_kl": dict(estimator="k3", clamp_log_ratio=(-20, 20), clamp_value=(-10, 10)),
+    "k1+": dict(estimator="k1", grad_estimator="k2"),
+    "low_var_kl+": dict(estimator="k3", clamp_log_ratio=(-20, 20), clamp_value=(-10, 10),
+                        grad_estimator="k2"),
+}
+
+
+def _grad_check(dtype, inputs, ref_fn, kw):
+    logq, logp, m = inputs
+    q = torch.tensor(logq, requires_grad=True)
+    ref = ref_fn(q, torch.tensor(logp), torch.tensor(m, dtype=q.dtype))
+    ref.backward()
+    value, grad = fastkl.kl_mc_grad(logq, logp, mask=m, **kw)
+    assert grad.dtype == dtype
+    tol = _tol(dtype) if dtype == np.float32 else dict(rtol=2e-8, atol=1e-14)
+    np.testing.assert_allclose(value, ref.item(), **tol)
+    np.testing.assert_allclose(grad, q.grad.numpy(), **tol)
+    return grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(VERL_KL))
+def test_verl_kl_penalty_gradients(dtype, mode):
+    """verl's penalties under its token-mean agg_loss: value and gradient, the clamped
+    low_var_kl (gradient 0 where a clamp bites) and the straight-through "+" modes."""
+    inputs = _clamp_inputs(dtype)
+    grad = _grad_check(
+        dtype, inputs,
+        lambda q, p, m: verl_agg_loss(verl_kl_penalty(q, p, mode), m, "token-mean"),
+        dict(reduction="token-mean", **VERL_KL[mode]))
+    if mode == "low_var_kl":  # the clamps bite on the tail
+        assert (grad[inputs[2]] == 0).sum() >= 5
+
+
+def test_verl_low_var_kl_issue_example():
+    q = torch.zeros(3, requires_grad=True)
+    verl_kl_penalty(q, torch.tensor([0.1, 3.0, 25.0]), "low_var_kl").sum().backward()
+    _, g = fastkl.kl_mc_grad(np.zeros(3, np.float32), np.array([0.1, 3, 25], np.float32), "k3",
+                             reduction="sum", clamp_log_ratio=(-20, 20), clamp_value=(-10, 10))
+    np.testing.assert_allclose(g, q.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(g, [-0.10517, 0.0, 0.0], rtol=1e-4)
+
+
+def nemo_calculate_kl(logprobs, ref, kl_type, input_clamp, output_clamp, iw):
+    logr = ref - logprobs
+    if input_clamp is not None:
+        logr_c = logr.clamp(min=-input_clamp, max=input_clamp)
+        if iw is not None:
+            iw = torch.where(logr == logr_c, iw, iw.detach())
+        logr = logr_c
+    kl = {"k1": -logr, "k2": torch.square(logr) / 2,
+          "k3": torch.exp(logr) - 1 - logr}[kl_type]
+    if iw is not None:
+        kl = iw * kl
+    if output_clamp is not None:
+        kl = kl.clamp(min=-output_clamp, max=output_clamp)
+    return kl
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_nemo_rl_calculate_kl(dtype, kl_type, on_policy):
+    """NeMo-RL's KL penalty (input clamp 20, output clamp 10, importance weights multiplied
+    in before the output clamp and differentiated) with its global token normaliser:
+    clamp_order="weighted", iw_grad=True, denominator=global_valid_toks."""
+    logq, logp, m = _clamp_inputs(dtype, seed=4)
+    rng = np.random.default_rng(9)
+    gen = (logq + rng.normal(0.0, 0.4, logq.shape)).astype(dtype)  # generation log-probs
+    toks = float(m.sum()) + 7.0  # this shard's tokens are part of a larger global batch
+
+    def ref_fn(q, p, mt):
+        if on_policy:
+            iw = torch.nan_to_num(torch.exp(q - torch.tensor(gen)), nan=0.0, posinf=0.0,
+                                  neginf=0.0)
+        else:
+            iw = torch.exp(q - q.detach())
+        kl = nemo_calculate_kl(q, p, kl_type, 20.0, 10.0, iw)
+        return torch.sum(kl * mt) / (toks + 1e-8)
+
+    grad = _grad_check(dtype, (logq, logp, m), ref_fn, dict(
+        estimator=kl_type, clamp_log_ratio=(-20, 20), clamp_value=(-10, 10),
+        clamp_order="weighted", iw_grad=True, log_iw=(logq - gen) if on_policy else None,
+        reduction="token-mean", denominator=toks))
+    assert grad.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trl_bias_corrected_kl(dtype):
+    """TRL use_bias_correction_kl: k3 times exp(logps - old_logps), differentiated through
+    the importance weight, under the "grpo" aggregation: iw_grad=True."""
+    logq, logp, m = _inputs(dtype)
+    rng = np.random.default_rng(2)
+    old = (logq + rng.normal(0.0, 0.3, logq.shape)).astype(dtype)
+
+    def ref_fn(q, p, mt):
+        d = p - q
+        kl = (torch.exp(d) - d - 1) * torch.exp(q - torch.tensor(old))
+        return trl_loss(kl, mt, "grpo")
+
+    _grad_check(dtype, (logq, logp, m), ref_fn, dict(
+        estimator="k3", log_iw=logq - old, iw_grad=True, **TRL_SETTINGS["grpo"]))
+    # without iw_grad the gradient holds the weight fixed: it differs by w * t / N per token
+    _, fixed = fastkl.kl_mc_grad(logq, logp, "k3", mask=m, log_iw=logq - old,
+                                 **TRL_SETTINGS["grpo"])
+    _, full = fastkl.kl_mc_grad(logq, logp, "k3", mask=m, log_iw=logq - old, iw_grad=True,
+                                **TRL_SETTINGS["grpo"])
+    assert not np.allclose(fixed, full)

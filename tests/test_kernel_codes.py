@@ -36,7 +36,7 @@ def _pair(dtype=np.float64):
     return q, (q + rng.normal(size=q.shape)).astype(dtype)
 
 
-NOCLAMP = (-np.inf, np.inf, -np.inf, np.inf)
+NOCLAMP = (-np.inf, np.inf, -np.inf, np.inf, 0.0)  # the kernels' clamp tuple: no clamp
 
 
 @pytest.mark.parametrize("code", UNKNOWN)
@@ -50,7 +50,7 @@ def test_cython_unknown_estimator_code_raises(code, dtype):
         cy.mc_terms(q, p, None, None, code, NOCLAMP, out)
     assert (out == 7.0).all()  # the kernel did not run
     with pytest.raises(ValueError, match="estimator code"):
-        cy.mc_grad(q, p, None, None, code, np.ones(2), np.empty_like(q))
+        cy.mc_grad(q, p, None, None, code, NOCLAMP, 0, np.ones(2), np.empty_like(q))
 
 
 @pytest.mark.parametrize("code", [e.code for e in ESTIMATORS])

@@ -243,7 +243,7 @@ def test_unknown_estimator_code_raises(backend, code):
     mod = get_backend(backend)
     q = np.zeros((2, 10))
     inf = float("inf")
-    clamp = (-inf, inf, -inf, inf)
+    clamp = (-inf, inf, -inf, inf, 0.0)
     with pytest.raises(ValueError, match="estimator code"):
         mod.mc_partials(q, q, None, None, code, clamp, True)
     out = np.full(q.shape, 7.0)
@@ -251,5 +251,5 @@ def test_unknown_estimator_code_raises(backend, code):
         mod.mc_terms(q, q, None, None, code, clamp, out)
     assert (out == 7.0).all()  # raised before any kernel ran
     with pytest.raises(ValueError, match="estimator code"):
-        mod.mc_grad(q, q, None, None, code, np.ones(2), out)
+        mod.mc_grad(q, q, None, None, code, clamp, 0, np.ones(2), out)
     assert (out == 7.0).all()

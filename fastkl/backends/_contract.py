@@ -8,29 +8,37 @@ All arrays handed to a kernel are already validated and shaped by the public lay
   weights (finite, >= 0).
 * ``log_iw``: ``None`` or 2-D same shape, same dtype as ``logq``.
 * ``est``: an estimator code from ``EST_CODES``.
-* ``clamp``: ``(lr_lo, lr_hi, v_lo, v_hi)`` floats; +-inf when not clamping.
+* ``clamp``: ``(lr_lo, lr_hi, v_lo, v_hi, weighted)``: bounds (+-inf when not clamping) and
+  the order flag: with ``iw = exp(log_iw)`` (1 without it) the weighted term is
+  ``v = iw * clip(t(clip(l, lr_lo, lr_hi)), v_lo, v_hi)`` for ``weighted == 0`` and
+  ``v = clip(iw * t(clip(l, lr_lo, lr_hi)), v_lo, v_hi)`` for ``weighted == 1``.
 
 Functions:
 
 ``mc_terms(logq, logp, mask, log_iw, est, clamp, out) -> None``
     ``out`` (C-contiguous ``[rows, n]``, float32 for float32 inputs, float64 for float64)
-    receives ``w * exp(log_iw) * clip(t(clip(l, lr_lo, lr_hi)), v_lo, v_hi)``, exactly 0.0
-    wherever ``w == 0`` (a NaN or inf there is ignored).
+    receives ``w * v``, exactly 0.0 wherever ``w == 0`` (a NaN or inf there is ignored).
 
 ``mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2) -> float64 [rows, nblk, 6]``
     Each row is cut into blocks of ``BLOCK`` consecutive elements (``nblk = max(1,
     ceil(n / BLOCK))``; blocks never straddle rows). Per block, over the *included* elements
-    (``w != 0`` and term not NaN), with ``t`` the term of ``mc_terms`` before the weight:
+    (``w != 0`` and term not NaN), with ``t`` the term ``v`` of ``mc_terms`` before ``w``:
     ``[0] W = sum w``, ``[1] S = sum w*t``, ``[2] M2 = sum w*(t - S/W)**2`` (0.0 unless
     ``want_m2``; 0.0 when ``W == 0``), ``[3] sum w**2``, ``[4]`` the number of NaN terms with
     ``w != 0`` (excluded from the others), ``[5]`` the number of included elements.
     Which thread computes which block never changes the bits: the public layer merges
     blocks in order.
 
-``mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad) -> partials``
-    Unclamped terms. ``out_grad`` (like ``out``) receives ``rowscale[row] * w *
-    exp(log_iw) * dt/dlogq`` (0.0 where ``w == 0``); returns ``mc_partials(..., want_m2=
-    False)`` of the same terms.
+``mc_grad(logq, logp, mask, log_iw, est, clamp, iw_grad, rowscale, out_grad) -> partials``
+    ``out_grad`` (like ``out``) receives ``rowscale[row] * w * dv/dlogq`` (0.0 where
+    ``w == 0``); returns ``mc_partials(..., clamp, want_m2=False)`` of the same terms. The
+    derivative is autograd's of ``v``: a clip passes it where its input is inside the
+    bounds (inclusive) and gives 0 where it bites or the input is NaN; with ``weighted``,
+    where the log-ratio clip bites the whole derivative is 0 (``iw`` is held constant
+    there too, as NeMo-RL's ``calculate_kl``). ``iw_grad``:
+    0, ``iw`` is a constant; 1, ``log_iw`` depends on ``logq`` (``d iw / d logq = iw``);
+    2, the derivative with respect to ``log_iw`` alone. (``numpy/mc.py``'s
+    ``_terms_grads`` is the specification.)
 
 Backends must agree with the reference to the per-term tolerance of the public docs.
 """

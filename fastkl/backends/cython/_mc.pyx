@@ -50,7 +50,7 @@ cdef extern from "mc.h" nogil:
 
     ctypedef struct fk_params:
         int mode, est, want_m2
-        int clamp_l, clamp_v
+        int clamp_l, clamp_v, weighted, iw_grad
         double lr_lo, lr_hi, v_lo, v_hi
 
     void fk_task(const fk_arrays *A, const fk_params *P, Py_ssize_t task, double *work,
@@ -93,10 +93,12 @@ cdef void _run(const fk_arrays *A, const fk_params *P, Py_ssize_t ntasks, Py_ssi
 
 
 def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw, int est,
-        double lr_lo, double lr_hi, double v_lo, double v_hi, bint want_m2,
-        object out=None, object rowscale=None):
+        double lr_lo, double lr_hi, double v_lo, double v_hi, bint weighted, int iw_grad,
+        bint want_m2, object out=None, object rowscale=None):
     """One kernel call. ``mode``: 0 terms (into ``out``), 1 partials, 2 grad (into ``out``,
-    with ``rowscale``). Returns the partials ``[rows, nblk, N_PARTIALS]`` (modes 1, 2)."""
+    with ``rowscale``). ``weighted``: clamp_order="weighted"; ``iw_grad`` (mode 2): 1, the
+    derivative flows through exp(log_iw) too; 2, the derivative with respect to log_iw. Returns the partials ``[rows, nblk,
+    N_PARTIALS]`` (modes 1, 2)."""
     cdef fk_arrays A
     cdef fk_params P
     cdef Py_ssize_t rows = cnp.PyArray_DIM(logq, 0), n = cnp.PyArray_DIM(logq, 1)
@@ -146,6 +148,10 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
     P.v_hi = v_hi
     P.clamp_l = not (lr_lo == -INFINITY and lr_hi == INFINITY)
     P.clamp_v = not (v_lo == -INFINITY and v_hi == INFINITY)
+    P.weighted = weighted
+    if not 0 <= iw_grad <= 2:
+        raise ValueError(f"iw_grad must be 0, 1 or 2, got {iw_grad}")
+    P.iw_grad = iw_grad if mode == FK_GRAD else 0
 
     if mode != FK_TERMS:
         parts_arr = np.zeros((rows, nblk, FK_NPART), dtype=np.float64)

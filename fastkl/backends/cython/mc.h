@@ -30,8 +30,8 @@
 #define FK_CHUNK 512  /* elements per L1-resident chunk; divides FK_BLOCK, multiple of FK_NACC */
 #define FK_NACC 16    /* independent accumulators per quantity (fixed: the summation order) */
 #define FK_NPART 6
-/* doubles of per-thread workspace: block terms + block weights + 4 chunk buffers */
-#define FK_WORK_DOUBLES (2 * FK_BLOCK + 4 * FK_CHUNK)
+/* doubles of per-thread workspace: block terms + block weights + 5 chunk buffers */
+#define FK_WORK_DOUBLES (2 * FK_BLOCK + 5 * FK_CHUNK)
 
 /* ------------------------------------------------------------------ arguments */
 typedef struct {
@@ -51,9 +51,13 @@ enum { FK_TERMS = 0, FK_PARTIALS = 1, FK_GRAD = 2 };
  * other code before a kernel runs; the kernels' ``default:`` gives NaN, never a term. */
 enum { FK_K1 = 0, FK_K2 = 1, FK_K3 = 2, FK_RK1 = 3, FK_RK3 = 4, FK_ABS = 5, FK_NEST = 6 };
 
+/* clamp_l / clamp_v: the log-ratio / value clamp is active; weighted: the value clamp acts on
+ * exp(log_iw) * t (clamp_order="weighted") instead of t; iw_grad (mode FK_GRAD): 1, the
+ * derivative also flows through exp(log_iw) (d exp(log_iw) / d logq = exp(log_iw)); 2, the
+ * derivative with respect to log_iw alone. */
 typedef struct {
     int mode, est, want_m2;
-    int clamp_l, clamp_v;
+    int clamp_l, clamp_v, weighted, iw_grad;
     double lr_lo, lr_hi, v_lo, v_hi;
 } fk_params;
 
@@ -122,9 +126,10 @@ static void fk_term_slow(double l, int est, double *t, double *g) {
 
 /* ------------------------------------------------------------------ chunk stages */
 
-/* L[i] = (double)p[i] - (double)q[i], clamped (NaN stays NaN). */
+/* L[i] = (double)p[i] - (double)q[i], clamped (NaN stays NaN); when Raw != NULL it
+ * receives the log-ratios before the clamp. */
 FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrdiff_t col,
-                         ptrdiff_t c, double *FK_RESTRICT L) {
+                         ptrdiff_t c, double *FK_RESTRICT L, double *FK_RESTRICT Raw) {
     ptrdiff_t i;
     if (A->f32)
         fk_get_diff_f32((const float *)A->p + row * A->p0 + col * A->p1, A->p1,
@@ -134,12 +139,42 @@ FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, 
                         (const double *)A->q + row * A->q0 + col * A->q1, A->q1, c, L);
     if (P->clamp_l) {
         const double lo = P->lr_lo, hi = P->lr_hi;
+        if (Raw)
+            for (i = 0; i < c; i++) Raw[i] = L[i];
         for (i = 0; i < c; i++) {
             double l = L[i];
             l = (l < lo) ? lo : l;
             l = (l > hi) ? hi : l;
             L[i] = l;
         }
+    }
+}
+
+/* G[i] = 0 where X[i] is outside [lo, hi] or NaN (the derivative of a clip of X). */
+FK_INLINE void fk_gate(const double *FK_RESTRICT X, double *FK_RESTRICT G, ptrdiff_t c,
+                       double lo, double hi) {
+    ptrdiff_t i;
+    for (i = 0; i < c; i++) {
+        const double x = X[i];
+        G[i] = (x >= lo && x <= hi) ? G[i] : 0.0;
+    }
+}
+
+/* T[i] = clip(T[i], lo, hi) (NaN stays NaN); with G, G[i] = 0 where T[i] was outside
+ * [lo, hi] or NaN (the derivative of the clip, as autograd's). */
+FK_INLINE void fk_clip_value(double *FK_RESTRICT T, double *FK_RESTRICT G, ptrdiff_t c,
+                             double lo, double hi) {
+    ptrdiff_t i;
+    if (G)
+        for (i = 0; i < c; i++) {
+            const double t = T[i];
+            G[i] = (t >= lo && t <= hi) ? G[i] : 0.0;
+        }
+    for (i = 0; i < c; i++) {
+        double t = T[i];
+        t = (t < lo) ? lo : t;
+        t = (t > hi) ? hi : t;
+        T[i] = t;
     }
 }
 
@@ -437,14 +472,15 @@ static void fk_block(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrd
     const ptrdiff_t rem = A->n - start;
     const ptrdiff_t nb = rem < FK_BLOCK ? rem : FK_BLOCK;
     const int grad = P->mode == FK_GRAD;
-    const int clamp_v = P->clamp_v && !grad;
     double *Tb = work;                  /* [FK_BLOCK] terms of the block */
     double *Wblk = work + FK_BLOCK;     /* [FK_BLOCK] weights of the block */
     double *L = work + 2 * FK_BLOCK;    /* [FK_CHUNK] log-ratios */
     double *G = L + FK_CHUNK;           /* [FK_CHUNK] derivatives */
     double *X = G + FK_CHUNK;           /* [FK_CHUNK] exp(log_iw) */
     double *Y = X + FK_CHUNK;           /* [FK_CHUNK] log_iw */
+    double *Raw = Y + FK_CHUNK;         /* [FK_CHUNK] log-ratios before their clamp (grad) */
     const double rs = grad ? A->rowscale[row] : 1.0;
+    const int gate_l = grad && P->clamp_l;
     fk_acc acc;
     ptrdiff_t off, i;
     memset(&acc, 0, sizeof acc);
@@ -454,33 +490,34 @@ static void fk_block(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrd
         const ptrdiff_t col = start + off;
         double *T = Tb + off;
         double *Wb = A->mkind ? Wblk + off : NULL;
-        fk_params Pl = *P;
-        if (grad) Pl.clamp_l = 0;
+        double *Gc = grad ? G : NULL;
 
-        fk_load_l(A, &Pl, row, col, c, L);
+        fk_load_l(A, P, row, col, c, L, gate_l ? Raw : NULL);
         /* two inlined copies: the series is a constant in each */
-        if (A->f32 ? fk_terms(P->est, L, c, T, grad ? G : NULL, FK_SERIES_LO)
-                   : fk_terms(P->est, L, c, T, grad ? G : NULL, FK_SERIES_FULL)) {
+        if (A->f32 ? fk_terms(P->est, L, c, T, Gc, FK_SERIES_LO)
+                   : fk_terms(P->est, L, c, T, Gc, FK_SERIES_FULL)) {
             for (i = 0; i < c; i++) {
                 const double l = L[i];
                 if (!(fabs(l) <= FK_FAST_MAX)) fk_term_slow(l, P->est, T + i, grad ? G + i : NULL);
             }
         }
-        if (clamp_v) {
-            const double lo = P->v_lo, hi = P->v_hi;
-            for (i = 0; i < c; i++) {
-                double t = T[i];
-                t = (t < lo) ? lo : t;
-                t = (t > hi) ? hi : t;
-                T[i] = t;
-            }
-        }
+        /* v = exp(log_iw) * clip(t) ("term" order) or clip(exp(log_iw) * t) ("weighted"); the
+         * derivative is autograd's (numpy/mc.py _terms_grads) */
+        if (gate_l && !P->weighted) fk_gate(Raw, G, c, P->lr_lo, P->lr_hi);
+        if (P->clamp_v && !P->weighted) fk_clip_value(T, Gc, c, P->v_lo, P->v_hi);
+        if (grad && P->iw_grad == 1)
+            for (i = 0; i < c; i++) G[i] = G[i] + T[i];
+        else if (grad && P->iw_grad == 2) /* dv / dlog_iw alone */
+            for (i = 0; i < c; i++) G[i] = T[i];
         if (A->iw) {
             fk_load_exp_iw(A, row, col, c, X, Y);
             for (i = 0; i < c; i++) T[i] = T[i] * X[i];
             if (grad)
                 for (i = 0; i < c; i++) G[i] = G[i] * X[i];
         }
+        if (P->clamp_v && P->weighted) fk_clip_value(T, Gc, c, P->v_lo, P->v_hi);
+        /* NeMo-RL: where the log-ratio clamp bites, no gradient (through exp(log_iw) neither) */
+        if (gate_l && P->weighted) fk_gate(Raw, G, c, P->lr_lo, P->lr_hi);
         if (Wb) fk_load_w(A, row, col, c, Wb);
 
         if (P->mode == FK_TERMS) {

@@ -57,8 +57,9 @@ def _inputs(logq, logp, mask, log_iw):
 
 
 def _clamp(clamp):
-    lo, hi, vlo, vhi = (float(c) for c in clamp)
-    return lo, hi, vlo, vhi
+    """``run``'s clamp arguments (lr_lo, lr_hi, v_lo, v_hi, weighted) of a contract tuple."""
+    lo, hi, vlo, vhi, weighted = clamp
+    return float(lo), float(hi), float(vlo), float(vhi), bool(weighted)
 
 
 def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
@@ -68,7 +69,7 @@ def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
         return
     direct = out.dtype == dtype and out.flags.c_contiguous and out.flags.writeable
     dest = out if direct else np.empty(q.shape, dtype=dtype)
-    _k.run(_TERMS, q, p, m, iw, int(est), *_clamp(clamp), False, dest, None)
+    _k.run(_TERMS, q, p, m, iw, int(est), *_clamp(clamp), 0, False, dest, None)
     if not direct:
         out[...] = dest
 
@@ -76,18 +77,19 @@ def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
 def mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2):
     """Per-block partials ``[rows, nblk, N_PARTIALS]`` (see ``_contract``)."""
     q, p, m, iw, _ = _inputs(logq, logp, mask, log_iw)
-    return _k.run(_PARTIALS, q, p, m, iw, int(est), *_clamp(clamp), bool(want_m2), None, None)
+    return _k.run(_PARTIALS, q, p, m, iw, int(est), *_clamp(clamp), 0, bool(want_m2), None,
+                  None)
 
 
-def mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad):
-    """Partials of the unclamped terms; out_grad = rowscale * w * exp(log_iw) * dt/dlogq."""
+def mc_grad(logq, logp, mask, log_iw, est, clamp, iw_grad, rowscale, out_grad):
+    """The partials of the terms of ``mc_partials(..., clamp)``; out_grad = rowscale * w *
+    dv/dlogq (numpy/mc.py ``mc_grad``)."""
     q, p, m, iw, dtype = _inputs(logq, logp, mask, log_iw)
     rs = np.ascontiguousarray(rowscale, dtype=np.float64).reshape(q.shape[0])
     direct = (out_grad.dtype == dtype and out_grad.flags.c_contiguous
               and out_grad.flags.writeable)
     dest = out_grad if direct else np.empty(q.shape, dtype=dtype)
-    inf = float("inf")
-    part = _k.run(_GRAD, q, p, m, iw, int(est), -inf, inf, -inf, inf, False, dest, rs)
+    part = _k.run(_GRAD, q, p, m, iw, int(est), *_clamp(clamp), int(iw_grad), False, dest, rs)
     if not direct:
         out_grad[...] = dest
     return part

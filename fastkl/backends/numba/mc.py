@@ -283,28 +283,62 @@ def _exp_stage(xb, eb, mm):
 
 
 @jit(nogil=True)
-def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, eb, tb, gb):
-    """Terms (clamped, times exp(log_iw)) of ``mm`` elements of a row into tb (and
-    dt/dlogq * exp(log_iw) into gb if want_g, unclamped: the grad kernel passes no clamps).
+def _gate_pass(x, g, mm, lo, hi):
+    """g[i] = 0 wherever x[i] is outside [lo, hi] or NaN (the derivative of a clip)."""
+    for i in range(mm):
+        xi = x[i]
+        g[i] = g[i] if (xi >= lo and xi <= hi) else 0.0
+
+
+@jit(nogil=True)
+def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, eb, tb, gb,
+               ab):
+    """Weighted terms ``v`` of ``mm`` elements of a row into tb (and dv/dlogq into gb if
+    want_g): numpy.mc._terms_grads. ``clamp`` = (lr_lo, lr_hi, v_lo, v_hi, weighted,
+    iw_grad); ``ab`` is scratch for the log-ratios before their clamp (want_g only).
 
     Returns True when some lane went through a libm fix-up (a term may be NaN or inf)."""
     _load_l(qb, pb, geo, row, j, mm, lb)
-    if clamp[0] > -math.inf or clamp[1] < math.inf:
+    clamp_l = clamp[0] > -math.inf or clamp[1] < math.inf
+    if clamp_l:
+        if want_g:
+            for i in range(mm):
+                ab[i] = lb[i]
         _clip_pass(lb, mm, clamp[0], clamp[1])
     if qb.itemsize == 4:  # float32 inputs: the short series (``lo``)
         fixed_up = _terms_stage_lo(lb, tb, gb, mm, est, want_g)
     else:
         fixed_up = _terms_stage13(lb, tb, gb, mm, est, want_g)
-    if clamp[2] > -math.inf or clamp[3] < math.inf:
-        _clip_pass(tb, mm, clamp[2], clamp[3])
+    clamp_v = clamp[2] > -math.inf or clamp[3] < math.inf
+    weighted = clamp[4] != 0.0
+    iw_grad = clamp[5] if want_g else 0.0  # 0, 1 or 2 (dv/dlog_iw alone)
     if has_iw:
         _load_x(ib, geo, 3, row, j, mm, xb)
         fixed_up |= _exp_stage(xb, eb, mm)
+    if clamp_l and want_g and not weighted:  # the derivative of the log-ratio clip
+        _gate_pass(ab, gb, mm, clamp[0], clamp[1])
+    if clamp_v and not weighted:  # v = iw * clip(t)
+        if want_g:
+            _gate_pass(tb, gb, mm, clamp[2], clamp[3])
+        _clip_pass(tb, mm, clamp[2], clamp[3])
+    if iw_grad == 1.0:  # d iw / d logq = iw: + iw * (the term so far)
+        for i in range(mm):
+            gb[i] += tb[i]
+    elif iw_grad == 2.0:
+        for i in range(mm):
+            gb[i] = tb[i]
+    if has_iw:
         for i in range(mm):
             tb[i] *= eb[i]
         if want_g:
             for i in range(mm):
                 gb[i] *= eb[i]
+    if clamp_v and weighted:  # v = clip(iw * t)
+        if want_g:
+            _gate_pass(tb, gb, mm, clamp[2], clamp[3])
+        _clip_pass(tb, mm, clamp[2], clamp[3])
+    if clamp_l and want_g and weighted:  # NeMo-RL: no gradient, through iw neither
+        _gate_pass(ab, gb, mm, clamp[0], clamp[1])
     return fixed_up
 
 
@@ -508,7 +542,7 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
                 tb = tblk[ob : ob + mm]
                 wb = wblk[ob : ob + mm]
                 fixed_up = _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp,
-                                      False, lb, xb, eb, tb, gb)
+                                      False, lb, xb, eb, tb, gb, gb)
                 if has_mask:
                     _load_x(mb, geo, 2, row, j0 + o, mm, wb)
                 if fixed_up and not has_mask:
@@ -901,7 +935,7 @@ def _terms_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, ou
             while o < m:
                 mm = min(SUB, m - o)
                 _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp, False, lb,
-                           xb, eb, tb, gb)
+                           xb, eb, tb, gb, gb)
                 ov = out[row * n + j0 + o : row * n + j0 + o + mm]
                 if has_mask:
                     _load_x(mb, geo, 2, row, j0 + o, mm, wb)
@@ -927,6 +961,7 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
         gb = np.empty(SUB)
         tb = np.empty(SUB)
         wb = np.empty(SUB)
+        ab = np.empty(SUB)
         for task in range(c * ntasks // nchunk, (c + 1) * ntasks // nchunk):
             row, j0, m = _task(rows, nblk, n, task)
             rs = rowscale[row]
@@ -936,7 +971,7 @@ def _grad_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp, row
             while o < m:
                 mm = min(SUB, m - o)
                 fixed_up = _sub_terms(qb, pb, ib, geo, row, j0 + o, mm, est, has_iw, clamp,
-                                      True, lb, xb, eb, tb, gb)
+                                      True, lb, xb, eb, tb, gb, ab)
                 ov = out[row * n + j0 + o : row * n + j0 + o + mm]
                 if has_mask:
                     _load_x(mb, geo, 2, row, j0 + o, mm, wb)
@@ -995,20 +1030,23 @@ def _prepare(logq, logp, mask, log_iw):
     return bufs, geometry(g), mask is not None, log_iw is not None
 
 
-_NO_CLAMP = np.array([-np.inf, np.inf, -np.inf, np.inf])
+# the kernels' clamp array: (lr_lo, lr_hi, v_lo, v_hi, weighted, iw_grad)
+_NO_CLAMP = np.array([-np.inf, np.inf, -np.inf, np.inf, 0.0, 0.0])
 _NO_CLAMP.flags.writeable = False
-_CLAMPS: dict = {(-np.inf, np.inf, -np.inf, np.inf): _NO_CLAMP}
+_CLAMPS: dict = {((-np.inf, np.inf, -np.inf, np.inf, 0.0), 0): _NO_CLAMP}
 
 
-def _clamp(clamp) -> np.ndarray:
-    """The clamp bounds as a read-only float64 array, built once per distinct tuple (saves
-    about 1 us a call on small inputs)."""
-    arr = _CLAMPS.get(clamp)
+def _clamp(clamp, iw_grad: int = 0) -> np.ndarray:
+    """The kernels' clamp array of a contract clamp tuple (and ``iw_grad``), read-only, built
+    once per distinct value (saves about 1 us a call on small inputs)."""
+    key = (clamp, int(iw_grad))
+    arr = _CLAMPS.get(key)
     if arr is None:
-        arr = np.array([float(c) for c in clamp], dtype=np.float64)
+        lr_lo, lr_hi, v_lo, v_hi, weighted = (float(c) for c in clamp)
+        arr = np.array([lr_lo, lr_hi, v_lo, v_hi, weighted, float(iw_grad)])
         arr.flags.writeable = False
         if len(_CLAMPS) < 64:
-            _CLAMPS[clamp] = arr
+            _CLAMPS[key] = arr
     return arr
 
 
@@ -1064,9 +1102,10 @@ def mc_partials(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
 
 
 def mc_grad(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
-            log_iw: np.ndarray | None, est: int, rowscale: np.ndarray,
-            out_grad: np.ndarray) -> np.ndarray:
-    """out_grad = rowscale * w * exp(log_iw) * dt/dlogq; returns the partials (no M2)."""
+            log_iw: np.ndarray | None, est: int, clamp: tuple, iw_grad: int,
+            rowscale: np.ndarray, out_grad: np.ndarray) -> np.ndarray:
+    """out_grad = rowscale * w * dv/dlogq (numpy.mc.mc_grad); returns the partials of the
+    same terms (no M2)."""
     est = _est(est)
     rows, n = logq.shape
     part = np.zeros((rows, _nblk(n), N_PARTIALS))
@@ -1076,8 +1115,8 @@ def mc_grad(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
             else np.empty(rows * n, out_grad.dtype))
     rs = np.ascontiguousarray(rowscale, dtype=np.float64)
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
-    _grad_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, _NO_CLAMP, rs,
-                 flat, part)
+    _grad_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw,
+                 _clamp(clamp, iw_grad), rs, flat, part)
     if not out_grad.flags.c_contiguous:
         out_grad[...] = flat.reshape(rows, n)
     return part

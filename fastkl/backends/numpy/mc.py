@@ -104,21 +104,74 @@ def _check_est(est) -> int:
 
 
 def _prepared(logq, logp, mask, log_iw, est, clamp):
-    """float64 (term, weight, importance weight) arrays for 2-D inputs."""
-    lr_lo, lr_hi, v_lo, v_hi = clamp
-    l = logp.astype(np.float64) - logq.astype(np.float64)
-    l = np.where(np.isnan(l), l, np.clip(l, lr_lo, lr_hi))
-    t = term_and_grad(l, est)
-    t = np.where(np.isnan(t), t, np.clip(t, v_lo, v_hi))
-    if log_iw is not None:
-        with np.errstate(invalid="ignore"):
-            t = t * np.exp(log_iw.astype(np.float64))
-    w = np.ones(l.shape) if mask is None else mask.astype(np.float64)
+    """float64 (log-ratio, weighted term, weight) arrays for 2-D inputs."""
+    l, t, _, w = _terms_grads(logq, logp, mask, log_iw, est, clamp, None)
     return l, t, w
 
 
+def _terms_grads(logq, logp, mask, log_iw, est, clamp, iw_grad):
+    """float64 (l, v, dv/dlogq, w) for 2-D inputs; the derivative is None when ``iw_grad``
+    is None.
+
+    ``clamp = (lr_lo, lr_hi, v_lo, v_hi, weighted)``, ``iw = exp(log_iw)`` (1 without it):
+
+    * ``weighted == 0`` (``clamp_order="term"``): ``v = iw * clip(t(clip(l)))``;
+    * ``weighted == 1`` (``"weighted"``, NeMo-RL): ``v = clip(iw * t(clip(l)))``.
+
+    The derivative is autograd's of that formula (``clip`` passes the gradient where
+    ``lo <= x <= hi``, inclusive, and 0 elsewhere and at NaN). In the "weighted" order, as in
+    NeMo-RL's ``calculate_kl``, ``iw`` is also held constant where the log-ratio clamp bites,
+    so such an element passes no gradient at all. ``iw_grad``: 0, ``iw`` is a constant; 1,
+    ``log_iw = logq - log mu`` depends on ``logq`` (``d iw / d logq = iw``); 2, the
+    derivative with respect to ``log_iw`` alone (``dv / dlog_iw``).
+    """
+    lr_lo, lr_hi, v_lo, v_hi, weighted = clamp
+    want_g = iw_grad is not None
+    with np.errstate(invalid="ignore", over="ignore"):
+        l = logp.astype(np.float64) - logq.astype(np.float64)
+        if lr_lo > -np.inf or lr_hi < np.inf:
+            a = ((l >= lr_lo) & (l <= lr_hi)).astype(np.float64)
+            l = np.where(np.isnan(l), l, np.clip(l, lr_lo, lr_hi))
+        else:
+            a = None
+        t, g = term_and_grad(l, est, want_grad=True)
+        iw = None if log_iw is None else np.exp(log_iw.astype(np.float64))
+        clip_v = v_lo > -np.inf or v_hi < np.inf
+
+        def clipped(x):  # (clip(x), [x inside the bounds])
+            if not clip_v:
+                return x, None
+            return (np.where(np.isnan(x), x, np.clip(x, v_lo, v_hi)),
+                    ((x >= v_lo) & (x <= v_hi)).astype(np.float64))
+
+        d = None
+        if weighted:
+            s = t if iw is None else t * iw
+            v, b = clipped(s)
+            if want_g:
+                d = t if iw_grad == 2 else (g + t if iw_grad else g)
+                if iw is not None:
+                    d = d * iw
+                if b is not None:
+                    d = np.where(b == 0, 0.0, d)
+        else:
+            u, b = clipped(t)
+            v = u if iw is None else u * iw
+            if want_g:
+                d = g if b is None else np.where(b == 0, 0.0, g)
+                if a is not None:  # the log-ratio clip's derivative
+                    d = np.where(a == 0, 0.0, d)
+                d = u if iw_grad == 2 else (d + u if iw_grad else d)
+                if iw is not None:
+                    d = d * iw
+        if want_g and weighted and a is not None:  # NeMo-RL: iw detached where it bites
+            d = np.where(a == 0, 0.0, d)
+    w = np.ones(l.shape) if mask is None else mask.astype(np.float64)
+    return l, v, d, w
+
+
 def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
-    """out[...] = w * exp(log_iw) * clamp_v(t(clamp_lr(l))); 0 wherever w == 0."""
+    """out[...] = w * v (``_terms_grads``); 0 wherever w == 0."""
     _, t, w = _prepared(logq, logp, mask, log_iw, _check_est(est), clamp)
     with np.errstate(invalid="ignore"):
         out[...] = np.where(w == 0, 0.0, w * t)
@@ -160,16 +213,12 @@ def mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2):
     return _block_partials(t, w, want_m2)
 
 
-def mc_grad(logq, logp, mask, log_iw, est, rowscale, out_grad):
-    """Partials of the unclamped terms, and out_grad = rowscale * w * exp(log_iw) * dt/dlogq."""
+def mc_grad(logq, logp, mask, log_iw, est, clamp, iw_grad, rowscale, out_grad):
+    """The partials of ``mc_partials(..., clamp, want_m2=False)`` (the same terms), and
+    ``out_grad = rowscale * w * dv/dlogq`` (0 where ``w == 0``), with v and its derivative
+    as ``_terms_grads`` defines them (``iw_grad`` 0, 1 or 2; 2: ``dv/dlog_iw``)."""
     est = _check_est(est)
-    l = logp.astype(np.float64) - logq.astype(np.float64)
-    t, g = term_and_grad(l, est, want_grad=True)
-    w = np.ones(l.shape) if mask is None else mask.astype(np.float64)
+    _, v, d, w = _terms_grads(logq, logp, mask, log_iw, est, clamp, int(iw_grad))
     with np.errstate(invalid="ignore", over="ignore"):
-        if log_iw is not None:
-            iw = np.exp(log_iw.astype(np.float64))
-            t = t * iw
-            g = g * iw
-        out_grad[...] = np.where(w == 0, 0.0, g * w * rowscale[:, None])
-    return _block_partials(t, w, False)
+        out_grad[...] = np.where(w == 0, 0.0, d * w * rowscale[:, None])
+    return _block_partials(v, w, False)
