@@ -592,3 +592,25 @@ def test_trl_bias_corrected_kl(dtype):
     _, full = fastkl.kl_mc_grad(logq, logp, "k3", mask=m, log_iw=logq - old, iw_grad=True,
                                 **TRL_SETTINGS["grpo"])
     assert not np.allclose(fixed, full)
+
+
+@pytest.mark.parametrize("mode", ["low_var_kl", "low_var_kl+", "k1+"])
+def test_verl_kl_penalty_bf16_through_fastkl_torch(mode):
+    """bfloat16 log-probs (verl's usual dtype) through fastkl.torch.kl_mc: value and gradient
+    of verl's formula evaluated in float64 on the same bf16 inputs, to bf16 rounding."""
+    ft = pytest.importorskip("fastkl.torch")
+    logq, logp, m = _clamp_inputs(np.float64, seed=6)
+    q16 = torch.tensor(logq).to(torch.bfloat16).requires_grad_()
+    p16 = torch.tensor(logp).to(torch.bfloat16)
+    mt = torch.tensor(m)
+    v = ft.kl_mc(q16, p16, mask=mt, reduction="token-mean", **{
+        k: val for k, val in VERL_KL[mode].items() if k != "estimator"},
+        estimator=VERL_KL[mode]["estimator"])
+    v.backward()
+    assert v.dtype == torch.bfloat16 and q16.grad.dtype == torch.bfloat16
+    q64 = q16.detach().double().requires_grad_()
+    ref = verl_agg_loss(verl_kl_penalty(q64, p16.double(), mode), mt.double(), "token-mean")
+    ref.backward()
+    np.testing.assert_allclose(float(v), ref.item(), rtol=1e-2)
+    g, gref = q16.grad.double().numpy(), q64.grad.numpy()
+    np.testing.assert_allclose(g, gref, rtol=1e-2, atol=1e-2 * np.abs(gref).max())
