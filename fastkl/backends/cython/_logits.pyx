@@ -142,7 +142,7 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint lo
         return
     if A.rows > 1 and A.rows * A.V >= _parallel_min:
         nthreads = min(_nthreads(), A.rows)
-    if op == FKL_JSD and not log_probs:
+    if (op == FKL_JSD or (op == FKL_GRAD and gop == FKL_JSD)) and not log_probs:
         # per thread: a row's exps from pass 1, which pass 2 rescales instead of recomputing
         dims[0] = nthreads * fkl_scratch_doubles(A.V)
         scratch_arr = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)

@@ -665,10 +665,16 @@ static void fkl_grad_row(const fkl_args *A, ptrdiff_t row) {
         val = (K < 0.0) ? 0.0 : K;
     } else { /* FKL_JSD */
         double SP, SQ, ZP, ZQ;
-        fkl_pass1(A, row, 3, FKL_S_NONE, &st, NULL);
+        /* pass 1 keeps its exps as in fkl_row, so the value has the bits of FKL_JSD's */
+        double *keep = A->scratch
+            ? A->scratch + (ptrdiff_t)fk_thread_num() * fkl_scratch_doubles(A->V) : NULL;
+        fkl_pass1(A, row, 3, FKL_S_NONE, &st, keep);
         lZA = log(st.ZA);
         lZB = log(st.ZB);
-        fkl_pass2_jsd(A, row, st.MA, lZA, st.ZA, st.MB, lZB, st.ZB, NULL, &SP, &SQ, &ZP, &ZQ);
+        if (!(st.ZA > 0.0 && st.ZB > 0.0 && st.ZA <= FKL_DBL_MAX && st.ZB <= FKL_DBL_MAX &&
+              st.MA == st.MA && st.MB == st.MB))
+            keep = NULL;
+        fkl_pass2_jsd(A, row, st.MA, lZA, st.ZA, st.MB, lZB, st.ZB, keep, &SP, &SQ, &ZP, &ZQ);
         val = (A->beta == 0.0 ? 0.0 : A->beta * SP) + (A->beta == 1.0 ? 0.0 : (1.0 - A->beta) * SQ);
         val = (val < 0.0) ? 0.0 : val;
         if ((A->beta == 0.0 || A->beta == 1.0) && val == val) val = 0.0;
