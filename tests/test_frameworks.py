@@ -400,3 +400,84 @@ def test_logits_empty_option():
     assert v == 0.0 and not g.any()
     with pytest.raises(TypeError, match="empty"):
         fastkl.kl_logits(teacher, student, reduction="mean", empty=None)
+
+
+# --------------------------------------------------------------------------- GKD / Liger gradients
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_trl_gkd_generalized_jsd_gradients(dtype, beta, temperature):
+    """TRL GKD's loss differentiated by torch w.r.t. the student and the teacher logits, vs
+    ``jsd_logits_grad(teacher, student, beta, endpoints="kl", wrt="both")`` and vs the
+    autograd of ``fastkl.torch.jsd_logits``."""
+    import fastkl.torch as ft
+
+    student, teacher, labels = _logits(dtype)
+    s = torch.tensor(student, requires_grad=True)
+    t = torch.tensor(teacher, requires_grad=True)
+    ref, _ = gkd_generalized_jsd(s, t, torch.tensor(labels), beta, temperature)
+    gs_ref, gt_ref = torch.autograd.grad(ref, (s, t))
+    keep = labels != -100
+    v, gt, gs = fastkl.jsd_logits_grad(teacher, student, beta, endpoints="kl", wrt="both",
+                                       mask=keep, reduction="mean", temperature=temperature)
+    np.testing.assert_allclose(v, ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(gs, gs_ref.numpy(), **_ltol(dtype))
+    np.testing.assert_allclose(gt, gt_ref.numpy(), **_ltol(dtype))
+    s2 = torch.tensor(student, requires_grad=True)
+    loss = ft.jsd_logits(torch.tensor(teacher), s2, beta, endpoints="kl",
+                         mask=torch.tensor(keep), reduction="mean", temperature=temperature)
+    (g2,) = torch.autograd.grad(loss, s2)
+    assert loss.dtype == s2.dtype
+    np.testing.assert_allclose(loss.item(), ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(g2.numpy(), gs_ref.numpy(), **_ltol(dtype))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_trl_gkd_bf16_gradient(beta):
+    """GKD trains in bf16: fastkl.torch's bf16 loss and student gradient vs GKD's formula in
+    float64 on the same (bf16-rounded) logits, within bf16 rounding."""
+    import fastkl.torch as ft
+
+    student, teacher, labels = _logits(np.float64)
+    sb = torch.tensor(student).to(torch.bfloat16).requires_grad_()
+    tb = torch.tensor(teacher).to(torch.bfloat16)
+    s64 = sb.detach().double().requires_grad_()
+    ref, _ = gkd_generalized_jsd(s64, tb.double(), torch.tensor(labels), beta)
+    (gref,) = torch.autograd.grad(ref, s64)
+    keep = torch.tensor(labels != -100)
+    loss = ft.jsd_logits(tb, sb, beta, endpoints="kl", mask=keep, reduction="mean")
+    (g,) = torch.autograd.grad(loss, sb)
+    assert loss.dtype == torch.bfloat16 and g.dtype == torch.bfloat16
+    np.testing.assert_allclose(loss.double().item(), ref.item(), rtol=1e-2)
+    scale = float(gref.abs().max())
+    assert float((g.double() - gref).abs().max()) <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_liger_jsd_gradients(dtype, beta):
+    """Liger's JSD (on log-softmaxed inputs) differentiated through the log-softmax w.r.t.
+    the student and teacher logits, vs ``jsd_logits_grad(..., empty=0.0)``; every label
+    ignored: loss 0.0 and zero gradients in both."""
+    student, teacher, labels = _logits(dtype)
+    V = student.shape[-1]
+    F = torch.nn.functional
+    st = torch.tensor(student, requires_grad=True)
+    te = torch.tensor(teacher, requires_grad=True)
+    lab = torch.tensor(labels).reshape(-1)
+    for lab_k in (lab, torch.full_like(lab, -100)):
+        s = F.log_softmax(st, -1).reshape(-1, V)
+        t = F.log_softmax(te, -1).reshape(-1, V)
+        ref = liger_jsd(s, t, lab_k, beta)
+        keep = (lab_k != -100).numpy().reshape(labels.shape)
+        v, gt, gs = fastkl.jsd_logits_grad(teacher, student, beta, endpoints="kl", wrt="both",
+                                           mask=keep, reduction="mean", empty=0.0)
+        np.testing.assert_allclose(v, ref.item(), **_ltol(dtype))
+        if ref.requires_grad:
+            gs_ref, gt_ref = torch.autograd.grad(ref, (st, te))
+            np.testing.assert_allclose(gs, gs_ref.numpy(), **_ltol(dtype))
+            np.testing.assert_allclose(gt, gt_ref.numpy(), **_ltol(dtype))
+        else:  # Liger's constant 0.0: no gradient reaches the logits
+            assert v == 0.0 and not gs.any() and not gt.any()
