@@ -22,6 +22,11 @@ References (read from the frameworks' source):
   label is not -100 / their count.
 * Liger ``LigerJSD`` / ``LigerFusedLinearJSD`` (``log_q`` the student, ``log_p`` the
   teacher, same beta mapping and mixture): loss 0.0 when every label is ``ignore_index``.
+* verl ``utils/torch_functional.py::entropy_from_logits`` (``logsumexp(logits) -
+  sum(softmax(logits) * logits)``) and ``logprobs_from_logits``; TRL
+  ``selective_log_softmax(logits, index)`` (log_softmax gathered at the token); the forward
+  KL of distillation as ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)``:
+  values and gradients through ``fastkl.torch``.
 """
 
 from __future__ import annotations
@@ -481,3 +486,79 @@ def test_liger_jsd_gradients(dtype, beta):
             np.testing.assert_allclose(gt, gt_ref.numpy(), **_ltol(dtype))
         else:  # Liger's constant 0.0: no gradient reaches the logits
             assert v == 0.0 and not gs.any() and not gt.any()
+
+
+# --------------------------------------------------------------------------- torch losses
+
+
+def verl_entropy_from_logits(logits):
+    """verl ``entropy_from_logits``: logsumexp(logits) - sum(softmax(logits) * logits)."""
+    pd = torch.nn.functional.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+
+
+def selective_log_softmax(logits, index):
+    """TRL ``selective_log_softmax`` / verl ``logprobs_from_logits``: log_softmax gathered."""
+    return torch.gather(logits.log_softmax(-1), -1, index.unsqueeze(-1)).squeeze(-1)
+
+
+def _torch_logits(dtype, seed=4):
+    student, teacher, labels = _logits(dtype, seed=seed)
+    mask = labels != -100
+    return (torch.tensor(student, requires_grad=True), torch.tensor(teacher), labels,
+            torch.tensor(mask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_entropy_token_mean_torch(dtype):
+    import fastkl.torch as ft
+
+    s, _, _, mask = _torch_logits(dtype)
+    ent = verl_entropy_from_logits(s)
+    ref = verl_agg_loss(ent, mask.to(ent.dtype), "token-mean")
+    (gref,) = torch.autograd.grad(ref, s)
+    s2 = s.detach().clone().requires_grad_()
+    v = ft.entropy_logits(s2, mask=mask, reduction="mean")
+    (g,) = torch.autograd.grad(v, s2)
+    np.testing.assert_allclose(v.item(), ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(g.numpy(), gref.numpy(), **_ltol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_torch(dtype, temperature):
+    import fastkl.torch as ft
+
+    s, _, labels, _ = _torch_logits(dtype)
+    lab = torch.tensor(labels).clamp(min=0)  # TRL gathers real token ids
+    ref = selective_log_softmax(s / temperature, lab)
+    go = torch.linspace(-1.0, 2.0, ref.numel(), dtype=ref.dtype).reshape(ref.shape)
+    (gref,) = torch.autograd.grad(ref, s, go)
+    s2 = s.detach().clone().requires_grad_()
+    v = ft.token_logprobs(s2, lab, temperature=temperature)
+    (g,) = torch.autograd.grad(v, s2, go)
+    np.testing.assert_allclose(v.detach().numpy(), ref.detach().numpy(), **_ltol(dtype))
+    np.testing.assert_allclose(g.numpy(), gref.numpy(), **_ltol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_distillation_torch(dtype, temperature):
+    """``kl_div(log_softmax(student/T), log_softmax(teacher/T), log_target=True)`` summed
+    over the vocabulary, masked mean over tokens; gradients to student and teacher."""
+    import fastkl.torch as ft
+
+    F = torch.nn.functional
+    s, t, _, mask = _torch_logits(dtype)
+    t = t.clone().requires_grad_()
+    per = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                   reduction="none", log_target=True).sum(-1)
+    ref = per[mask].sum() / mask.sum()
+    gs_ref, gt_ref = torch.autograd.grad(ref, (s, t))
+    s2 = s.detach().clone().requires_grad_()
+    t2 = t.detach().clone().requires_grad_()
+    v = ft.kl_logits(t2, s2, temperature=temperature, mask=mask, reduction="mean")
+    gt, gs = torch.autograd.grad(v, (t2, s2))
+    np.testing.assert_allclose(v.item(), ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(gs.numpy(), gs_ref.numpy(), **_ltol(dtype))
+    np.testing.assert_allclose(gt.numpy(), gt_ref.numpy(), **_ltol(dtype))

@@ -1,6 +1,6 @@
 """Numba kernels of the logits ops (contract: bottom half of ``_contract``; spec:
-``numpy.logits.logits_rows`` / ``logits_token`` / ``logits_kl_grad``; algorithm:
-``docs/logits_math.md``).
+``numpy.logits.logits_rows`` / ``logits_token`` / ``logits_grad`` / ``logits_token_grad``;
+algorithm: ``docs/logits_math.md``).
 
 One row is computed by one thread, in chunks of ``CH`` consecutive vocabulary entries, in a
 fixed order, so the bits never depend on the thread count (``prange`` only spreads whole rows).
