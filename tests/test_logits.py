@@ -961,6 +961,56 @@ def test_peak_memory(backend, dtype):
     assert extra < 100e6, f"peak RSS rose by {extra / 1e6:.1f} MB"
 
 
+_GRAD_MEM_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    import fastkl
+    backend = None if sys.argv[1] == "default" else sys.argv[1]
+    op = sys.argv[2]
+    rows, vocab = 128, 131072
+    rng = np.random.default_rng(0)
+    a = np.empty((rows, vocab), np.float32)
+    b = np.empty((rows, vocab), np.float32)
+    for i in range(0, rows, 16):
+        a[i:i + 16] = rng.standard_normal((16, vocab), dtype=np.float32) * 3
+        b[i:i + 16] = rng.standard_normal((16, vocab), dtype=np.float32) * 3
+    tok = rng.integers(0, vocab, rows)
+    calls = {
+        "kl": lambda x, y: fastkl.kl_logits_grad(x, y, wrt="both", backend=backend),
+        "jsd": lambda x, y: fastkl.jsd_logits_grad(x, y, 0.3, wrt="both", backend=backend),
+        "entropy": lambda x, y: fastkl.entropy_logits_grad(x, backend=backend),
+        "token": lambda x, y: fastkl.token_logprobs_grad(y, tok[:len(y)], backend=backend),
+    }
+    calls[op](a[:2, :1000], b[:2, :1000])  # JIT / import warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = calls[op](a, b)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grads = [g for g in res[1:] if g is not None]
+    assert all(g.shape == a.shape and g.dtype == np.float32 for g in grads)
+    print(len(grads), (after - before) * 1024)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["kl", "jsd", "entropy", "token"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_gradient_peak_memory(backend, op):
+    """The fused gradients allocate their outputs and O(rows) more: peak RSS rises by less
+    than the gradients' bytes + 40 MB on [128, 131072] float32 inputs (one float64
+    [rows, V] temporary would be 128 MB)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(fastkl.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _GRAD_MEM_SCRIPT, backend, op], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, extra = (int(x) for x in proc.stdout.strip().splitlines()[-1].split())
+    budget = n * 128 * 131072 * 4 + 40e6
+    assert extra < budget, f"peak RSS rose by {extra / 1e6:.1f} MB ({n} gradients)"
+
+
 def test_reference_self_check(rng):
     """The float64 reference against 50-digit mpmath on random rows (T = 2.3, beta = 0.3):
     within 1e-13, well inside the 1e-12 the backends are held to."""
@@ -1192,3 +1242,17 @@ def test_gradient_argument_errors():
         fastkl.jsd_logits_grad(a, a, temperature=0.0)
     with pytest.raises(ValueError, match="shape"):
         fastkl.kl_logits_grad(a, np.zeros((2, 4)), wrt="p")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", [99, -1, 3])
+def test_unknown_op_code_in_logits_grad_raises(backend, op):
+    from fastkl.backends import get_backend
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 50)), rng.normal(size=(2, 50))
+    out = np.full(a.shape[0], 7.0)
+    grad = np.full(a.shape, 7.0)
+    with pytest.raises(ValueError, match="logits op code"):
+        get_backend(backend).logits_grad(a, b, op, 0.5, 1.0, np.ones(2), out, grad, grad)
+    assert (out == 7.0).all() and (grad == 7.0).all()
