@@ -516,6 +516,8 @@ FK_INLINE void fkl_pass_grad_impl(const fkl_args *A, ptrdiff_t row, int gop, dou
     const int wa = A->grad != NULL && gop != FKL_TOKEN;
     const int wb = A->grad_b != NULL && gop != FKL_ENT;
     const int ua = gop != FKL_TOKEN, ub = gop != FKL_ENT;
+    /* q itself is needed by every op on b but KL's d/da alone (which reads only y) */
+    const int uq = ub && !(gop == FKL_KL && !wb);
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
@@ -527,22 +529,23 @@ FK_INLINE void fkl_pass_grad_impl(const fkl_args *A, ptrdiff_t row, int gop, dou
             fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
             fkl_exp_chunk(X, MA, lZA, c, EP, full);
         }
-        if (ub) {
-            fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
-            fkl_exp_chunk(Y, MB, lZB, c, EQ, full);
-        }
+        if (ub) fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        if (uq) fkl_exp_chunk(Y, MB, lZB, c, EQ, full);
         if (gop == FKL_ENT) {
             for (i = 0; i < c; i++) {
                 const double p = EP[i];
                 TA[i] = (p == 0.0) ? 0.0 : -p * (((X[i] - MA) - lZA) + K);
             }
         } else if (gop == FKL_KL) {
-            for (i = 0; i < c; i++) {
-                const double p = EP[i];
-                const double d = ((X[i] - MA) - lZA) - ((Y[i] - MB) - lZB);
-                TA[i] = (p == 0.0) ? 0.0 : p * (d - K);
-                TB[i] = EQ[i] - p;
+            if (wa) {
+                for (i = 0; i < c; i++) {
+                    const double p = EP[i];
+                    const double d = ((X[i] - MA) - lZA) - ((Y[i] - MB) - lZB);
+                    TA[i] = (p == 0.0) ? 0.0 : p * (d - K);
+                }
             }
+            if (wb)
+                for (i = 0; i < c; i++) TB[i] = EQ[i] - EP[i];
         } else if (gop == FKL_TOKEN) {
             for (i = 0; i < c; i++) TB[i] = -EQ[i];
         } else if (beta == 0.0 || beta == 1.0) { /* JSD_0, JSD_1 are 0 for every input */

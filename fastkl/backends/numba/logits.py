@@ -695,13 +695,17 @@ def _grad_row(ab, bb, geo, r, V, op, beta, inv_t, rs, ga, gb, want_a, want_b, bu
                 ta[i] = 0.0 if p == 0.0 else -p * (((xa[i] - MA) - la) + K)
         else:
             _load(bb, geo, 1, r, j, mm, inv_t, xb)
-            _exp_chunk(xb, MB, lb, qb, mm, lo)
+            if op != OP_KL or want_b:  # KL's d/da alone needs y, not q
+                _exp_chunk(xb, MB, lb, qb, mm, lo)
             if op == OP_KL:
-                for i in range(mm):
-                    p = pb[i]
-                    d = ((xa[i] - MA) - la) - ((xb[i] - MB) - lb)
-                    ta[i] = 0.0 if p == 0.0 else p * (d - K)
-                    tb[i] = qb[i] - p
+                if want_a:
+                    for i in range(mm):
+                        p = pb[i]
+                        d = ((xa[i] - MA) - la) - ((xb[i] - MB) - lb)
+                        ta[i] = 0.0 if p == 0.0 else p * (d - K)
+                if want_b:
+                    for i in range(mm):
+                        tb[i] = qb[i] - pb[i]
             elif zero_jsd:
                 for i in range(mm):
                     ta[i] = 0.0
