@@ -4,7 +4,16 @@ numpy reference."""
 
 from .backends import available_backends
 from .backends._threads import get_num_threads, set_num_threads, threads
-from .logits import entropy_logits, jsd_logits, kl_logits, kl_logits_grad, token_logprobs
+from .logits import (
+    entropy_logits,
+    entropy_logits_grad,
+    jsd_logits,
+    jsd_logits_grad,
+    kl_logits,
+    kl_logits_grad,
+    token_logprobs,
+    token_logprobs_grad,
+)
 from .mc import KLStats, kl_mc, kl_mc_grad, kl_mc_stats
 from .outofcore import MCFileReport, compare_logits, kl_mc_file
 from .stream import LogitsAccumulator, LogitsReport, MCAccumulator
@@ -21,8 +30,10 @@ __all__ = [
     "available_backends",
     "compare_logits",
     "entropy_logits",
+    "entropy_logits_grad",
     "get_num_threads",
     "jsd_logits",
+    "jsd_logits_grad",
     "kl_logits",
     "kl_logits_grad",
     "kl_mc",
@@ -32,4 +43,5 @@ __all__ = [
     "set_num_threads",
     "threads",
     "token_logprobs",
+    "token_logprobs_grad",
 ]

@@ -186,9 +186,130 @@ def token_logprobs(
     return res if res.ndim else res[()]
 
 
+def _rowscale(rows: LogitsRows, reduction: str) -> np.ndarray:
+    """The reduction's weight of each row's gradient: ``w_row / sum w`` ("mean"; zeros when
+    the total weight is 0), ``w_row`` ("sum", "none"), 1 without a mask."""
+    w = np.ones(rows.lead) if rows.mask is None else rows.mask.astype(np.float64)
+    if reduction == "mean":
+        w = _core.ratio_weights(w)
+        total = float(w.sum())
+        w = w / total if total > 0 else np.zeros_like(w)
+    return np.ascontiguousarray(w, dtype=np.float64)
+
+
+def _grad_op(op: str, arrays, names, want, beta, temperature, axis, mask, reduction, backend,
+             empty, func: str):
+    """The reduced value of a logits op and its gradients with respect to the arrays flagged
+    in ``want`` (None for the others), from one fused kernel call per piece of rows."""
+    if _dask.is_dask(*arrays, mask):
+        _dask.unsupported(func)
+    arrays = _float_arrays(*zip(arrays, names, strict=True))
+    reduction, inv_t = logits_options(reduction, temperature)
+    empty = _empty(empty, False)
+    rows = LogitsRows(arrays, names, axis, mask)
+    be = get_backend(backend)
+    scale = _rowscale(rows, reduction)
+    vals = np.zeros(rows.lead, dtype=np.float64)
+    shape = rows.lead + (rows.vocab,)
+    grads = [np.empty(shape, dtype=rows.dtype) if w else None for w in want]
+    for prefix, sl, views in rows.pieces(_mc.SLICE):
+        out = rows_of(vals, prefix, sl)
+        if out.size:
+            gs = [None if g is None else g[prefix + (...,)].reshape(-1, rows.vocab)[sl]
+                  for g in grads] + [None]
+            b = views[1] if len(views) > 1 else views[0]
+            be.logits_grad(views[0], b, LOGITS_OPS[op], beta, inv_t,
+                           rows_of(scale, prefix, sl), out, gs[0], gs[1])
+    value = _core.reduce_rows(vals, rows.mask, reduction, rows.dtype, empty)
+    return value, [None if g is None else np.moveaxis(g, -1, rows.axis) for g in grads]
+
+
+_WRT = ("q", "p", "both")
+
+
+def _pair_grad(op: str, logits_p, logits_q, beta, wrt, temperature, axis, mask, reduction,
+               backend, empty, func: str, swap: bool = False):
+    """(value, grad) for wrt "p" / "q", (value, grad_p, grad_q) for "both"; ``swap``: the
+    kernel's P is ``logits_q`` (KL(Q||P))."""
+    wrt = _checks.choice(wrt, _WRT, "wrt")
+    arrays, names = [logits_p, logits_q], ["logits_p", "logits_q"]
+    want = [wrt in ("p", "both"), wrt in ("q", "both")]
+    if swap:
+        arrays, names, want = arrays[::-1], names[::-1], want[::-1]
+    value, grads = _grad_op(op, arrays, names, want, beta, temperature, axis, mask, reduction,
+                            backend, empty, func)
+    gp, gq = grads[::-1] if swap else grads
+    if wrt == "both":
+        return value, gp, gq
+    return value, (gp if wrt == "p" else gq)
+
+
 def kl_logits_grad(
     logits_p: ArrayLike,
     logits_q: ArrayLike,
+    *,
+    wrt: str = "q",
+    temperature: float = 1.0,
+    axis: int = -1,
+    mask: ArrayLike | None = None,
+    reduction: str = "mean",
+    backend: str | None = None,
+    empty: float = math.nan,
+) -> tuple:
+    """KL(P||Q) reduced as in ``kl_logits``, and its gradient, fused with the forward pass
+    (the distillation backward pass):
+
+    * ``d KL_row / d logits_q = (Q - P) / T``
+    * ``d KL_row / d logits_p = P * (log P - log Q - KL_row) / T``
+
+    per row, times ``w_row / sum w`` ("mean"), ``w_row`` ("sum"; and "none", where it is the
+    gradient of ``sum_row w_row KL_row``).
+
+    ``wrt``: "q" (default) returns ``(value, grad_q)``, "p" ``(value, grad_p)``, "both"
+    ``(value, grad_p, grad_q)``; only the gradients asked for are computed. Each gradient
+    has the shape of the logits (float32 for float16/32 inputs, float64 for float64). An
+    entry with P = 0 (a ``-inf`` logit) has gradient 0 w.r.t. ``logits_p``; a row whose KL
+    is +inf (P > 0 = Q somewhere) has no finite gradient w.r.t. ``logits_p``. A "mean" over
+    zero total weight is ``empty`` (its gradient 0).
+    """
+    return _pair_grad("kl", logits_p, logits_q, 0.5, wrt, temperature, axis, mask, reduction,
+                      backend, empty, "kl_logits_grad")
+
+
+def jsd_logits_grad(
+    logits_p: ArrayLike,
+    logits_q: ArrayLike,
+    beta: float = 0.5,
+    *,
+    endpoints: str = "mixture",
+    wrt: str = "q",
+    temperature: float = 1.0,
+    axis: int = -1,
+    mask: ArrayLike | None = None,
+    reduction: str = "mean",
+    backend: str | None = None,
+    empty: float = math.nan,
+) -> tuple:
+    """``jsd_logits`` reduced, and its gradient (fused, as ``kl_logits_grad``). With
+    ``M = beta P + (1 - beta) Q``:
+
+    * ``d JSD_row / d logits_p = beta P (log P - log M - KL(P||M)) / T``
+    * ``d JSD_row / d logits_q = (1 - beta) Q (log Q - log M - KL(Q||M)) / T``
+
+    (both 0 at beta = 0 and 1 with ``endpoints="mixture"``; with ``endpoints="kl"`` beta = 0
+    and 1 are the gradients of KL(P||Q) and KL(Q||P), see ``kl_logits_grad``). ``wrt``,
+    the reduction weights, ``empty`` and the returned tuple as ``kl_logits_grad``.
+    """
+    b = _checks.beta(beta)
+    ends = _checks.choice(endpoints, _checks.JSD_ENDPOINTS, "endpoints")
+    args = (wrt, temperature, axis, mask, reduction, backend, empty, "jsd_logits_grad")
+    if ends == "kl" and b in (0.0, 1.0):
+        return _pair_grad("kl", logits_p, logits_q, 0.5, *args, swap=b == 1.0)
+    return _pair_grad("jsd", logits_p, logits_q, b, *args)
+
+
+def entropy_logits_grad(
+    logits: ArrayLike,
     *,
     temperature: float = 1.0,
     axis: int = -1,
@@ -196,37 +317,44 @@ def kl_logits_grad(
     reduction: str = "mean",
     backend: str | None = None,
     empty: float = math.nan,
-) -> tuple[float | np.ndarray, np.ndarray]:
-    """KL(P||Q) reduced as in ``kl_logits``, and its gradient with respect to ``logits_q``:
-    ``d KL_row / d logits_q = (Q - P) / T`` per row, times ``w_row / sum w`` ("mean"),
-    ``w_row`` ("sum"; and "none", where it is the gradient of ``sum_row w_row KL_row``) —
-    the distillation backward pass, fused with the forward one.
+) -> tuple:
+    """``entropy_logits`` reduced, and its gradient ``d H_row / d logits = -P (log P + H_row)
+    / T`` per row, with the reduction's weights as ``kl_logits_grad`` (0 where P = 0).
+    Returns ``(value, grad)``."""
+    value, (g,) = _grad_op("entropy", [logits], ["logits"], [True], 0.5, temperature, axis,
+                           mask, reduction, backend, empty, "entropy_logits_grad")
+    return value, g
 
-    Returns ``(value, grad)``; ``grad`` has the shape of ``logits_q`` (float32 for
-    float16/32 inputs, float64 for float64). A "mean" over zero total weight is ``empty``
-    (its gradient 0).
-    """
-    if _dask.is_dask(logits_p, logits_q, mask):
-        _dask.unsupported("kl_logits_grad")
-    arrays = _float_arrays((logits_p, "logits_p"), (logits_q, "logits_q"))
-    reduction, inv_t = logits_options(reduction, temperature)
-    empty = _empty(empty, False)
-    rows = LogitsRows(arrays, ["logits_p", "logits_q"], axis, mask)
+
+def token_logprobs_grad(
+    logits: ArrayLike,
+    tokens: ArrayLike,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    ignore_index: int = -100,
+    backend: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``token_logprobs`` and its gradient, fused: ``d log Q[token] / d logits =
+    (onehot(token) - Q) / T`` per row (``Q = softmax(logits / T)``), zeros in rows whose token
+    is ``ignore_index``. The gradient is that of the sum of the returned values; it has the
+    shape of ``logits`` (float32 for float16/32 inputs, float64 for float64). Returns
+    ``(values, grad)``."""
+    if _dask.is_dask(logits, tokens):
+        _dask.unsupported("token_logprobs_grad")
+    (b,) = _float_arrays((logits, "logits"))
+    inv_t = 1.0 / _checks.temperature(temperature)
+    rows = LogitsRows([b], ["logits"], axis, None)
+    tok = _checks.tokens_array(tokens, rows.lead, rows.vocab, ignore_index)
     be = get_backend(backend)
-    w = np.ones(rows.lead) if rows.mask is None else rows.mask.astype(np.float64)
-    if reduction == "mean":
-        w = _core.ratio_weights(w)
-        total = float(w.sum())
-        scale = w / total if total > 0 else np.zeros_like(w)
-    else:
-        scale = w
-    scale = np.ascontiguousarray(scale, dtype=np.float64)
     vals = np.zeros(rows.lead, dtype=np.float64)
     grad = np.empty(rows.lead + (rows.vocab,), dtype=rows.dtype)
+    ones = np.ones(rows.lead, dtype=np.float64)
     for prefix, sl, views in rows.pieces(_mc.SLICE):
         out = rows_of(vals, prefix, sl)
         if out.size:
             g = grad[prefix + (...,)].reshape(-1, rows.vocab)[sl]
-            be.logits_kl_grad(views[0], views[1], inv_t, rows_of(scale, prefix, sl), out, g)
-    value = _core.reduce_rows(vals, rows.mask, reduction, rows.dtype, empty)
-    return value, np.moveaxis(grad, -1, rows.axis)
+            be.logits_token_grad(views[0], rows_of(tok, prefix, sl), inv_t, int(ignore_index),
+                                 rows_of(ones, prefix, sl), out, g)
+    res = vals.astype(rows.dtype)
+    return (res if res.ndim else res[()]), np.moveaxis(grad, -1, rows.axis)

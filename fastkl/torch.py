@@ -1,8 +1,9 @@
-"""torch autograd for fastkl (issue 13): ``kl_mc`` and ``kl_logits`` on torch CPU tensors,
-returning torch tensors in the autograd graph.
+"""torch autograd for fastkl (issue 13): ``kl_mc``, ``kl_logits``, ``jsd_logits``,
+``entropy_logits`` and ``token_logprobs`` on torch CPU tensors, returning torch tensors in the
+autograd graph.
 
 The forward pass is fastkl's (float64 accumulation); when a gradient is wanted it runs the
-fused value-and-gradient kernel once (``fastkl.kl_mc_grad`` / ``fastkl.kl_logits_grad``) and
+fused value-and-gradient kernel once (``fastkl.kl_mc_grad``, ``fastkl.kl_logits_grad``, ...) and
 keeps the gradient for the backward pass, which only scales it by the upstream gradient.
 
 What is differentiated:
@@ -11,10 +12,13 @@ What is differentiated:
   requires grad, with every option of ``fastkl.kl_mc_grad`` (clamps, ``clamp_order``,
   ``grad_estimator``, ``iw_grad``); a weight ``mask`` that requires grad raises
   ``NotImplementedError`` rather than being detached behind the user's back.
-* ``kl_logits``: ``logits_q``, the student's logits of KL(P||Q) in distillation; a
-  ``logits_p`` (teacher) that requires grad raises ``NotImplementedError``.
+* ``kl_logits``, ``jsd_logits``: ``logits_p`` and ``logits_q`` (only those that require
+  grad are differentiated: a fixed teacher costs nothing); ``entropy_logits`` and
+  ``token_logprobs``: ``logits``. Their fused kernel is ``fastkl.backends``' ``logits_grad``
+  / ``logits_token_grad`` (``fastkl.kl_logits_grad``, ``jsd_logits_grad``,
+  ``entropy_logits_grad``, ``token_logprobs_grad``).
 
-Options the fused kernels cannot differentiate yet (``log_probs=True`` of ``kl_logits``)
+Options the fused kernels cannot differentiate yet (``log_probs=True`` of the logits ops)
 raise ``NotImplementedError`` when a gradient is wanted; without one (no input requires
 grad, or under ``torch.no_grad()``) every option of the numpy API works. Gradients are
 first-order only (a double backward raises).
@@ -156,9 +160,12 @@ def _functions() -> dict[str, Any]:
             return tuple(None if k not in saved else _backward(saved[k], grad_output)
                          for k in range(3)) + (None,)
 
-    class FastklKLLogits(torch.autograd.Function):
+    class FastklLogits(torch.autograd.Function):
+        """A logits op: ``call()`` returns the value and one ``_Saved`` (or None: no
+        gradient) per differentiable input, in the order of ``inputs``."""
+
         @staticmethod
-        def forward(ctx, logits_q, call):
+        def forward(ctx, call, *inputs):
             value, saved = call()
             ctx.fastkl_saved = saved
             return value
@@ -166,9 +173,10 @@ def _functions() -> dict[str, Any]:
         @staticmethod
         @once_differentiable
         def backward(ctx, grad_output):
-            return _backward(ctx.fastkl_saved, grad_output), None
+            return (None,) + tuple(None if s is None else _backward(s, grad_output)
+                                   for s in ctx.fastkl_saved)
 
-    _FUNCTIONS.update(kl_mc=FastklKLMC, kl_logits=FastklKLLogits)
+    _FUNCTIONS.update(kl_mc=FastklKLMC, logits=FastklLogits)
     return _FUNCTIONS
 
 
@@ -264,6 +272,81 @@ def kl_mc(
     return _functions()["kl_mc"].apply(logq, logp, log_iw, call)
 
 
+def _check_logits_tensors(torch, func: str, named) -> None:
+    """Device checks of every tensor argument; a mask that requires grad raises."""
+    for x, name in named:
+        if _is_tensor(torch, x):
+            _check_device(torch, x, name)
+    for x, name in named:
+        if name == "mask":
+            _no_grad_for(torch, func, x, "mask", "pass mask.detach()")
+
+
+def _no_log_probs_grad(func: str, log_probs) -> None:
+    if not isinstance(log_probs, (bool, np.bool_)):
+        raise TypeError(f"log_probs must be a bool, got {type(log_probs).__name__}")
+    if log_probs:
+        raise NotImplementedError(
+            f"fastkl.torch.{func}: log_probs=True with a gradient is not supported; "
+            "normalised log-probabilities are valid logits, so pass them with "
+            "log_probs=False (same value, same gradient)")
+
+
+def _logits_apply(torch, inputs, want, grad_call, row_values: bool, axis, out_dtype):
+    """The autograd node of a logits op over ``inputs`` (the tensors that may carry a
+    gradient): ``grad_call()`` is one fused numpy call returning ``(value, [grad or None per
+    input])`` for the inputs flagged in ``want``. ``row_values``: one value per row (the
+    upstream gradient broadcasts over the vocabulary axis), else a 0-d value."""
+
+    def call():
+        value, grads = grad_call()
+        saved = []
+        for x, g, w in zip(inputs, grads, want, strict=True):
+            if not w:
+                saved.append(None)
+                continue
+            shape = tuple(x.shape)
+            s = _Saved()
+            s.grad = torch.from_numpy(g)
+            s.dtype = x.dtype
+            if row_values:
+                ax = operator.index(axis) % len(shape)
+                s.go_shape = tuple(1 if i == ax else n for i, n in enumerate(shape))
+            else:
+                s.go_shape = (1,) * len(shape)
+            saved.append(s)
+        return _to_tensor(torch, value, out_dtype), saved
+
+    return _functions()["logits"].apply(call, *inputs)
+
+
+def _pair_op(func: str, value_fn, grad_fn, logits_p, logits_q, mask, log_probs, reduction,
+             axis, kw: dict):
+    """kl_logits / jsd_logits: the value alone when no gradient is wanted, else one fused
+    ``grad_fn`` call for the logits that require grad."""
+    torch = _torch()
+    _check_logits_tensors(torch, func, ((logits_p, "logits_p"), (logits_q, "logits_q"),
+                                        (mask, "mask")))
+    out_dtype = _out_dtype(torch, func, logits_p, logits_q, ("logits_p", "logits_q"))
+    a = _as_numpy(torch, logits_p, "logits_p")
+    b = _as_numpy(torch, logits_q, "logits_q")
+    kw = dict(kw, axis=axis, mask=_as_numpy(torch, mask, "mask"), reduction=reduction)
+    want = [_wants_grad(torch, logits_p), _wants_grad(torch, logits_q)]
+    if not any(want):
+        return _to_tensor(torch, value_fn(a, b, log_probs=log_probs, **kw), out_dtype)
+    _no_log_probs_grad(func, log_probs)
+    wrt = "both" if all(want) else ("p" if want[0] else "q")
+
+    def grad_call():
+        res = grad_fn(a, b, wrt=wrt, **kw)
+        if wrt == "both":
+            return res[0], list(res[1:])
+        return res[0], [res[1], None] if wrt == "p" else [None, res[1]]
+
+    return _logits_apply(torch, (logits_p, logits_q), want, grad_call, reduction == "none",
+                         axis, out_dtype)
+
+
 def kl_logits(
     logits_p,
     logits_q,
@@ -274,61 +357,131 @@ def kl_logits(
     reduction: str = "none",
     log_probs: bool = False,
     backend: str | None = None,
+    empty: float = math.nan,
 ):
     """``fastkl.kl_logits`` (KL(P||Q), ``P = softmax(logits_p / T)``, ``Q = softmax(logits_q
-    / T)`` along ``axis``) on torch CPU tensors, differentiable with respect to ``logits_q``.
+    / T)`` along ``axis``) on torch CPU tensors, differentiable with respect to both logits.
 
     Same arguments and semantics as ``fastkl.kl_logits``. Returns a tensor of the inputs'
     dtype: one value per row (the input shape without ``axis``, times the mask weight) for
     ``reduction="none"``, 0-d for "mean"/"sum" (accumulated in float64, then rounded).
 
-    When ``logits_q`` requires grad (and grad mode is on), the forward pass is one fused
-    ``fastkl.kl_logits_grad`` call (``d KL / d logits_q = (Q - P) / T`` per row, with the
-    reduction's weights) and the backward pass scales it by the upstream gradient.
-    ``logits_p`` (the teacher) and ``mask`` must not require grad (``NotImplementedError``),
-    nor may ``log_probs=True`` be combined with a gradient (normalised log-probabilities are
-    valid logits: pass them with ``log_probs=False``; the value and gradient are the same).
+    When ``logits_q`` and/or ``logits_p`` require grad (and grad mode is on), the forward
+    pass is one fused ``fastkl.kl_logits_grad`` call for just those (``d KL / d logits_q =
+    (Q - P) / T``, ``d KL / d logits_p = P (log P - log Q - KL) / T`` per row, with the
+    reduction's weights) and the backward pass scales it by the upstream gradient. ``mask``
+    must not require grad (``NotImplementedError``), nor may ``log_probs=True`` be combined
+    with a gradient (normalised log-probabilities are valid logits: pass them with
+    ``log_probs=False``; the value and gradient are the same).
+
+    Raises ``TypeError`` for a tensor that is not on the CPU or not dense.
+    """
+    return _pair_op("kl_logits", fastkl.kl_logits, fastkl.kl_logits_grad, logits_p, logits_q,
+                    mask, log_probs, reduction, axis,
+                    dict(temperature=temperature, backend=backend, empty=empty))
+
+
+def jsd_logits(
+    logits_p,
+    logits_q,
+    beta: float = 0.5,
+    *,
+    endpoints: str = "mixture",
+    temperature: float = 1.0,
+    axis: int = -1,
+    mask=None,
+    reduction: str = "none",
+    log_probs: bool = False,
+    backend: str | None = None,
+    empty: float = math.nan,
+):
+    """``fastkl.jsd_logits`` (``JSD_beta(P, Q) = beta KL(P||M) + (1 - beta) KL(Q||M)``,
+    ``M = beta P + (1 - beta) Q``; ``endpoints="kl"``: KL(P||Q) at beta 0, KL(Q||P) at 1) on
+    torch CPU tensors, differentiable with respect to both logits through one fused
+    ``fastkl.jsd_logits_grad`` call (``d / d logits_p = beta P (log P - log M - KL(P||M))
+    / T``, ``d / d logits_q = (1 - beta) Q (log Q - log M - KL(Q||M)) / T``). Arguments,
+    result and errors as ``kl_logits``; TRL GKD / Liger: ``jsd_logits(teacher, student,
+    beta, endpoints="kl")``.
+    """
+    return _pair_op("jsd_logits", fastkl.jsd_logits, fastkl.jsd_logits_grad, logits_p,
+                    logits_q, mask, log_probs, reduction, axis,
+                    dict(beta=beta, endpoints=endpoints, temperature=temperature,
+                         backend=backend, empty=empty))
+
+
+def entropy_logits(
+    logits,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    mask=None,
+    reduction: str = "none",
+    log_probs: bool = False,
+    backend: str | None = None,
+    empty: float = math.nan,
+):
+    """``fastkl.entropy_logits`` (``H(P) = -sum P log P``, ``P = softmax(logits / T)``) on
+    torch CPU tensors, differentiable through one fused ``fastkl.entropy_logits_grad`` call
+    (``d H / d logits = -P (log P + H) / T`` per row). Arguments, result and errors as
+    ``kl_logits``."""
+    torch = _torch()
+    func = "entropy_logits"
+    _check_logits_tensors(torch, func, ((logits, "logits"), (mask, "mask")))
+    if not _is_tensor(torch, logits) or not logits.dtype.is_floating_point:
+        raise TypeError(f"fastkl.torch.{func} takes a floating torch tensor (logits); for "
+                        f"numpy arrays use fastkl.{func}")
+    out_dtype = logits.dtype
+    x = _as_numpy(torch, logits, "logits")
+    kw = dict(temperature=temperature, axis=axis, mask=_as_numpy(torch, mask, "mask"),
+              reduction=reduction, backend=backend, empty=empty)
+    if not _wants_grad(torch, logits):
+        return _to_tensor(torch, fastkl.entropy_logits(x, log_probs=log_probs, **kw),
+                          out_dtype)
+    _no_log_probs_grad(func, log_probs)
+
+    def grad_call():
+        value, g = fastkl.entropy_logits_grad(x, **kw)
+        return value, [g]
+
+    return _logits_apply(torch, (logits,), [True], grad_call, reduction == "none", axis,
+                         out_dtype)
+
+
+def token_logprobs(
+    logits,
+    tokens,
+    *,
+    temperature: float = 1.0,
+    axis: int = -1,
+    ignore_index: int = -100,
+    backend: str | None = None,
+):
+    """``fastkl.token_logprobs`` (``log softmax(logits / T)[token]`` per row, 0 where the
+    token is ``ignore_index``) on torch CPU tensors, differentiable with respect to
+    ``logits`` through one fused ``fastkl.token_logprobs_grad`` call (``(onehot(token) - Q)
+    / T`` per row, 0 in ignored rows). ``tokens``: an integer tensor (or array) of the logits'
+    shape without ``axis``. Returns a tensor of the logits' dtype, one value per row.
 
     Raises ``TypeError`` for a tensor that is not on the CPU or not dense.
     """
     torch = _torch()
-    for x, name in ((logits_p, "logits_p"), (logits_q, "logits_q"), (mask, "mask")):
-        if _is_tensor(torch, x):
-            _check_device(torch, x, name)
-    out_dtype = _out_dtype(torch, "kl_logits", logits_p, logits_q, ("logits_p", "logits_q"))
-    _no_grad_for(torch, "kl_logits", logits_p, "logits_p",
-                 "only the gradient with respect to logits_q (the student in distillation) "
-                 "has a fused kernel so far; pass logits_p.detach() if the teacher is fixed")
-    _no_grad_for(torch, "kl_logits", mask, "mask", "pass mask.detach()")
-    a = _as_numpy(torch, logits_p, "logits_p")
-    b = _as_numpy(torch, logits_q, "logits_q")
-    m = _as_numpy(torch, mask, "mask")
-    kw = dict(temperature=temperature, axis=axis, mask=m, reduction=reduction, backend=backend)
+    func = "token_logprobs"
+    _check_logits_tensors(torch, func, ((logits, "logits"), (tokens, "tokens")))
+    if not _is_tensor(torch, logits) or not logits.dtype.is_floating_point:
+        raise TypeError(f"fastkl.torch.{func} takes a floating torch tensor (logits); for "
+                        f"numpy arrays use fastkl.{func}")
+    out_dtype = logits.dtype
+    x = _as_numpy(torch, logits, "logits")
+    tok = _as_numpy(torch, tokens, "tokens")
+    kw = dict(temperature=temperature, axis=axis, ignore_index=ignore_index, backend=backend)
+    if not _wants_grad(torch, logits):
+        return _to_tensor(torch, fastkl.token_logprobs(x, tok, **kw), out_dtype)
 
-    if not _wants_grad(torch, logits_q):
-        return _to_tensor(torch, fastkl.kl_logits(a, b, log_probs=log_probs, **kw), out_dtype)
-    if not isinstance(log_probs, (bool, np.bool_)):
-        raise TypeError(f"log_probs must be a bool, got {type(log_probs).__name__}")
-    if log_probs:
-        raise NotImplementedError(
-            "fastkl.torch.kl_logits: log_probs=True with a gradient is not supported; "
-            "normalised log-probabilities are valid logits, so pass them with "
-            "log_probs=False (same value, same gradient)")
+    def grad_call():
+        value, g = fastkl.token_logprobs_grad(x, tok, **kw)
+        return value, [g]
 
-    def call():
-        value, grad = fastkl.kl_logits_grad(a, b, **kw)
-        shape = tuple(logits_q.shape)
-        saved = _Saved()
-        saved.grad = torch.from_numpy(grad)
-        saved.dtype = logits_q.dtype
-        if reduction == "none":
-            ax = operator.index(axis) % len(shape)
-            saved.go_shape = tuple(1 if i == ax else n for i, n in enumerate(shape))
-        else:
-            saved.go_shape = (1,) * len(shape)
-        return _to_tensor(torch, value, out_dtype), saved
-
-    return _functions()["kl_logits"].apply(logits_q, call)
+    return _logits_apply(torch, (logits,), [True], grad_call, True, axis, out_dtype)
 
 
-__all__ = ["kl_mc", "kl_logits"]
+__all__ = ["entropy_logits", "jsd_logits", "kl_logits", "kl_mc", "token_logprobs"]

@@ -56,7 +56,15 @@ def _mc_jobs(backend: str, dt: np.dtype) -> list[tuple[str, Callable[[], object]
 
 
 def _logits_jobs(backend: str, dt: np.dtype) -> list[tuple[str, Callable[[], object]]]:
-    from .logits import entropy_logits, jsd_logits, kl_logits, kl_logits_grad, token_logprobs
+    from .logits import (
+        entropy_logits,
+        jsd_logits,
+        jsd_logits_grad,
+        kl_logits,
+        kl_logits_grad,
+        token_logprobs,
+        token_logprobs_grad,
+    )
 
     rng = np.random.default_rng(1)
     jobs = []
@@ -72,6 +80,8 @@ def _logits_jobs(backend: str, dt: np.dtype) -> list[tuple[str, Callable[[], obj
             ("entropy_logits", entropy_logits, (a,), {}),
             ("token_logprobs", token_logprobs, (a, tok), {}),
             ("kl_logits_grad", kl_logits_grad, (a, b), {}),
+            ("jsd_logits_grad both", jsd_logits_grad, (a, b), {"wrt": "both"}),
+            ("token_logprobs_grad", token_logprobs_grad, (a, tok), {}),
         ):
             jobs.append((f"{name} {vocab}", partial(fn, *args, backend=backend, **kw)))
     return jobs

@@ -37,6 +37,11 @@ References (read from the frameworks' source):
   (global_valid_toks + 1e-8)``.
 * TRL ``grpo_trainer.py`` with ``use_bias_correction_kl``: ``per_token_kl * coef_1``,
   ``coef_1 = exp(per_token_logps - old_per_token_logps)`` (not detached).
+* verl ``utils/torch_functional.py::entropy_from_logits`` (``logsumexp(logits) -
+  sum(softmax(logits) * logits)``) and ``logprobs_from_logits``; TRL
+  ``selective_log_softmax(logits, index)`` (log_softmax gathered at the token); the forward
+  KL of distillation as ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True)``:
+  values and gradients through ``fastkl.torch``.
 """
 
 from __future__ import annotations
@@ -639,3 +644,160 @@ def test_openrlhf_clamped_gradients(dtype, est):
         dict(estimator=est, clamp_value=(-10, 10), reduction="token-mean"))
     if est != "k1":
         assert (grad[inputs[2]] == 0).sum() >= 3
+
+
+# --------------------------------------------------------------------------- GKD / Liger gradients
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_trl_gkd_generalized_jsd_gradients(dtype, beta, temperature):
+    """TRL GKD's loss differentiated by torch w.r.t. the student and the teacher logits, vs
+    ``jsd_logits_grad(teacher, student, beta, endpoints="kl", wrt="both")`` and vs the
+    autograd of ``fastkl.torch.jsd_logits``."""
+    import fastkl.torch as ft
+
+    student, teacher, labels = _logits(dtype)
+    s = torch.tensor(student, requires_grad=True)
+    t = torch.tensor(teacher, requires_grad=True)
+    ref, _ = gkd_generalized_jsd(s, t, torch.tensor(labels), beta, temperature)
+    gs_ref, gt_ref = torch.autograd.grad(ref, (s, t))
+    keep = labels != -100
+    v, gt, gs = fastkl.jsd_logits_grad(teacher, student, beta, endpoints="kl", wrt="both",
+                                       mask=keep, reduction="mean", temperature=temperature)
+    np.testing.assert_allclose(v, ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(gs, gs_ref.numpy(), **_ltol(dtype))
+    np.testing.assert_allclose(gt, gt_ref.numpy(), **_ltol(dtype))
+    s2 = torch.tensor(student, requires_grad=True)
+    loss = ft.jsd_logits(torch.tensor(teacher), s2, beta, endpoints="kl",
+                         mask=torch.tensor(keep), reduction="mean", temperature=temperature)
+    (g2,) = torch.autograd.grad(loss, s2)
+    assert loss.dtype == s2.dtype
+    np.testing.assert_allclose(loss.item(), ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(g2.numpy(), gs_ref.numpy(), **_ltol(dtype))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_trl_gkd_bf16_gradient(beta):
+    """GKD trains in bf16: fastkl.torch's bf16 loss and student gradient vs GKD's formula in
+    float64 on the same (bf16-rounded) logits, within bf16 rounding."""
+    import fastkl.torch as ft
+
+    student, teacher, labels = _logits(np.float64)
+    sb = torch.tensor(student).to(torch.bfloat16).requires_grad_()
+    tb = torch.tensor(teacher).to(torch.bfloat16)
+    s64 = sb.detach().double().requires_grad_()
+    ref, _ = gkd_generalized_jsd(s64, tb.double(), torch.tensor(labels), beta)
+    (gref,) = torch.autograd.grad(ref, s64)
+    keep = torch.tensor(labels != -100)
+    loss = ft.jsd_logits(tb, sb, beta, endpoints="kl", mask=keep, reduction="mean")
+    (g,) = torch.autograd.grad(loss, sb)
+    assert loss.dtype == torch.bfloat16 and g.dtype == torch.bfloat16
+    np.testing.assert_allclose(loss.double().item(), ref.item(), rtol=1e-2)
+    scale = float(gref.abs().max())
+    assert float((g.double() - gref).abs().max()) <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_liger_jsd_gradients(dtype, beta):
+    """Liger's JSD (on log-softmaxed inputs) differentiated through the log-softmax w.r.t.
+    the student and teacher logits, vs ``jsd_logits_grad(..., empty=0.0)``; every label
+    ignored: loss 0.0 and zero gradients in both."""
+    student, teacher, labels = _logits(dtype)
+    V = student.shape[-1]
+    F = torch.nn.functional
+    st = torch.tensor(student, requires_grad=True)
+    te = torch.tensor(teacher, requires_grad=True)
+    lab = torch.tensor(labels).reshape(-1)
+    for lab_k in (lab, torch.full_like(lab, -100)):
+        s = F.log_softmax(st, -1).reshape(-1, V)
+        t = F.log_softmax(te, -1).reshape(-1, V)
+        ref = liger_jsd(s, t, lab_k, beta)
+        keep = (lab_k != -100).numpy().reshape(labels.shape)
+        v, gt, gs = fastkl.jsd_logits_grad(teacher, student, beta, endpoints="kl", wrt="both",
+                                           mask=keep, reduction="mean", empty=0.0)
+        np.testing.assert_allclose(v, ref.item(), **_ltol(dtype))
+        if ref.requires_grad:
+            gs_ref, gt_ref = torch.autograd.grad(ref, (st, te))
+            np.testing.assert_allclose(gs, gs_ref.numpy(), **_ltol(dtype))
+            np.testing.assert_allclose(gt, gt_ref.numpy(), **_ltol(dtype))
+        else:  # Liger's constant 0.0: no gradient reaches the logits
+            assert v == 0.0 and not gs.any() and not gt.any()
+
+
+# --------------------------------------------------------------------------- torch losses
+
+
+def verl_entropy_from_logits(logits):
+    """verl ``entropy_from_logits``: logsumexp(logits) - sum(softmax(logits) * logits)."""
+    pd = torch.nn.functional.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
+
+
+def selective_log_softmax(logits, index):
+    """TRL ``selective_log_softmax`` / verl ``logprobs_from_logits``: log_softmax gathered."""
+    return torch.gather(logits.log_softmax(-1), -1, index.unsqueeze(-1)).squeeze(-1)
+
+
+def _torch_logits(dtype, seed=4):
+    student, teacher, labels = _logits(dtype, seed=seed)
+    mask = labels != -100
+    return (torch.tensor(student, requires_grad=True), torch.tensor(teacher), labels,
+            torch.tensor(mask))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_entropy_token_mean_torch(dtype):
+    import fastkl.torch as ft
+
+    s, _, _, mask = _torch_logits(dtype)
+    ent = verl_entropy_from_logits(s)
+    ref = verl_agg_loss(ent, mask.to(ent.dtype), "token-mean")
+    (gref,) = torch.autograd.grad(ref, s)
+    s2 = s.detach().clone().requires_grad_()
+    v = ft.entropy_logits(s2, mask=mask, reduction="mean")
+    (g,) = torch.autograd.grad(v, s2)
+    np.testing.assert_allclose(v.item(), ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(g.numpy(), gref.numpy(), **_ltol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_torch(dtype, temperature):
+    import fastkl.torch as ft
+
+    s, _, labels, _ = _torch_logits(dtype)
+    lab = torch.tensor(labels).clamp(min=0)  # TRL gathers real token ids
+    ref = selective_log_softmax(s / temperature, lab)
+    go = torch.linspace(-1.0, 2.0, ref.numel(), dtype=ref.dtype).reshape(ref.shape)
+    (gref,) = torch.autograd.grad(ref, s, go)
+    s2 = s.detach().clone().requires_grad_()
+    v = ft.token_logprobs(s2, lab, temperature=temperature)
+    (g,) = torch.autograd.grad(v, s2, go)
+    np.testing.assert_allclose(v.detach().numpy(), ref.detach().numpy(), **_ltol(dtype))
+    np.testing.assert_allclose(g.numpy(), gref.numpy(), **_ltol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_distillation_torch(dtype, temperature):
+    """``kl_div(log_softmax(student/T), log_softmax(teacher/T), log_target=True)`` summed
+    over the vocabulary, masked mean over tokens; gradients to student and teacher."""
+    import fastkl.torch as ft
+
+    F = torch.nn.functional
+    s, t, _, mask = _torch_logits(dtype)
+    t = t.clone().requires_grad_()
+    per = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                   reduction="none", log_target=True).sum(-1)
+    ref = per[mask].sum() / mask.sum()
+    gs_ref, gt_ref = torch.autograd.grad(ref, (s, t))
+    s2 = s.detach().clone().requires_grad_()
+    t2 = t.detach().clone().requires_grad_()
+    v = ft.kl_logits(t2, s2, temperature=temperature, mask=mask, reduction="mean")
+    gt, gs = torch.autograd.grad(v, (t2, s2))
+    np.testing.assert_allclose(v.item(), ref.item(), **_ltol(dtype))
+    np.testing.assert_allclose(gs.numpy(), gs_ref.numpy(), **_ltol(dtype))
+    np.testing.assert_allclose(gt.numpy(), gt_ref.numpy(), **_ltol(dtype))

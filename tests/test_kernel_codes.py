@@ -67,3 +67,16 @@ def test_cython_unknown_logits_op_raises(op):
     with pytest.raises(ValueError, match="logits op code"):
         _logits.run(op, a, b, 1.0, 0.5, False, None, None, 0, None, out, None)
     assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("gop", [99, -1, 4])
+def test_cython_unknown_differentiated_op_raises(gop):
+    """The gradient kernel runs only for the ops it knows (KL, JSD, entropy, token): another
+    code raises before anything is written."""
+    a, b = _pair()
+    out = np.full(a.shape[0], 7.0)
+    grad = np.full(a.shape, 7.0)
+    with pytest.raises(ValueError, match="logits op code"):
+        _logits.run(_logits.OP_GRAD, a, b, 1.0, 0.5, False, None, None, 0, np.ones(2), out,
+                    grad, grad, gop)
+    assert (out == 7.0).all() and (grad == 7.0).all()

@@ -844,6 +844,14 @@ def _all_results(backend, a, b, tok):
         v, g = fastkl.kl_logits_grad(a1, b1, backend=backend)
         out[f"gradv{dt.__name__}"] = v
         out[f"grad{dt.__name__}"] = g
+        kw = dict(wrt="both", reduction="none", temperature=0.8, backend=backend)
+        for name, res in (("klgrad2", fastkl.kl_logits_grad(a1, b1, **kw)),
+                          ("jsdgrad", fastkl.jsd_logits_grad(a1, b1, 0.3, **kw)),
+                          ("entgrad", fastkl.entropy_logits_grad(a1, reduction="none",
+                                                                 backend=backend)),
+                          ("tokgrad", fastkl.token_logprobs_grad(b1, tok, backend=backend))):
+            for k, x in enumerate(res):
+                out[f"{name}{k}{dt.__name__}"] = x
     out["kl_f16_axis0"] = fastkl.kl_logits(a[:8].T.astype(np.float16),
                                            b[:8].T.astype(np.float16), axis=0, backend=backend)
     return {k: _digest(v) for k, v in out.items()}
@@ -953,6 +961,66 @@ def test_peak_memory(backend, dtype):
     assert extra < 100e6, f"peak RSS rose by {extra / 1e6:.1f} MB"
 
 
+_GRAD_MEM_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import fastkl
+    backend = None if sys.argv[1] == "default" else sys.argv[1]
+    op = sys.argv[2]
+    rows, vocab = 128, 131072
+    rng = np.random.default_rng(0)
+    a = np.empty((rows, vocab), np.float32)
+    b = np.empty((rows, vocab), np.float32)
+    for i in range(0, rows, 16):
+        a[i:i + 16] = rng.standard_normal((16, vocab), dtype=np.float32) * 3
+        b[i:i + 16] = rng.standard_normal((16, vocab), dtype=np.float32) * 3
+    tok = rng.integers(0, vocab, rows)
+    calls = {
+        "kl": lambda x, y: fastkl.kl_logits_grad(x, y, wrt="both", backend=backend),
+        "jsd": lambda x, y: fastkl.jsd_logits_grad(x, y, 0.3, wrt="both", backend=backend),
+        "entropy": lambda x, y: fastkl.entropy_logits_grad(x, backend=backend),
+        "token": lambda x, y: fastkl.token_logprobs_grad(y, tok[:len(y)] % y.shape[1],
+                                                         backend=backend),
+    }
+    calls[op](a[:2, :1000], b[:2, :1000])  # JIT / import warm-up
+
+    def kb(field):
+        with open("/proc/self/status") as f:
+            return int(f.read().split(field + ":")[1].split()[0])
+
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    before = kb("VmHWM")
+    res = calls[op](a, b)
+    after = kb("VmHWM")
+    grads = [g for g in res[1:] if g is not None]
+    assert all(g.shape == a.shape and g.dtype == np.float32 for g in grads)
+    print(len(grads), (after - before) * 1024)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["kl", "jsd", "entropy", "token"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+def test_gradient_peak_memory(backend, op):
+    """The fused gradients allocate their outputs and O(rows) more: peak RSS (VmHWM, reset
+    just before the call) rises by less than the gradients' bytes + 40 MB on [128, 131072]
+    float32 inputs (one float64 [rows, V] temporary would be 128 MB)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(fastkl.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _GRAD_MEM_SCRIPT, backend, op], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, extra = (int(x) for x in proc.stdout.strip().splitlines()[-1].split())
+    budget = n * 128 * 131072 * 4 + 40e6
+    assert extra < budget, f"peak RSS rose by {extra / 1e6:.1f} MB ({n} gradients)"
+
+
 def test_reference_self_check(rng):
     """The float64 reference against 50-digit mpmath on random rows (T = 2.3, beta = 0.3):
     within 1e-13, well inside the 1e-12 the backends are held to."""
@@ -986,3 +1054,215 @@ def test_reference_self_check(rng):
         assert abs(tok - float(mp.log(Q[4]))) <= 1e-14 * abs(float(mp.log(Q[4])))
     lq = ref_token(np.tile(b[0], (7, 1)), np.arange(7))
     assert abs(logsumexp(lq)) < 1e-15
+
+
+# --------------------------------------------------------------------------- fused gradients
+# ``logits_grad`` / ``logits_token_grad`` (kl_logits_grad with wrt=, jsd_logits_grad,
+# entropy_logits_grad, token_logprobs_grad): the numpy reference against central finite
+# differences of the value reference, every backend against the numpy reference.
+
+GRAD_OPS = [("kl", None, None), ("jsd", 0.3, "mixture"), ("jsd", 0.0, "mixture"),
+            ("jsd", 1.0, "mixture"), ("jsd", 0.0, "kl"), ("jsd", 1.0, "kl"),
+            ("jsd", 1e-300, "mixture"), ("entropy", None, None)]
+GRAD_IDS = ["kl", "jsd0.3", "jsd0", "jsd1", "jsd0-kl", "jsd1-kl", "jsd1e-300", "entropy"]
+
+
+def grads_of(op, beta, ends, a, b, **kw):
+    """(value, grad_p, grad_q) of a public gradient function (grad_q None for entropy)."""
+    if op == "entropy":
+        v, g = fastkl.entropy_logits_grad(a, **kw)
+        return v, g, None
+    if op == "kl":
+        return fastkl.kl_logits_grad(a, b, wrt="both", **kw)
+    return fastkl.jsd_logits_grad(a, b, beta, endpoints=ends, wrt="both", **kw)
+
+
+def _value_rows(op, beta, ends, a, b, temperature):
+    if op == "entropy":
+        return ref_rows("entropy", a, temperature=temperature)
+    if op == "kl" or (ends == "kl" and beta == 0.0):
+        return ref_rows("kl", a, b, temperature=temperature)
+    if ends == "kl" and beta == 1.0:
+        return ref_rows("kl", b, a, temperature=temperature)
+    return ref_rows("jsd", a, b, temperature=temperature, beta=beta)
+
+
+@pytest.mark.parametrize(("op", "beta", "ends"), GRAD_OPS, ids=GRAD_IDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_reference_gradients_vs_finite_differences(op, beta, ends, temperature, rng):
+    """d sum_r w_r value_r / d logits by central differences of the scipy value reference,
+    against the numpy backend (reduction "sum" with weights: rowscale = w)."""
+    a, b = pair(rng, (4, 9), np.float64)
+    w = np.array([1.0, 0.0, 2.5, 0.5])
+    v, gp, gq = grads_of(op, beta, ends, a, b, temperature=temperature, mask=w,
+                         reduction="sum", backend="numpy")
+    np.testing.assert_allclose(v, np.sum(w * _value_rows(op, beta, ends, a, b, temperature)),
+                               rtol=1e-12)
+    h = 1e-6
+    for x, g in ((a, gp), (b, gq)):
+        if g is None:
+            continue
+        num = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            xp, xm = x.copy(), x.copy()
+            xp[idx] += h
+            xm[idx] -= h
+            args_p = (xp, b) if x is a else (a, xp)
+            args_m = (xm, b) if x is a else (a, xm)
+            fp = np.sum(w * _value_rows(op, beta, ends, *args_p, temperature))
+            fm = np.sum(w * _value_rows(op, beta, ends, *args_m, temperature))
+            num[idx] = (fp - fm) / (2 * h)
+        np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+        assert not g[1].any()  # weight 0: no gradient
+
+
+def _grad_tol(dtype):
+    return 1e-12 if np.dtype(dtype) == np.float64 else 2e-6
+
+
+def assert_grads_match(got, ref, dtype, what):
+    """Same NaN / inf positions; finite entries within tol * (1 + max |row of ref|)."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, what
+    assert np.array_equal(np.isnan(got), np.isnan(ref)), f"{what}: NaN positions differ"
+    assert np.array_equal(np.isinf(got), np.isinf(ref)), f"{what}: inf positions differ"
+    fin = np.isfinite(ref)
+    scale = 1.0 + np.max(np.where(fin, np.abs(ref), 0.0), axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        err = np.where(fin, np.abs(got - ref), 0.0) / scale
+    assert err.max(initial=0.0) <= _grad_tol(dtype), f"{what}: max scaled error {err.max()}"
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p != "numpy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize(("op", "beta", "ends"), GRAD_OPS, ids=GRAD_IDS)
+def test_fused_gradients_vs_reference(backend, dtype, op, beta, ends, rng):
+    """Every backend's fused gradients (both inputs, and each alone: the same bits) against
+    the numpy reference: rows over several chunks, -inf / NaN patterns, identical rows
+    (exact zeros), weights with zeros, a transposed layout, two temperatures."""
+    a, b = pair(rng, (6, 1100), np.float64)
+    a[1, ::3] = -np.inf
+    b[1, ::3] = -np.inf
+    a[2, 5] = -np.inf  # P = 0 where Q > 0
+    b[3] = a[3]  # identical rows
+    sa, sb = special_rows(np.float64)
+    sa, sb = np.pad(sa, ((0, 0), (0, 1094))), np.pad(sb, ((0, 0), (0, 1094)))
+    a, b = np.concatenate([a, sa]).astype(dtype), np.concatenate([b, sb]).astype(dtype)
+    w = rng.random(len(a)) * 2
+    w[4] = 0.0
+    for temperature in (1.0, 0.7):
+        for axis, (x, y) in ((-1, (a, b)), (0, (a.T, b.T))):
+            kw = dict(temperature=temperature, axis=axis, mask=w, reduction="none")
+            what = f"{backend} {dtype.__name__} {op} T={temperature} axis={axis}"
+            v, gp, gq = grads_of(op, beta, ends, x, y, backend=backend, **kw)
+            v0, gp0, gq0 = grads_of(op, beta, ends, x, y, backend="numpy", **kw)
+            assert_close(v, v0, result_dtype(x), what + " value")
+            for g, g0, nm in ((gp, gp0, "p"), (gq, gq0, "q")):
+                if g0 is None:
+                    continue
+                assert g.dtype == result_dtype(x) and g.shape == x.shape, what
+                assert_grads_match(np.moveaxis(g, axis, -1), np.moveaxis(g0, axis, -1), dtype,
+                                   f"{what} grad {nm}")
+            assert not np.moveaxis(gp, axis, -1)[4].any()  # weight 0
+            if op == "entropy":
+                continue
+            # one gradient alone: the same bits as with both
+            fn = fastkl.kl_logits_grad if op == "kl" else (
+                lambda *xs, **k: fastkl.jsd_logits_grad(*xs, beta, endpoints=ends, **k))
+            _, only_p = fn(x, y, wrt="p", backend=backend, **kw)
+            _, only_q = fn(x, y, wrt="q", backend=backend, **kw)
+            assert np.array_equal(only_p, gp, equal_nan=True), what
+            assert np.array_equal(only_q, gq, equal_nan=True), what
+            if op == "kl" or ends == "mixture":  # identical rows: exact zeros
+                assert not np.moveaxis(gp, axis, -1)[3].any()
+                assert not np.moveaxis(gq, axis, -1)[3].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_token_logprobs_grad_vs_reference(backend, dtype, rng):
+    a = logits(rng, (7, 1030), np.float64)
+    a[1, ::4] = -np.inf
+    a[2, 3] = np.nan
+    a[5] = -np.inf
+    a = a.astype(dtype)
+    tok = rng.integers(0, 1030, 7)
+    tok[0] = -100
+    tok[1] = 4  # a -inf logit: log Q = -inf, finite gradient
+    for temperature in (1.0, 0.7):
+        v, g = fastkl.token_logprobs_grad(a, tok, temperature=temperature, backend=backend)
+        assert_close(v, fastkl.token_logprobs(a, tok, temperature=temperature,
+                                              backend=backend), result_dtype(a), "value")
+        x = np.asarray(a, dtype=np.float64)
+        q = np.exp(_lp(x, temperature, False))
+        ref = -q
+        ref[np.arange(7), np.where(tok < 0, 0, tok)] += 1.0
+        ref[0] = 0.0
+        ref /= temperature
+        assert_grads_match(g, ref, dtype, f"{backend} token T={temperature}")
+        assert not g[0].any() and np.isnan(g[[2, 5]]).all() and np.isfinite(g[1]).all()
+        assert v[1] == -np.inf and np.isnan(v[[2, 5]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_reductions_and_empty(backend, rng):
+    """The reduction's weights are the gradient's scale: "mean" = "sum" / sum w, "none" =
+    "sum"; a mean over zero weight is ``empty`` with a zero gradient."""
+    a, b = pair(rng, (3, 5, 40), np.float64)
+    w = rng.random((3, 5))
+    w[0] = 0.0
+    for op, beta, ends in GRAD_OPS[:2] + GRAD_OPS[-1:]:
+        kw = dict(mask=w, temperature=1.4, backend=backend)
+        vs, ps, qs = grads_of(op, beta, ends, a, b, reduction="sum", **kw)
+        vm, pm, qm = grads_of(op, beta, ends, a, b, reduction="mean", **kw)
+        vn, pn, qn = grads_of(op, beta, ends, a, b, reduction="none", **kw)
+        np.testing.assert_allclose(vm, vs / w.sum(), rtol=1e-13)
+        np.testing.assert_allclose(np.sum(vn), vs, rtol=1e-13)
+        for gs, gm, gn in ((ps, pm, pn), (qs, qm, qn)):
+            if gs is None:
+                continue
+            np.testing.assert_allclose(gm, gs / w.sum(), rtol=1e-12, atol=1e-300)
+            assert np.array_equal(gn, gs)
+        none = np.zeros((3, 5))
+        v, *gs = grads_of(op, beta, ends, a, b, reduction="mean", mask=none, empty=0.0,
+                          backend=backend)
+        assert v == 0.0 and not any(g.any() for g in gs if g is not None)
+        v, *_ = grads_of(op, beta, ends, a, b, reduction="mean", mask=none, backend=backend)
+        assert math.isnan(v)
+
+
+def test_gradient_argument_errors():
+    a = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="wrt"):
+        fastkl.kl_logits_grad(a, a, wrt="teacher")
+    with pytest.raises(ValueError, match="wrt"):
+        fastkl.jsd_logits_grad(a, a, wrt=None)
+    with pytest.raises(ValueError, match="beta"):
+        fastkl.jsd_logits_grad(a, a, 2.0)
+    with pytest.raises(ValueError, match="endpoints"):
+        fastkl.jsd_logits_grad(a, a, endpoints="both")
+    with pytest.raises(ValueError, match="reduction"):
+        fastkl.entropy_logits_grad(a, reduction="token-mean")
+    with pytest.raises(ValueError, match="tokens"):
+        fastkl.token_logprobs_grad(a, np.array([0, 3]))
+    with pytest.raises(ValueError, match="mask"):
+        fastkl.entropy_logits_grad(a, mask=np.ones(3))
+    with pytest.raises(ValueError, match="temperature"):
+        fastkl.jsd_logits_grad(a, a, temperature=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        fastkl.kl_logits_grad(a, np.zeros((2, 4)), wrt="p")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", [99, -1, 3])
+def test_unknown_op_code_in_logits_grad_raises(backend, op):
+    from fastkl.backends import get_backend
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 50)), rng.normal(size=(2, 50))
+    out = np.full(a.shape[0], 7.0)
+    grad = np.full(a.shape, 7.0)
+    with pytest.raises(ValueError, match="logits op code"):
+        get_backend(backend).logits_grad(a, b, op, 0.5, 1.0, np.ones(2), out, grad, grad)
+    assert (out == 7.0).all() and (grad == 7.0).all()

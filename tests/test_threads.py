@@ -84,6 +84,13 @@ def _results(backend: str) -> list[tuple[str, bytes]]:
             fastkl.token_logprobs(y, tok, backend=backend))))
         v, g = fastkl.kl_logits_grad(x, y, backend=backend)
         out.append((f"kl_logits_grad {dt}", _bits(v, g)))
+        kw = dict(wrt="both", reduction="none", backend=backend)
+        out.append((f"kl_logits_grad both {dt}", _bits(*fastkl.kl_logits_grad(x, y, **kw))))
+        out.append((f"jsd_logits_grad {dt}", _bits(*fastkl.jsd_logits_grad(x, y, 0.3, **kw))))
+        out.append((f"entropy_logits_grad {dt}",
+                    _bits(*fastkl.entropy_logits_grad(x, backend=backend))))
+        out.append((f"token_logprobs_grad {dt}",
+                    _bits(*fastkl.token_logprobs_grad(y, tok, backend=backend))))
     return out
 
 

@@ -1,4 +1,5 @@
-"""fastkl.torch (issue 13): ``kl_mc`` and ``kl_logits`` on torch CPU tensors with autograd.
+"""fastkl.torch (issue 13): ``kl_mc``, ``kl_logits``, ``jsd_logits``, ``entropy_logits`` and
+``token_logprobs`` on torch CPU tensors with autograd.
 
 gradcheck in float64 over every estimator, mask, ``log_iw`` and reduction (the backward pass
 is the fused ``kl_mc_grad`` / ``kl_logits_grad`` kernel); values equal to the numpy API's;
@@ -11,6 +12,7 @@ fastkl`` without torch.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -436,14 +438,18 @@ def test_logits_low_precision_vs_torch_float64(dtype):
 
 def test_logits_gradients_it_does_not_compute_raise():
     a, b = _logits_inputs()
-    with pytest.raises(NotImplementedError, match=r"logits_p"):
-        ft.kl_logits(a.clone().requires_grad_(), b)
-    with pytest.raises(NotImplementedError, match=r"logits_p"):
-        ft.kl_logits(a.clone().requires_grad_(), b.detach())
+    x = a.clone().requires_grad_()
+    for f in (ft.kl_logits, ft.jsd_logits):
+        with pytest.raises(NotImplementedError, match="log_probs"):
+            f(torch.log_softmax(a, -1), torch.log_softmax(b, -1), log_probs=True)
+        with pytest.raises(NotImplementedError, match="log_probs"):
+            f(torch.log_softmax(x, -1), b.detach(), log_probs=True)
+        with pytest.raises(NotImplementedError, match="mask"):
+            f(a, b, mask=torch.ones(3, 4, dtype=torch.float64, requires_grad=True))
     with pytest.raises(NotImplementedError, match="log_probs"):
-        ft.kl_logits(torch.log_softmax(a, -1), torch.log_softmax(b, -1), log_probs=True)
+        ft.entropy_logits(torch.log_softmax(x, -1), log_probs=True)
     with pytest.raises(NotImplementedError, match="mask"):
-        ft.kl_logits(a, b, mask=torch.ones(3, 4, dtype=torch.float64, requires_grad=True))
+        ft.entropy_logits(x, mask=torch.ones(3, 4, dtype=torch.float64, requires_grad=True))
     with torch.no_grad():
         v = ft.kl_logits(torch.log_softmax(a, -1), torch.log_softmax(b, -1), log_probs=True)
     ref = fastkl.kl_logits(_np(a), _np(b))
@@ -469,6 +475,335 @@ def test_logits_no_copy(monkeypatch):
         ft.kl_logits(a, b, reduction="mean").backward()
         assert np.shares_memory(seen["a"], a.numpy())
         assert np.shares_memory(seen["b"], b.detach().numpy())
+
+
+# --------------------------------------- jsd, entropy, token; both inputs; torch formulas
+
+
+def _lsm(x, temperature, axis):
+    return torch.log_softmax(x / temperature, dim=axis)
+
+
+def _xlogy_sum(p, u, v, axis):
+    """sum p (u - v) over axis, 0 where p == 0 (the -inf entries), as the kernels count it."""
+    return torch.where(p == 0, torch.zeros_like(p), p * (u - v)).sum(dim=axis)
+
+
+def _row_formula(op, a, b, temperature=1.0, axis=-1, beta=0.5, endpoints="mixture"):
+    """The per-row value of a logits op written in torch (differentiable by torch)."""
+    lp = _lsm(a, temperature, axis)
+    if op == "entropy":
+        return -_xlogy_sum(lp.exp(), lp, 0.0, axis)
+    lq = _lsm(b, temperature, axis)
+    if op == "kl" or (endpoints == "kl" and beta == 0.0):
+        return _xlogy_sum(lp.exp(), lp, lq, axis)
+    if endpoints == "kl" and beta == 1.0:
+        return _xlogy_sum(lq.exp(), lq, lp, axis)
+    if beta in (0.0, 1.0):
+        return 0.0 * (lp + lq).sum(dim=axis)
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    return (beta * _xlogy_sum(lp.exp(), lp, lm, axis)
+            + (1 - beta) * _xlogy_sum(lq.exp(), lq, lm, axis))
+
+
+def _reduce_formula(rows, mask, reduction):
+    w = torch.ones_like(rows) if mask is None else torch.as_tensor(mask).to(rows.dtype)
+    wr = torch.where(w != 0, w * rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return wr
+    if reduction == "sum":
+        return wr.sum()
+    return wr.sum() / w.sum()
+
+
+# (op, beta, endpoints) of the two-input ops
+JSD_CASES = [(beta, ends) for beta in (0.0, 0.3, 1.0) for ends in ("mixture", "kl")]
+PAIR_OPS = [("kl", None, None)] + [("jsd", beta, ends) for beta, ends in JSD_CASES]
+PAIR_IDS = ["kl"] + [f"jsd-{beta}-{ends}" for beta, ends in JSD_CASES]
+
+
+def _pair_call(op, beta, ends, a, b, **kw):
+    if op == "kl":
+        return ft.kl_logits(a, b, **kw)
+    return ft.jsd_logits(a, b, beta, endpoints=ends, **kw)
+
+
+def _pair_numpy(op, beta, ends, a, b, **kw):
+    if op == "kl":
+        return fastkl.kl_logits(a, b, **kw)
+    return fastkl.jsd_logits(a, b, beta, endpoints=ends, **kw)
+
+
+def _lead_masks(lead, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [None, torch.rand(lead, generator=g) < 0.6,
+            torch.where(torch.rand(lead, generator=g) < 0.3, 0.0,
+                        2 * torch.rand(lead, generator=g, dtype=torch.float64))]
+
+
+@pytest.mark.parametrize(("op", "beta", "ends"), PAIR_OPS, ids=PAIR_IDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_pair_ops_gradcheck_both_inputs(op, beta, ends, reduction):
+    """gradcheck w.r.t. logits_p and logits_q together and each alone, every mask kind,
+    three temperatures, vocabulary axis last and first; the value equals the numpy API's."""
+    a, b = _logits_inputs((3, 4, 7), seed=5)
+    a = a.clone().requires_grad_()
+    for axis in (-1, 0):
+        lead = (3, 4) if axis == -1 else (4, 7)
+        for mask in _lead_masks(lead):
+            for temperature in (1.0, 0.7):
+                kw = dict(temperature=temperature, axis=axis, mask=mask, reduction=reduction)
+
+                def f(x, y, kw=kw):
+                    return _pair_call(op, beta, ends, x, y, **kw)
+
+                what = (axis, mask is None or mask.dtype, temperature)
+                assert torch.autograd.gradcheck(f, (a, b)), what
+                if temperature == 1.0:  # P alone (a fixed Q: the kernel computes d/da only)
+                    assert torch.autograd.gradcheck(lambda x, kw=kw: f(x, b.detach(), kw),
+                                                    (a,)), what
+                ref = _pair_numpy(op, beta, ends, _np(a), _np(b), temperature=temperature,
+                                  axis=axis, mask=_np(mask), reduction=reduction)
+                assert np.array_equal(f(a, b).detach().numpy(), ref, equal_nan=True), what
+
+
+@pytest.mark.parametrize("backend", fastkl.available_backends())
+def test_new_ops_gradcheck_backends(backend):
+    """Every backend's fused kernel passes gradcheck for each op (the other tests use the
+    default backend)."""
+    a, b = _logits_inputs((5, 33), seed=2)
+    a = a.clone().requires_grad_()
+    tok = torch.tensor([0, 32, -100, 7, 7])
+    kw = dict(temperature=1.3, backend=backend)
+    for reduction in ("none", "mean"):
+        kw["reduction"] = reduction
+        assert torch.autograd.gradcheck(lambda x, y: ft.kl_logits(x, y, **kw), (a, b))
+        assert torch.autograd.gradcheck(lambda x, y: ft.jsd_logits(x, y, 0.3, **kw), (a, b))
+        assert torch.autograd.gradcheck(lambda x: ft.entropy_logits(x, **kw), (a,))
+    assert torch.autograd.gradcheck(
+        lambda x: ft.token_logprobs(x, tok, temperature=1.3, backend=backend), (a,))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_entropy_gradcheck(reduction, axis):
+    a, _ = _logits_inputs((3, 4, 7), seed=6)
+    a = a.requires_grad_()
+    lead = (3, 4) if axis == -1 else (3, 7)
+    for mask in _lead_masks(lead):
+        for temperature in (1.0, 0.6, 3.0):
+            kw = dict(temperature=temperature, axis=axis, mask=mask, reduction=reduction)
+            assert torch.autograd.gradcheck(lambda x, kw=kw: ft.entropy_logits(x, **kw), (a,))
+            ref = fastkl.entropy_logits(_np(a), **dict(kw, mask=_np(mask)))
+            assert np.array_equal(ft.entropy_logits(a, **kw).detach().numpy(), ref)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_token_logprobs_gradcheck(axis):
+    a, _ = _logits_inputs((3, 4, 7), seed=7)
+    a = a.requires_grad_()
+    g = torch.Generator().manual_seed(2)
+    vocab = a.shape[axis]
+    lead = (3, 4) if axis == -1 else (4, 7)
+    tok = torch.randint(0, vocab, lead, generator=g)
+    tok[0, 1] = -100
+    tok[1, 2] = 3 % vocab
+    for temperature in (1.0, 0.7):
+        for ignore, t in ((-100, tok), (5, torch.where(tok == -100, 5, tok))):
+            kw = dict(temperature=temperature, axis=axis, ignore_index=ignore)
+            assert torch.autograd.gradcheck(lambda x, t=t, kw=kw: ft.token_logprobs(x, t, **kw),
+                                            (a,))
+            v = ft.token_logprobs(a, t, **kw)
+            ref = fastkl.token_logprobs(_np(a), t.numpy(), **kw)
+            assert np.array_equal(v.detach().numpy(), ref)
+    # an ignored row has value 0 and gradient 0; the others, onehot - softmax
+    v = ft.token_logprobs(a, tok, axis=axis)
+    (gr,) = torch.autograd.grad(v.sum(), a)
+    gr = torch.movedim(gr, axis, -1)
+    assert v[0, 1] == 0 and not gr[0, 1].any()
+    q = torch.softmax(torch.movedim(a.detach(), axis, -1), -1)
+    onehot = torch.nn.functional.one_hot(tok.clamp(min=0), vocab).to(q.dtype)
+    keep = (tok != -100)[..., None]
+    torch.testing.assert_close(gr, torch.where(keep, onehot - q, 0.0), rtol=1e-12, atol=1e-14)
+
+
+ALL_OPS = PAIR_OPS + [("entropy", None, None), ("token", None, None)]
+ALL_IDS = PAIR_IDS + ["entropy", "token"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW], ids=["f64", "f32", "bf16", "f16"])
+@pytest.mark.parametrize(("op", "beta", "ends"), ALL_OPS, ids=ALL_IDS)
+def test_values_and_grads_vs_torch_formula(dtype, op, beta, ends):
+    """Value and both gradients (scaled by a non-uniform upstream gradient) against the
+    formula written in torch and differentiated by torch in float64 (the low-precision
+    inputs rounded first, so only fastkl's arithmetic is measured)."""
+    a, b = _logits_inputs((2, 6, 50), seed=8, dtype=dtype)
+    a = a.detach().clone().requires_grad_()
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    tok = torch.randint(0, 50, (2, 6), generator=g)
+    tok[1, 4] = -100
+    rtol = 1e-11 if dtype == torch.float64 else LOW[dtype]
+    reductions = ["none"] if op == "token" else ["none", "mean", "sum"]
+    for reduction in reductions:
+        for temperature in (1.0, 1.8):
+            what = f"{dtype} {op} {reduction} T={temperature}"
+            a64 = a.detach().double().requires_grad_()
+            b64 = b.detach().double().requires_grad_()
+            if op == "token":
+                v = ft.token_logprobs(b, tok, temperature=temperature)
+                lq = _lsm(b64, temperature, -1)
+                keep = tok != -100
+                ref = torch.where(keep, lq.gather(-1, tok.clamp(min=0)[..., None])[..., 0], 0.0)
+                ins, ins64 = (b,), (b64,)
+            else:
+                kw = dict(temperature=temperature, mask=mask, reduction=reduction)
+                if op == "entropy":
+                    v = ft.entropy_logits(a, **kw)
+                    rows = _row_formula("entropy", a64, None, temperature)
+                    ins, ins64 = (a,), (a64,)
+                else:
+                    v = _pair_call(op, beta, ends, a, b, **kw)
+                    rows = _row_formula(op, a64, b64, temperature, beta=beta,
+                                        endpoints=ends or "mixture")
+                    ins, ins64 = (a, b), (a64, b64)
+                ref = _reduce_formula(rows, mask, reduction)
+            assert v.dtype == dtype, what
+            go = torch.linspace(0.5, 1.5, v.numel(), dtype=torch.float64).reshape(v.shape)
+            grads = torch.autograd.grad(v, ins, go.to(dtype))
+            refs = torch.autograd.grad(ref, ins64, go, allow_unused=True)
+            _close(v, ref, rtol, what + " value")
+            for k, (gg, gr) in enumerate(zip(grads, refs, strict=True)):
+                assert gg.dtype == dtype, what
+                gr = torch.zeros_like(ins64[k]) if gr is None else gr
+                _close(gg, gr, rtol, f"{what} grad {k}")
+
+
+def test_only_the_wanted_gradients_are_computed(monkeypatch):
+    """A fixed teacher (or student) costs nothing: the fused call asks only for the gradient
+    of the input that requires grad; without any, no gradient call at all."""
+    a, b = _logits_inputs()
+    calls = []
+    for name in ("kl_logits_grad", "jsd_logits_grad"):
+        real = getattr(fastkl, name)
+
+        def spy(*args, real=real, name=name, **kw):
+            calls.append((name, kw["wrt"]))
+            return real(*args, **kw)
+
+        monkeypatch.setattr(fastkl, name, spy)
+    x = a.clone().requires_grad_()
+    ft.kl_logits(x, b.detach(), reduction="sum").backward()
+    ft.kl_logits(a, b, reduction="sum").backward()
+    ft.jsd_logits(x, b, reduction="sum").backward()
+    with torch.no_grad():
+        ft.jsd_logits(x, b)
+    ft.jsd_logits(a, b.detach())
+    assert calls == [("kl_logits_grad", "p"), ("kl_logits_grad", "q"),
+                     ("jsd_logits_grad", "both")]
+    assert b.grad is not None and x.grad is not None
+
+
+def test_no_grad_path_returns_plain_tensors(monkeypatch):
+    a, b = _logits_inputs()
+    tok = torch.zeros(3, 4, dtype=torch.int64)
+
+    def boom(*args, **kw):
+        raise AssertionError("a gradient kernel ran without a gradient wanted")
+
+    for name in ("kl_logits_grad", "jsd_logits_grad", "entropy_logits_grad",
+                 "token_logprobs_grad"):
+        monkeypatch.setattr(fastkl, name, boom)
+    x = a.clone().requires_grad_()
+    with torch.no_grad():
+        outs = [ft.kl_logits(x, b), ft.jsd_logits(x, b, 0.2), ft.entropy_logits(x),
+                ft.token_logprobs(x, tok)]
+    refs = [fastkl.kl_logits(_np(a), _np(b)), fastkl.jsd_logits(_np(a), _np(b), 0.2),
+            fastkl.entropy_logits(_np(a)), fastkl.token_logprobs(_np(a), tok.numpy())]
+    for v, ref in zip(outs, refs, strict=True):
+        assert v.grad_fn is None and not v.requires_grad
+        assert np.array_equal(v.numpy(), ref)
+
+
+def test_minus_inf_logits_have_zero_gradient():
+    """Entries with -inf logits (zero probability, in both P and Q) get gradient exactly 0,
+    never NaN, and the other entries the gradient of the problem without them."""
+    a, b = _logits_inputs((3, 9), seed=9)
+    a = a.detach().clone()
+    b = b.detach().clone()
+    a[0, [1, 4]] = -math.inf
+    b[0, [1, 4]] = -math.inf
+    a[1, 0] = -math.inf  # P = 0 there, Q > 0
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[[1, 4]] = False
+    cases = [("kl", None, None), ("jsd", 0.3, "mixture"), ("jsd", 0.0, "kl"),
+             ("entropy", None, None)]
+    for op, beta, ends in cases:
+        x = a.clone().requires_grad_()
+        y = b.clone().requires_grad_()
+        if op == "entropy":
+            v = ft.entropy_logits(x)
+            ins = (x,)
+        else:
+            v = _pair_call(op, beta, ends, x, y)
+            ins = (x, y)
+        grads = torch.autograd.grad(v.sum(), ins)
+        for gr in grads:
+            assert torch.isfinite(gr).all(), op
+            assert not gr[0, ~keep].any(), op
+        # row 0 without its -inf entries: the same value and gradients
+        x0 = a[0, keep].clone().requires_grad_()
+        y0 = b[0, keep].clone().requires_grad_()
+        v0 = ft.entropy_logits(x0) if op == "entropy" else _pair_call(op, beta, ends, x0, y0)
+        g0 = torch.autograd.grad(v0, (x0,) if op == "entropy" else (x0, y0))
+        torch.testing.assert_close(v[0], v0, rtol=1e-13, atol=1e-15)
+        for gr, gr0 in zip(grads, g0, strict=True):
+            torch.testing.assert_close(gr[0, keep], gr0, rtol=1e-12, atol=1e-15)
+        # row 1: P = 0 at entry 0, so d/d logits_p is 0 there
+        assert grads[0][1, 0] == 0
+    # the token log-prob of a row with -inf logits: 0 gradient at the -inf entries
+    x = b.clone().requires_grad_()
+    (gr,) = torch.autograd.grad(ft.token_logprobs(x, torch.tensor([0, 2, 3])).sum(), x)
+    assert torch.isfinite(gr).all() and not gr[0, ~keep].any()
+
+
+def test_nan_rows_have_nan_gradients_only_there():
+    a, b = _logits_inputs((3, 9), seed=10)
+    a = a.detach().clone()
+    a[1, 3] = math.nan
+    for op, beta, ends in [("kl", None, None), ("jsd", 0.4, "mixture"), ("entropy", None, None)]:
+        x = a.clone().requires_grad_()
+        y = b.detach().clone().requires_grad_()
+        v = ft.entropy_logits(x) if op == "entropy" else _pair_call(op, beta, ends, x, y)
+        assert torch.isnan(v[1]) and torch.isfinite(v[[0, 2]]).all(), op
+        ins = (x,) if op == "entropy" else (x, y)
+        for gr in torch.autograd.grad(v.sum(), ins):
+            assert torch.isnan(gr[1]).all() and torch.isfinite(gr[[0, 2]]).all(), op
+        # a masked-out NaN row: excluded from the mean, zero gradient
+        m = torch.tensor([True, False, True])
+        kw = dict(mask=m, reduction="mean")
+        vm = ft.entropy_logits(x, **kw) if op == "entropy" else _pair_call(op, beta, ends, x, y,
+                                                                             **kw)
+        assert torch.isfinite(vm)
+        for gr in torch.autograd.grad(vm, ins):
+            assert not gr[1].any() and torch.isfinite(gr).all(), op
+    x = a.clone().requires_grad_()
+    v = ft.token_logprobs(x, torch.tensor([0, 1, -100]))
+    (gr,) = torch.autograd.grad(v.sum(), x)
+    assert torch.isnan(v[1]) and torch.isnan(gr[1]).all() and not gr[2].any()
+
+
+def test_empty_option_and_all_masked_mean():
+    a, b = _logits_inputs()
+    x = a.clone().requires_grad_()
+    none = torch.zeros(3, 4, dtype=torch.bool)
+    for f in (lambda **kw: ft.kl_logits(x, b, **kw), lambda **kw: ft.jsd_logits(x, b, **kw),
+              lambda **kw: ft.entropy_logits(x, **kw)):
+        assert torch.isnan(f(mask=none, reduction="mean"))
+        v = f(mask=none, reduction="mean", empty=0.0)
+        assert v.item() == 0.0
+        for gr in torch.autograd.grad(v, (x, b), allow_unused=True):
+            assert gr is None or not gr.any()
 
 
 # --------------------------------------------------------------------------- devices
@@ -513,6 +848,41 @@ def test_logits_non_cpu_tensor_is_a_type_error(make, arg):
         ft.kl_logits(args.pop("logits_p"), args.pop("logits_q"), **args)
 
 
+@pytest.mark.parametrize("make", [_fake_cuda, _meta], ids=["fake-cuda", "meta"])
+@pytest.mark.parametrize("func", ["jsd_logits", "entropy_logits", "token_logprobs"])
+def test_new_logits_ops_non_cpu_tensor_is_a_type_error(make, func):
+    a, b = _logits_inputs()
+    tok = torch.zeros(3, 4, dtype=torch.int64)
+    calls = {"jsd_logits": lambda x, y, m, t: ft.jsd_logits(x, y, mask=m),
+             "entropy_logits": lambda x, y, m, t: ft.entropy_logits(y, mask=m),
+             "token_logprobs": lambda x, y, m, t: ft.token_logprobs(y, t)}[func]
+    args = dict(x=a, y=b, m=torch.ones(3, 4, dtype=torch.bool), t=tok)
+    names = dict(x="logits_p", y="logits" if func != "jsd_logits" else "logits_q", m="mask",
+                 t="tokens")
+    used = {"jsd_logits": "xym", "entropy_logits": "ym", "token_logprobs": "yt"}[func]
+    for k in used:
+        bad = dict(args)
+        bad[k] = make(args[k])
+        with pytest.raises(TypeError, match=rf"{names[k]} is a .*CPU.*{names[k]}\.cpu\(\)"):
+            calls(**bad)
+        with torch.no_grad(), pytest.raises(TypeError, match="CPU"):
+            calls(**bad)
+
+
+def test_new_logits_ops_need_tensors():
+    a, b = _logits_inputs()
+    with pytest.raises(TypeError, match="torch tensor"):
+        ft.entropy_logits(_np(a))
+    with pytest.raises(TypeError, match="torch tensor"):
+        ft.token_logprobs(_np(a), np.zeros((3, 4), np.int64))
+    with pytest.raises(TypeError, match="torch tensors"):
+        ft.jsd_logits(_np(a), _np(b))
+    with pytest.raises(ValueError, match="beta"):
+        ft.jsd_logits(a, b, 1.5)
+    with pytest.raises(ValueError, match="endpoints"):
+        ft.jsd_logits(a, b, endpoints="reverse")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_real_cuda_tensor_is_a_type_error():  # pragma: no cover - CPU machines
     q = torch.randn(4, device="cuda", requires_grad=True)
@@ -520,6 +890,10 @@ def test_real_cuda_tensor_is_a_type_error():  # pragma: no cover - CPU machines
         ft.kl_mc(q, q.detach())
     with pytest.raises(TypeError, match="CPU"):
         ft.kl_logits(q.detach(), q)
+    for f in (lambda: ft.jsd_logits(q.detach(), q), lambda: ft.entropy_logits(q),
+              lambda: ft.token_logprobs(q, torch.zeros((), dtype=torch.int64))):
+        with pytest.raises(TypeError, match="CPU"):
+            f()
 
 
 # --------------------------------------------------------------------------- import

@@ -46,6 +46,9 @@ with event.install_recorder("numba:compile") as rec:
             fastkl.entropy_logits(b, temperature=0.7, backend="numba")
             fastkl.token_logprobs(a, rng.integers(0, vocab, size=rows), backend="numba")
             fastkl.kl_logits_grad(a, b, reduction="sum", backend="numba")
+            fastkl.jsd_logits_grad(a, b, 0.3, wrt="both", backend="numba")
+            fastkl.entropy_logits_grad(a, backend="numba")
+            fastkl.token_logprobs_grad(a, rng.integers(0, vocab, size=rows), backend="numba")
 print(json.dumps(len(rec.buffer)))
 """
 

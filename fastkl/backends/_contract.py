@@ -71,9 +71,18 @@ EST_CODES = {(e.name, e.reverse): e.code for e in ESTIMATORS}
 # ``logits_token(b, tokens, inv_t, ignore_index, out) -> None``
 #     ``out[r]`` float64 = log Q[r, tokens[r]]; 0.0 where ``tokens[r] == ignore_index``.
 #     ``tokens`` int64 ``[rows]``, every other value in [0, V).
-# ``logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad) -> None``
-#     ``out_val`` float64 ``[rows]`` = KL(P||Q); ``out_grad`` C-contiguous ``[rows, V]``
-#     (dtype of the inputs) = ``rowscale[r] * (Q - P) * inv_t``; rows with rowscale 0 are
-#     zeros (their KL is still computed).
+# ``logits_grad(a, b, op, beta, inv_t, rowscale, out_val, grad_a, grad_b) -> None``
+#     ``out_val`` float64 ``[rows]`` = the op's row value (as ``logits_rows``, every row
+#     active, ``log_probs`` False); ``grad_a`` / ``grad_b``: None (not computed, nothing
+#     paid for it) or C-contiguous ``[rows, V]`` (dtype of the inputs) receiving
+#     ``rowscale[r] * inv_t * d value_r / d x`` (resp. ``d / d y``), x = a*inv_t, y = b*inv_t:
+#     KL: ``p (lp - lq - KL)`` and ``q - p``; JSD: ``beta p (lp - lm - KL(P||M))`` and
+#     ``(1 - beta) q (lq - lm - KL(Q||M))`` (lp - lm, lq - lm taken as 0 where lp == lq; both 0
+#     at beta in {0, 1}); entropy: ``-p (lp + H)`` (``b`` is ``a``, ``grad_b`` None). An entry
+#     with zero probability gives 0 (never NaN); a NaN row is all NaN; rows with rowscale 0
+#     are zeros (their value is still computed). docs/logits_math.md has the derivations.
+# ``logits_token_grad(b, tokens, inv_t, ignore_index, rowscale, out_val, grad_b) -> None``
+#     ``out_val`` as ``logits_token``; ``grad_b`` C-contiguous ``[rows, V]`` = ``rowscale[r] *
+#     inv_t * (onehot(tokens[r]) - Q)``; zeros where ``tokens[r] == ignore_index``.
 
 LOGITS_OPS = {"kl": 0, "jsd": 1, "entropy": 2}

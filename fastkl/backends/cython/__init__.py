@@ -16,10 +16,10 @@ except ImportError as exc:  # the optional extensions were not compiled at insta
         f"exists) [{exc}]"
     ) from exc
 
-from .logits import logits_kl_grad, logits_rows, logits_token  # noqa: E402
+from .logits import logits_grad, logits_rows, logits_token, logits_token_grad  # noqa: E402
 from .mc import isa, mc_grad, mc_partials, mc_terms  # noqa: E402
 
 name = "cython"
 
-__all__ = ["isa", "logits_kl_grad", "logits_rows", "logits_token", "mc_grad", "mc_partials",
-           "mc_terms", "name"]
+__all__ = ["isa", "logits_grad", "logits_rows", "logits_token", "logits_token_grad", "mc_grad",
+           "mc_partials", "mc_terms", "name"]

@@ -43,7 +43,9 @@ cdef extern from "logits.h" nogil:
         const int64_t *tokens
         int64_t ignore_index
         const double *rowscale
+        int gop
         void *grad
+        void *grad_b
         double *out
         double *scratch
 
@@ -82,12 +84,14 @@ cdef void _run(const fkl_args *A, int nthreads, Py_ssize_t chunk) noexcept nogil
 
 def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint log_probs,
         object active, object tokens, long long ignore_index, object rowscale,
-        cnp.ndarray out, object grad):
+        cnp.ndarray out, object grad, object grad_b=None, int gop=0):
     """One kernel call over all rows: op 0 KL, 1 JSD, 2 entropy, 3 token log-prob (``b``),
-    4 KL value + gradient (into ``grad``, with ``rowscale``). Results into ``out``.
+    4 the value of op ``gop`` (0 KL, 1 JSD, 2 entropy, 3 token log-prob) and its gradients
+    w.r.t. ``a`` into ``grad`` and ``b`` into ``grad_b`` (None: not wanted), times
+    ``rowscale``. Results into ``out``.
     ``log_probs``: the rows are log-probabilities and inv_t == 1 (no max, no normaliser)."""
     cdef fkl_args A
-    cdef cnp.ndarray act_arr, tok_arr, rs_arr, grad_arr, scratch_arr
+    cdef cnp.ndarray act_arr, tok_arr, rs_arr, grad_arr, gradb_arr, scratch_arr
     cdef cnp.npy_intp dims[1]
     cdef int nthreads = 1
     cdef Py_ssize_t chunk
@@ -95,6 +99,11 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint lo
     if not 0 <= op < FKL_NOPS:
         raise ValueError(f"unknown logits op code {op} (the kernel codes: {LOGITS_OPS}, "
                          f"token {FKL_TOKEN}, grad {FKL_GRAD})")
+    if op == FKL_GRAD and not (0 <= gop <= FKL_TOKEN and rowscale is not None):
+        raise ValueError(f"unknown logits op code {gop} to differentiate (the kernel codes: "
+                         f"{LOGITS_OPS}, token {FKL_TOKEN}), or no rowscale")
+    if op == FKL_GRAD and gop == FKL_TOKEN and (tokens is None or grad_b is None):
+        raise ValueError("the token gradient needs tokens and grad_b")
     A.f32 = cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
     _set(a, &A.a, &A.a0, &A.a1)
     _set(b, &A.b, &A.b0, &A.b1)
@@ -121,6 +130,11 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint lo
     if grad is not None:
         grad_arr = <cnp.ndarray>grad
         A.grad = cnp.PyArray_DATA(grad_arr)
+    A.grad_b = NULL
+    if grad_b is not None:
+        gradb_arr = <cnp.ndarray>grad_b
+        A.grad_b = cnp.PyArray_DATA(gradb_arr)
+    A.gop = gop
     A.out = <double *>cnp.PyArray_DATA(out)
     A.scratch = NULL
 
@@ -128,7 +142,7 @@ def run(int op, cnp.ndarray a, cnp.ndarray b, double inv_t, double beta, bint lo
         return
     if A.rows > 1 and A.rows * A.V >= _parallel_min:
         nthreads = min(_nthreads(), A.rows)
-    if op == FKL_JSD and not log_probs:
+    if (op == FKL_JSD or (op == FKL_GRAD and gop == FKL_JSD)) and not log_probs:
         # per thread: a row's exps from pass 1, which pass 2 rescales instead of recomputing
         dims[0] = nthreads * fkl_scratch_doubles(A.V)
         scratch_arr = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)

@@ -50,7 +50,9 @@ typedef struct {
     const int64_t *tokens;      /* [rows] (FKL_TOKEN) */
     int64_t ignore_index;
     const double *rowscale;     /* [rows] (FKL_GRAD) */
-    void *grad;                 /* C-contiguous [rows, V] (FKL_GRAD) */
+    int gop;                    /* FKL_GRAD: the op differentiated (FKL_KL, JSD, ENT, TOKEN) */
+    void *grad;                 /* FKL_GRAD: C-contiguous [rows, V], d/da (NULL: not wanted) */
+    void *grad_b;               /* FKL_GRAD: C-contiguous [rows, V], d/db (NULL: not wanted) */
     double *out;                /* [rows] float64 */
     double *scratch;            /* FKL_JSD: fkl_scratch_doubles(V) per thread, or NULL */
 } fkl_args;
@@ -478,11 +480,44 @@ static void fkl_pass2_jsd(const fkl_args *A, ptrdiff_t row, double MA, double lZ
                            FK_SERIES_FULL);
 }
 
-/* ------------------------------------------------------------------ pass 2: KL gradient */
-/* grad[row] = k * (e^lq - e^lp), k = rowscale * inv_t, in the input dtype. */
-FK_INLINE void fkl_pass2_grad_impl(const fkl_args *A, ptrdiff_t row, double MA, double lZA,
-                                    double MB, double lZB, double k, const int full) {
-    FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK];
+/* ------------------------------------------------------------------ gradients */
+/* E[i] = e^((X[i] - M) - l), branch-free, with the libm fix-up of the rare lanes */
+FK_INLINE void fkl_exp_chunk(const double *FK_RESTRICT X, double M, double l, ptrdiff_t c,
+                             double *FK_RESTRICT E, const int full) {
+    ptrdiff_t i;
+    int bad = 0;
+    for (i = 0; i < c; i++) E[i] = fkl_exp((X[i] - M) - l, full, &bad);
+    if (bad)
+        for (i = 0; i < c; i++) E[i] = exp((X[i] - M) - l);
+}
+
+/* k * T[i] into row `row` of a C-contiguous [rows, V] gradient, columns off..off+c */
+FK_INLINE void fkl_put_grad(const fkl_args *A, void *g, ptrdiff_t row, ptrdiff_t off,
+                            ptrdiff_t c, const double *T, double k) {
+    if (A->f32)
+        fk_put_f32((float *)g + row * A->V + off, c, T, NULL, k, 1);
+    else
+        fk_put_f64((double *)g + row * A->V + off, c, T, NULL, k, 1);
+}
+
+/* The write pass of the gradients (docs/logits_math.md), k = rowscale * inv_t, with p =
+ * e^lp, q = e^lq, lp = (xa - MA) - lZA, lq = (xb - MB) - lZB and K the op's row sums:
+ *   KL:  d/dx = p (lp - lq - K),  d/dy = q - p
+ *   JSD: d/dx = beta p (lp - lm - K),  d/dy = (1 - beta) q (lq - lm - KQ)  (lp == lq: 0)
+ *   ENT: d/dx = -p (lp + K)
+ *   TOKEN: d/dy = -q (the caller adds k at the token)
+ * An entry whose probability is 0 gives exactly 0. */
+FK_INLINE void fkl_pass_grad_impl(const fkl_args *A, ptrdiff_t row, int gop, double MA,
+                                  double lZA, double MB, double lZB, double K, double KQ,
+                                  double k, const int full) {
+    FK_ALIGN(64) double X[FKL_CHUNK], Y[FKL_CHUNK], EP[FKL_CHUNK], EQ[FKL_CHUNK],
+        TA[FKL_CHUNK], TB[FKL_CHUNK];
+    const double beta = A->beta, omb = 1.0 - A->beta;
+    const int wa = A->grad != NULL && gop != FKL_TOKEN;
+    const int wb = A->grad_b != NULL && gop != FKL_ENT;
+    const int ua = gop != FKL_TOKEN, ub = gop != FKL_ENT;
+    /* q itself is needed by every op on b but KL's d/da alone (which reads only y) */
+    const int uq = ub && !(gop == FKL_KL && !wb);
     const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
     const char *pa = (const char *)A->a + (ptrdiff_t)isz * row * A->a0;
     const char *pb = (const char *)A->b + (ptrdiff_t)isz * row * A->b0;
@@ -490,33 +525,87 @@ FK_INLINE void fkl_pass2_grad_impl(const fkl_args *A, ptrdiff_t row, double MA, 
 
     for (off = 0; off < A->V; off += FKL_CHUNK) {
         const ptrdiff_t c = (A->V - off) < FKL_CHUNK ? (A->V - off) : FKL_CHUNK;
-        int bad = 0;
-        fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
-        fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
-        for (i = 0; i < c; i++) {
-            EP[i] = fkl_exp((X[i] - MA) - lZA, full, &bad);
-            EQ[i] = fkl_exp((Y[i] - MB) - lZB, full, &bad);
+        if (ua) {
+            fkl_load(pa + (ptrdiff_t)isz * off * A->a1, A->f32, A->a1, c, A->inv_t, X);
+            fkl_exp_chunk(X, MA, lZA, c, EP, full);
         }
-        if (bad) {
+        if (ub) fkl_load(pb + (ptrdiff_t)isz * off * A->b1, A->f32, A->b1, c, A->inv_t, Y);
+        if (uq) fkl_exp_chunk(Y, MB, lZB, c, EQ, full);
+        if (gop == FKL_ENT) {
             for (i = 0; i < c; i++) {
-                EP[i] = exp((X[i] - MA) - lZA);
-                EQ[i] = exp((Y[i] - MB) - lZB);
+                const double p = EP[i];
+                TA[i] = (p == 0.0) ? 0.0 : -p * (((X[i] - MA) - lZA) + K);
+            }
+        } else if (gop == FKL_KL) {
+            if (wa) {
+                for (i = 0; i < c; i++) {
+                    const double p = EP[i];
+                    const double d = ((X[i] - MA) - lZA) - ((Y[i] - MB) - lZB);
+                    TA[i] = (p == 0.0) ? 0.0 : p * (d - K);
+                }
+            }
+            if (wb)
+                for (i = 0; i < c; i++) TB[i] = EQ[i] - EP[i];
+        } else if (gop == FKL_TOKEN) {
+            for (i = 0; i < c; i++) TB[i] = -EQ[i];
+        } else if (beta == 0.0 || beta == 1.0) { /* JSD_0, JSD_1 are 0 for every input */
+            for (i = 0; i < c; i++) TA[i] = TB[i] = 0.0;
+        } else {
+            int bad = 0;
+            for (i = 0; i < c; i++) {
+                const double p = EP[i], q = EQ[i];
+                const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
+                const double m = beta * p + omb * q;
+                const double lm = fkl_log(m, &bad, full);
+                const int same = (lp == lq);
+                const double dp = same ? 0.0 : lp - lm, dq = same ? 0.0 : lq - lm;
+                bad |= (m < FKL_DBL_MIN) & ((p > 0.0) | (q > 0.0));
+                TA[i] = (p == 0.0) ? 0.0 : beta * p * (dp - K);
+                TB[i] = (q == 0.0) ? 0.0 : omb * q * (dq - KQ);
+            }
+            if (bad) {
+                for (i = 0; i < c; i++) {
+                    const double p = EP[i], q = EQ[i];
+                    const double lp = (X[i] - MA) - lZA, lq = (Y[i] - MB) - lZB;
+                    const double lm = fkl_log_mix(beta, omb, p, q, lp, lq);
+                    const int same = (lp == lq);
+                    const double dp = same ? 0.0 : lp - lm, dq = same ? 0.0 : lq - lm;
+                    TA[i] = (p == 0.0) ? 0.0 : beta * p * (dp - K);
+                    TB[i] = (q == 0.0) ? 0.0 : omb * q * (dq - KQ);
+                }
             }
         }
-        if (A->f32)
-            fk_put_diff_f32((float *)A->grad + row * A->V + off, c, EQ, EP, k);
-        else
-            fk_put_diff_f64((double *)A->grad + row * A->V + off, c, EQ, EP, k);
+        if (wa) fkl_put_grad(A, A->grad, row, off, c, TA, k);
+        if (wb) fkl_put_grad(A, A->grad_b, row, off, c, TB, k);
     }
 }
 
 FK_CLONES
-static void fkl_pass2_grad(const fkl_args *A, ptrdiff_t row, double MA, double lZA, double MB,
-                           double lZB, double k) {
+static void fkl_pass_grad(const fkl_args *A, ptrdiff_t row, int gop, double MA, double lZA,
+                          double MB, double lZB, double K, double KQ, double k) {
     if (A->f32)
-        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, FK_SERIES_LO);
+        fkl_pass_grad_impl(A, row, gop, MA, lZA, MB, lZB, K, KQ, k, FK_SERIES_LO);
     else
-        fkl_pass2_grad_impl(A, row, MA, lZA, MB, lZB, k, FK_SERIES_FULL);
+        fkl_pass_grad_impl(A, row, gop, MA, lZA, MB, lZB, K, KQ, k, FK_SERIES_FULL);
+}
+
+/* the wanted gradient rows set to v (0: rowscale 0 or an ignored token; NaN: a NaN row) */
+static void fkl_fill_grad(const fkl_args *A, ptrdiff_t row, int gop, double v) {
+    ptrdiff_t i;
+    void *gs[2];
+    int n;
+    gs[0] = (gop == FKL_TOKEN) ? NULL : A->grad;
+    gs[1] = (gop == FKL_ENT) ? NULL : A->grad_b;
+    for (n = 0; n < 2; n++) {
+        if (!gs[n]) continue;
+        if (A->f32) {
+            float *g = (float *)gs[n] + row * A->V;
+            for (i = 0; i < A->V; i++) g[i] = (float)v;
+        } else {
+            double *g = (double *)gs[n] + row * A->V;
+            for (i = 0; i < A->V; i++) g[i] = v;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ one row */
@@ -529,6 +618,81 @@ static double fkl_kl_value(const fkl_args *A, const fkl_state *st) {
     if (st->XI > -(double)INFINITY && val == val && exp((st->XI - st->MA) - lza) > 0.0)
         return (double)INFINITY;
     return val;
+}
+
+/* FKL_GRAD: the value of op A->gop for the row, and rowscale * inv_t * its gradients: pass 1
+ * (maxima, normalisers and the KL / entropy sum), for JSD pass 2 (its two sums), then the
+ * write pass. */
+static void fkl_grad_row(const fkl_args *A, ptrdiff_t row) {
+    fkl_state st;
+    const int gop = A->gop;
+    const double rs = A->rowscale[row];
+    double val, K = 0.0, KQ = 0.0, lZA = 0.0, lZB = 0.0;
+
+    if (gop == FKL_TOKEN) {
+        const int64_t tok = A->tokens[row];
+        double lq;
+        if (tok == A->ignore_index) {
+            A->out[row] = 0.0;
+            fkl_fill_grad(A, row, gop, 0.0);
+            return;
+        }
+        fkl_pass1(A, row, 2, FKL_S_NONE, &st, NULL);
+        {
+            const size_t isz = A->f32 ? sizeof(float) : sizeof(double);
+            const char *pb = (const char *)A->b + (ptrdiff_t)isz * (row * A->b0 + tok * A->b1);
+            const double xb = A->f32 ? (double)*(const float *)pb : *(const double *)pb;
+            lZB = log(st.ZB);
+            lq = (xb * A->inv_t - st.MB) - lZB;
+        }
+        A->out[row] = lq;
+        if (rs == 0.0 || lq != lq) {
+            fkl_fill_grad(A, row, gop, rs == 0.0 ? 0.0 : NAN);
+            return;
+        }
+        fkl_pass_grad(A, row, gop, 0.0, 0.0, st.MB, lZB, 0.0, 0.0, rs * A->inv_t);
+        {
+            double one = 1.0 - exp(lq);
+            fkl_put_grad(A, A->grad_b, row, tok, 1, &one, rs * A->inv_t);
+        }
+        return;
+    }
+    if (gop == FKL_ENT) {
+        fkl_pass1(A, row, 1, FKL_S_ENT, &st, NULL);
+        val = log(st.ZA) - st.S / st.ZA;
+        if (st.ZA == 0.0) val = NAN;
+        K = val;
+    } else if (gop == FKL_KL) {
+        fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
+        K = fkl_kl_value(A, &st);
+        val = (K < 0.0) ? 0.0 : K;
+    } else { /* FKL_JSD */
+        double SP, SQ, ZP, ZQ;
+        /* pass 1 keeps its exps as in fkl_row, so the value has the bits of FKL_JSD's */
+        double *keep = A->scratch
+            ? A->scratch + (ptrdiff_t)fk_thread_num() * fkl_scratch_doubles(A->V) : NULL;
+        fkl_pass1(A, row, 3, FKL_S_NONE, &st, keep);
+        lZA = log(st.ZA);
+        lZB = log(st.ZB);
+        if (!(st.ZA > 0.0 && st.ZB > 0.0 && st.ZA <= FKL_DBL_MAX && st.ZB <= FKL_DBL_MAX &&
+              st.MA == st.MA && st.MB == st.MB))
+            keep = NULL;
+        fkl_pass2_jsd(A, row, st.MA, lZA, st.ZA, st.MB, lZB, st.ZB, keep, &SP, &SQ, &ZP, &ZQ);
+        val = (A->beta == 0.0 ? 0.0 : A->beta * SP) + (A->beta == 1.0 ? 0.0 : (1.0 - A->beta) * SQ);
+        val = (val < 0.0) ? 0.0 : val;
+        if ((A->beta == 0.0 || A->beta == 1.0) && val == val) val = 0.0;
+        if (ZP == 0.0 || ZQ == 0.0) val = NAN;
+        K = SP;
+        KQ = SQ;
+    }
+    A->out[row] = val;
+    if (rs == 0.0 || val != val) {
+        fkl_fill_grad(A, row, gop, rs == 0.0 ? 0.0 : NAN);
+        return;
+    }
+    lZA = log(st.ZA);
+    lZB = (gop == FKL_ENT) ? 0.0 : log(st.ZB);
+    fkl_pass_grad(A, row, gop, st.MA, lZA, st.MB, lZB, K, KQ, rs * A->inv_t);
 }
 
 static void fkl_row(const fkl_args *A, ptrdiff_t row) {
@@ -553,16 +717,7 @@ static void fkl_row(const fkl_args *A, ptrdiff_t row) {
         return;
     }
     if (op == FKL_GRAD) {
-        const double rs = A->rowscale[row];
-        fkl_pass1(A, row, 3, FKL_S_KL, &st, NULL);
-        val = fkl_kl_value(A, &st);
-        A->out[row] = (val < 0.0) ? 0.0 : val;
-        if (rs == 0.0) {
-            memset((char *)A->grad + (A->f32 ? sizeof(float) : sizeof(double)) * row * A->V, 0,
-                   (A->f32 ? sizeof(float) : sizeof(double)) * (size_t)A->V);
-        } else {
-            fkl_pass2_grad(A, row, st.MA, log(st.ZA), st.MB, log(st.ZB), rs * A->inv_t);
-        }
+        fkl_grad_row(A, row);
         return;
     }
     if (A->active && !A->active[row]) {

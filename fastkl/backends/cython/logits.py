@@ -1,11 +1,12 @@
 """The logits half of the Cython backend: the kernel contract (``_contract``, bottom half)
 over the compiled extension ``fastkl.backends.cython._logits``.
 
-The package re-exports ``logits_rows``, ``logits_token`` and ``logits_kl_grad`` from
-here. Importing this module raises ImportError when the extension is not built. The wrappers
-only make sure the arrays are what the extension reads (2-D, native order, float32/float64,
-element-aligned strides of any sign; the big arrays are copied only in the rare cases where
-they are not, e.g. unaligned or byte-swapped views) and never modify an input.
+The package re-exports ``logits_rows``, ``logits_token``, ``logits_grad`` and
+``logits_token_grad`` from here. Importing this module raises ImportError when the extension
+is not built. The wrappers only make sure the arrays are what the extension reads (2-D,
+native order, float32/float64, element-aligned strides of any sign; the big arrays are copied
+only in the rare cases where they are not, e.g. unaligned or byte-swapped views) and never
+modify an input.
 """
 
 from __future__ import annotations
@@ -88,19 +89,55 @@ def logits_token(b, tokens, inv_t, ignore_index, out):
         out[...] = dest
 
 
-def logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad):
-    """out_val[r] = KL(P||Q) per row (float64); out_grad = rowscale[r] * (Q - P) / T (rows
-    with rowscale 0 get zeros)."""
+def _grad_dest(g, a: np.ndarray):
+    """The buffer the extension writes a gradient into: ``g`` itself when C-contiguous of the
+    input dtype, else a fresh one (copied back by ``_grad_back``); None stays None."""
+    if g is None:
+        return None
+    direct = (g.dtype == a.dtype and g.shape == a.shape and g.flags.c_contiguous
+              and g.flags.writeable)
+    return g if direct else np.empty(a.shape, dtype=a.dtype)
+
+
+def _grad_back(g, dest) -> None:
+    if g is not None and dest is not g:
+        g[...] = dest
+
+
+def logits_grad(a, b, op, beta, inv_t, rowscale, out_val, grad_a, grad_b):
+    """The op's row value into ``out_val`` and ``rowscale[r] * inv_t *`` its gradients with
+    respect to ``a*inv_t`` / ``b*inv_t`` into ``grad_a`` / ``grad_b`` (None: not computed);
+    see ``numpy.logits.logits_grad``."""
+    op = int(op)
+    if op not in _OPS:
+        raise ValueError(f"unknown logits op code {op}: the kernels know {_OPS}")
     a = _fit(a)
-    b = _fit(b, a.dtype)
+    b = a if op == 2 else _fit(b, a.dtype)
+    if op == 2:
+        grad_b = None
     rows = a.shape[0]
     rs = _small(rowscale, np.float64, rows)
     dest, direct = _out_buffer(out_val, rows)
-    gdirect = (out_grad.dtype == a.dtype and out_grad.shape == a.shape
-               and out_grad.flags.c_contiguous and out_grad.flags.writeable)
-    gdest = out_grad if gdirect else np.empty(a.shape, dtype=a.dtype)
-    _k.run(_GRAD, a, b, float(inv_t), 0.5, False, None, None, 0, rs, dest, gdest)
+    ga, gb = _grad_dest(grad_a, a), _grad_dest(grad_b, a)
+    _k.run(_GRAD, a, b, float(inv_t), float(beta), False, None, None, 0, rs, dest, ga, gb,
+           _OPS[op])
     if not direct:
         out_val[...] = dest
-    if not gdirect:
-        out_grad[...] = gdest
+    _grad_back(grad_a, ga)
+    _grad_back(grad_b, gb)
+
+
+def logits_token_grad(b, tokens, inv_t, ignore_index, rowscale, out_val, grad_b):
+    """``logits_token`` into ``out_val`` and ``rowscale[r] * inv_t * (onehot - Q)`` into
+    ``grad_b`` (zeros where tokens == ignore_index)."""
+    b = _fit(b)
+    rows = b.shape[0]
+    tok = _small(tokens, np.int64, rows)
+    rs = _small(rowscale, np.float64, rows)
+    dest, direct = _out_buffer(out_val, rows)
+    gb = _grad_dest(grad_b, b)
+    _k.run(_GRAD, b, b, float(inv_t), 0.5, False, None, tok, int(ignore_index), rs, dest, None,
+           gb, _TOKEN)
+    if not direct:
+        out_val[...] = dest
+    _grad_back(grad_b, gb)

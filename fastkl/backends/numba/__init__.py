@@ -6,10 +6,10 @@ fork-aware threaded kernels); ``cache``: the on-disk compile cache keyed on this
 Importing this package imports numba but compiles nothing.
 """
 
-from .logits import logits_kl_grad, logits_rows, logits_token
+from .logits import logits_grad, logits_rows, logits_token, logits_token_grad
 from .mc import mc_grad, mc_partials, mc_terms
 
 name = "numba"
 
-__all__ = ["logits_kl_grad", "logits_rows", "logits_token", "mc_grad", "mc_partials",
-           "mc_terms", "name"]
+__all__ = ["logits_grad", "logits_rows", "logits_token", "logits_token_grad", "mc_grad",
+           "mc_partials", "mc_terms", "name"]

@@ -1,6 +1,6 @@
 """Numba kernels of the logits ops (contract: bottom half of ``_contract``; spec:
-``numpy.logits.logits_rows`` / ``logits_token`` / ``logits_kl_grad``; algorithm:
-``docs/logits_math.md``).
+``numpy.logits.logits_rows`` / ``logits_token`` / ``logits_grad`` / ``logits_token_grad``;
+algorithm: ``docs/logits_math.md``).
 
 One row is computed by one thread, in chunks of ``CH`` consecutive vocabulary entries, in a
 fixed order, so the bits never depend on the thread count (``prange`` only spreads whole rows).
@@ -617,49 +617,186 @@ def _token_kernel(bb, geo, rows, V, tokens, inv_t, ignore_index, out):
                 out[r] = (y - MB) - math.log(ZB)
 
 
-@threaded_kernel
-def _grad_kernel(ab, bb, geo, rows, V, inv_t, rowscale, out_val, grad):
-    nch = min(rows, NCHUNK)
-    lo = ab.itemsize == 4  # float32 inputs: the shorter exp series, as in the KL pass
-    for c in prange(nch):
-        bufs = np.empty((NBUF, CH))
-        xa = bufs[0]
-        xb = bufs[1]
-        for r in range(c * rows // nch, (c + 1) * rows // nch):
-            MA, ZA, MB, ZB, S, XI = _pass_ab(ab, bb, geo, r, V, inv_t, True, bufs)
-            if MA != MA:
-                val = math.nan
+@jit(nogil=True)
+def _exp_chunk(x, r, l, e, mm, lo):
+    """e[:mm] = e^((x - r) - l), branch-free with the scalar fix-up of the rare lanes."""
+    bad = 0
+    for i in range(mm):
+        z = (x[i] - r) - l
+        bad |= _exp_bad(z)
+        e[i] = _exp_lane_in(z, lo)
+    if bad:
+        for i in range(mm):
+            z = (x[i] - r) - l
+            if _exp_bad(z):
+                e[i] = _exp_exact(z)
+
+
+@jit(nogil=True)
+def _grad_row(ab, bb, geo, r, V, op, beta, inv_t, rs, ga, gb, want_a, want_b, bufs):
+    """The op's value for row r (returned) and, unless rs == 0, ``rs * inv_t *`` its
+    gradients w.r.t. x and y into ga[r*V:(r+1)*V] / gb[...] (when wanted): pass 1 (maxima,
+    normalisers and the KL / entropy sum), for JSD pass 2 (its two sums), then the write pass."""
+    lo = ab.itemsize == 4
+    MB = 0.0
+    lb = 0.0
+    SP = 0.0
+    SQ = 0.0
+    if op == OP_ENTROPY:
+        MA, ZA, H = _pass_a(ab, geo, 0, r, V, inv_t, True, bufs)
+        val = math.log(ZA) - H / ZA if MA == MA else math.nan
+        K = val
+    elif op == OP_KL:
+        MA, ZA, MB, ZB, S, XI = _pass_ab(ab, bb, geo, r, V, inv_t, True, bufs)
+        K = _kl_value(MA, ZA, ZB, S, XI) if MA == MA else math.nan
+        val = 0.0 if K < 0.0 else K
+        if MA == MA:
+            lb = math.log(ZB)
+    else:  # OP_JSD
+        MA, ZA, MB, ZB, _, _ = _pass_ab(ab, bb, geo, r, V, inv_t, False, bufs)
+        K = 0.0
+        if MA != MA:
+            val = math.nan
+        else:
+            lb = math.log(ZB)
+            SP, SQ, _, _ = _jsd_pass2(ab, bb, geo, r, V, inv_t, MA, math.log(ZA), MB, lb, beta,
+                                      lo, bufs)
+            val = _jsd_value(beta, SP, SQ)
+            if val < 0.0:
+                val = 0.0
+            if (beta == 0.0 or beta == 1.0) and val == val:
+                val = 0.0
+    if rs == 0.0 or val != val:
+        fill = 0.0 if rs == 0.0 else math.nan
+        if want_a:
+            for i in range(V):
+                ga[r * V + i] = fill
+        if want_b:
+            for i in range(V):
+                gb[r * V + i] = fill
+        return val
+    f = inv_t * rs
+    la = math.log(ZA)
+    xa = bufs[0]
+    xb = bufs[1]
+    pb = bufs[2]
+    qb = bufs[3]
+    ta = bufs[4]
+    tb = bufs[5]
+    b1 = 1.0 - beta
+    zero_jsd = op == OP_JSD and (beta == 0.0 or beta == 1.0)
+    for j in range(0, V, CH):
+        mm = min(CH, V - j)
+        _load(ab, geo, 0, r, j, mm, inv_t, xa)
+        _exp_chunk(xa, MA, la, pb, mm, lo)
+        if op == OP_ENTROPY:
+            for i in range(mm):
+                p = pb[i]
+                ta[i] = 0.0 if p == 0.0 else -p * (((xa[i] - MA) - la) + K)
+        else:
+            _load(bb, geo, 1, r, j, mm, inv_t, xb)
+            if op != OP_KL or want_b:  # KL's d/da alone needs y, not q
+                _exp_chunk(xb, MB, lb, qb, mm, lo)
+            if op == OP_KL:
+                if want_a:
+                    for i in range(mm):
+                        p = pb[i]
+                        d = ((xa[i] - MA) - la) - ((xb[i] - MB) - lb)
+                        ta[i] = 0.0 if p == 0.0 else p * (d - K)
+                if want_b:
+                    for i in range(mm):
+                        tb[i] = qb[i] - pb[i]
+            elif zero_jsd:
+                for i in range(mm):
+                    ta[i] = 0.0
+                    tb[i] = 0.0
             else:
-                val = _kl_value(MA, ZA, ZB, S, XI)
-                if val < 0.0:
-                    val = 0.0
-            out_val[r] = val
-            g = grad[r * V : (r + 1) * V]
-            rs = rowscale[r]
-            if rs == 0.0:
-                for i in range(V):
-                    g[i] = 0.0
-                continue
-            f = inv_t * rs
-            la = math.log(ZA) if MA == MA else math.nan
-            lb = math.log(ZB) if MA == MA else math.nan
-            for j in range(0, V, CH):
-                mm = min(CH, V - j)
-                _load(ab, geo, 0, r, j, mm, inv_t, xa)
-                _load(bb, geo, 1, r, j, mm, inv_t, xb)
-                gv = g[j : j + mm]
                 bad = 0
                 for i in range(mm):
+                    p = pb[i]
+                    q = qb[i]
                     lp = (xa[i] - MA) - la
                     lq = (xb[i] - MB) - lb
-                    bad |= _exp_bad(lp) | _exp_bad(lq)
-                    gv[i] = (_exp_lane_in(lq, lo) - _exp_lane_in(lp, lo)) * f
+                    m = beta * p + b1 * q
+                    lm = _log_lane_in(m, lo)
+                    bad |= _log_bad(m) | np.int64((m < MIN_NORMAL) & ((p > 0.0) | (q > 0.0)))
+                    same = lp == lq
+                    dp = 0.0 if same else lp - lm
+                    dq = 0.0 if same else lq - lm
+                    ta[i] = 0.0 if p == 0.0 else beta * p * (dp - SP)
+                    tb[i] = 0.0 if q == 0.0 else b1 * q * (dq - SQ)
                 if bad:
                     for i in range(mm):
-                        lp = (xa[i] - MA) - la
-                        lq = (xb[i] - MB) - lb
-                        if _exp_bad(lp) | _exp_bad(lq):
-                            gv[i] = (_exp_exact(lq) - _exp_exact(lp)) * f
+                        p = pb[i]
+                        q = qb[i]
+                        m = beta * p + b1 * q
+                        if _log_bad(m) | ((m < MIN_NORMAL) & ((p > 0.0) | (q > 0.0))):
+                            lp = (xa[i] - MA) - la
+                            lq = (xb[i] - MB) - lb
+                            lm = _log_mix(beta, b1, p, q, lp, lq)
+                            same = lp == lq
+                            dp = 0.0 if same else lp - lm
+                            dq = 0.0 if same else lq - lm
+                            ta[i] = 0.0 if p == 0.0 else beta * p * (dp - SP)
+                            tb[i] = 0.0 if q == 0.0 else b1 * q * (dq - SQ)
+        if want_a:
+            for i in range(mm):
+                ga[r * V + j + i] = ta[i] * f
+        if want_b and op != OP_ENTROPY:
+            for i in range(mm):
+                gb[r * V + j + i] = tb[i] * f
+    return val
+
+
+@threaded_kernel
+def _grad_kernel(ab, bb, geo, rows, V, op, beta, inv_t, rowscale, out_val, ga, gb, want_a,
+                 want_b):
+    nch = min(rows, NCHUNK)
+    for c in prange(nch):
+        bufs = np.empty((NBUF, CH))
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            out_val[r] = _grad_row(ab, bb, geo, r, V, op, beta, inv_t, rowscale[r], ga, gb,
+                                   want_a, want_b, bufs)
+
+
+@threaded_kernel
+def _token_grad_kernel(bb, geo, rows, V, tokens, inv_t, ignore_index, rowscale, out, gb):
+    nch = min(rows, NCHUNK)
+    lo = bb.itemsize == 4
+    for c in prange(nch):
+        bufs = np.empty((NBUF, CH))
+        xb = bufs[0]
+        qb = bufs[2]
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            tok = tokens[r]
+            rs = rowscale[r]
+            if tok == ignore_index or rs == 0.0:
+                for i in range(V):
+                    gb[r * V + i] = 0.0
+                if tok == ignore_index:
+                    out[r] = 0.0
+                    continue
+            MB, ZB, _ = _pass_a(bb, geo, 0, r, V, inv_t, False, bufs)
+            if MB != MB:
+                out[r] = math.nan
+                if rs != 0.0:
+                    for i in range(V):
+                        gb[r * V + i] = math.nan
+                continue
+            lb = math.log(ZB)
+            y = np.float64(bb[geo[0, 0] + r * geo[0, 1] + tok * geo[0, 2]]) * inv_t
+            out[r] = (y - MB) - lb
+            if rs == 0.0:
+                continue
+            f = inv_t * rs
+            for j in range(0, V, CH):
+                mm = min(CH, V - j)
+                _load(bb, geo, 0, r, j, mm, inv_t, xb)
+                _exp_chunk(xb, MB, lb, qb, mm, lo)
+                for i in range(mm):
+                    gb[r * V + j + i] = -qb[i] * f
+            if 0 <= tok < V:
+                gb[r * V + tok] = (1.0 - _exp_exact((y - MB) - lb)) * f
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -727,19 +864,55 @@ def logits_token(b, tokens, inv_t, ignore_index, out):
         out[...] = o
 
 
-def logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad):
-    """out_val[r] = KL(P||Q) (float64); out_grad = rowscale[r] * (Q - P) * inv_t (dtype of
-    the inputs; zeros where rowscale is 0)."""
+def _grad_out(g, rows, V, dtype):
+    """A flat C-ordered buffer for a gradient output (the array's own memory when it is
+    C-contiguous), and whether it is wanted; a 1-element dummy for None."""
+    if g is None:
+        return np.zeros(1, dtype), False
+    if g.flags.c_contiguous:
+        return g.reshape(-1), True
+    return np.empty(rows * V, dtype), True
+
+
+def _grad_back(g, flat):
+    if g is not None and not g.flags.c_contiguous:
+        g[...] = flat.reshape(g.shape)
+
+
+def logits_grad(a, b, op, beta, inv_t, rowscale, out_val, grad_a, grad_b):
+    """The op's row value into ``out_val`` and ``rowscale[r] * inv_t *`` its gradients with
+    respect to ``a*inv_t`` / ``b*inv_t`` into ``grad_a`` / ``grad_b`` (None: not computed);
+    see ``numpy.logits.logits_grad``."""
+    op = int(op)
+    if op not in _OP_CODES:
+        raise ValueError(f"unknown logits op code {op}: the kernels know {LOGITS_OPS}")
     rows, V = a.shape
     if rows == 0:
         return
-    (ab, bb), geo = _geometry(a, b)
+    (ab, bb), geo = _geometry(a, a if op == OP_ENTROPY else b)
     o = _out_buffer(out_val)
-    flat = (out_grad.reshape(-1) if out_grad.flags.c_contiguous
-            else np.empty(rows * V, out_grad.dtype))
-    _grad_kernel(rows * V, ab, bb, geo, rows, V, float(inv_t), _ro(rowscale, np.float64), o,
-                 flat)
+    fa, want_a = _grad_out(grad_a, rows, V, ab.dtype)
+    fb, want_b = _grad_out(None if op == OP_ENTROPY else grad_b, rows, V, ab.dtype)
+    _grad_kernel(rows * V, ab, bb, geo, rows, V, op, float(beta), float(inv_t),
+                 _ro(rowscale, np.float64), o, fa, fb, want_a, want_b)
     if o is not out_val:
         out_val[...] = o
-    if flat.base is not out_grad and not out_grad.flags.c_contiguous:
-        out_grad[...] = flat.reshape(rows, V)
+    _grad_back(grad_a, fa)
+    if op != OP_ENTROPY:
+        _grad_back(grad_b, fb)
+
+
+def logits_token_grad(b, tokens, inv_t, ignore_index, rowscale, out_val, grad_b):
+    """``logits_token`` into ``out_val`` and ``rowscale[r] * inv_t * (onehot - Q)`` into
+    ``grad_b`` (zeros where tokens == ignore_index)."""
+    rows, V = b.shape
+    if rows == 0:
+        return
+    (bb,), geo = _geometry(b)
+    o = _out_buffer(out_val)
+    fb, _ = _grad_out(grad_b, rows, V, bb.dtype)
+    _token_grad_kernel(rows * V, bb, geo, rows, V, _ro(tokens, np.int64), float(inv_t),
+                       int(ignore_index), _ro(rowscale, np.float64), o, fb)
+    if o is not out_val:
+        out_val[...] = o
+    _grad_back(grad_b, fb)

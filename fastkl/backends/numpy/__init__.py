@@ -5,10 +5,10 @@ Monte Carlo terms and partials, ``logits`` the full-vocabulary ops. Every compil
 tested against it.
 """
 
-from .logits import logits_kl_grad, logits_rows, logits_token
+from .logits import logits_grad, logits_rows, logits_token, logits_token_grad
 from .mc import expm1_minus_x, mc_grad, mc_partials, mc_terms, term_and_grad
 
 name = "numpy"
 
-__all__ = ["expm1_minus_x", "logits_kl_grad", "logits_rows", "logits_token", "mc_grad",
-           "mc_partials", "mc_terms", "name", "term_and_grad"]
+__all__ = ["expm1_minus_x", "logits_grad", "logits_rows", "logits_token", "logits_token_grad",
+           "mc_grad", "mc_partials", "mc_terms", "name", "term_and_grad"]

@@ -91,11 +91,79 @@ def logits_token(b, tokens, inv_t, ignore_index, out):
     out[...] = np.where(keep, val, 0.0)
 
 
-def logits_kl_grad(a, b, inv_t, rowscale, out_val, out_grad):
-    """out_val[r] = KL(P||Q) per row (float64); out_grad = rowscale[r] * (Q - P) / T,
-    the gradient with respect to ``b`` (rows with rowscale 0 get zeros)."""
-    logits_rows(a, b, OP_KL, 0.5, inv_t, False, None, out_val)
+def _grad_rows(ga, gb, rowscale, inv_t):
+    """The gradients times ``rowscale[r] * inv_t``; rows with rowscale 0 are exact zeros."""
+    k = (inv_t * rowscale)[:, None]
+    with np.errstate(invalid="ignore"):
+        return [None if g is None else np.where(k == 0, 0.0, g * k) for g in (ga, gb)]
+
+
+def logits_grad(a, b, op, beta, inv_t, rowscale, out_val, grad_a, grad_b):
+    """The op's value per row into ``out_val`` (float64 ``[rows]``, as ``logits_rows``) and
+    ``rowscale[r] * inv_t *`` its gradient with respect to ``x = a*inv_t`` into ``grad_a``
+    and to ``y = b*inv_t`` into ``grad_b`` (either None: not computed). With p = e^lp,
+    q = e^lq, m = beta p + (1 - beta) q (docs/logits_math.md):
+
+    * KL:      d/dx = p (lp - lq - KL),  d/dy = q - p
+    * JSD:     d/dx = beta p (lp - lm - KL(P||M)),  d/dy = (1 - beta) q (lq - lm - KL(Q||M))
+    * entropy: d/dx = -p (lp + H)   (``b`` ignored, ``grad_b`` None)
+
+    An entry with p == 0 (q == 0 for the terms in q) contributes 0, never NaN; entries with
+    lp == lq count lp - lm as 0 in JSD (identical rows: exact zeros). KL(P||M), KL(Q||M) and
+    the KL in the formulas are the unclipped sums. A row whose value is NaN has NaN
+    gradients throughout; rows with rowscale 0 get zeros."""
+    if op not in (OP_KL, OP_JSD, OP_ENTROPY):
+        raise ValueError(f"unknown logits op code {op!r}: the kernels know {LOGITS_OPS}")
+    logits_rows(a, b, op, beta, inv_t, False, None, out_val)
     x, lza = _shifted(a, inv_t, False)
+    logp = x - lza[:, None]
+    p = np.exp(logp)
+    ga = gb = None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if op == OP_ENTROPY:
+            h = -_xlogy_diff(p, logp, 0.0)
+            ga = np.where(p == 0, 0.0, -p * (logp + h[:, None]))
+        else:
+            y, lzb = _shifted(b, inv_t, False)
+            logq = y - lzb[:, None]
+            q = np.exp(logq)
+            if op == OP_KL:
+                kl = _xlogy_diff(p, logp, logq)
+                ga = np.where(p == 0, 0.0, p * ((logp - logq) - kl[:, None]))
+                gb = q - p
+            else:  # OP_JSD
+                logm = np.logaddexp(np.log(beta) + logp, np.log1p(-beta) + logq)
+                same = logp == logq
+                dp = np.where(same, 0.0, logp - logm)
+                dq = np.where(same, 0.0, logq - logm)
+                kp = np.sum(np.where(p == 0, 0.0, p * dp), axis=1)
+                kq = np.sum(np.where(q == 0, 0.0, q * dq), axis=1)
+                ga = np.where(p == 0, 0.0, beta * p * (dp - kp[:, None]))
+                gb = np.where(q == 0, 0.0, (1.0 - beta) * q * (dq - kq[:, None]))
+                # beta = 0 (1): p (q) carries no weight and M = Q (P): both gradients are 0
+                if beta in (0.0, 1.0):
+                    ga = np.zeros_like(p)
+                    gb = np.zeros_like(q)
+    # a NaN row (NaN or +inf logits, no probability mass) has NaN gradients throughout
+    nan = np.isnan(out_val)[:, None]
+    ga, gb = (None if g is None else np.where(nan, np.nan, g) for g in (ga, gb))
+    ga, gb = _grad_rows(ga, gb, rowscale, inv_t)
+    if grad_a is not None:
+        grad_a[...] = ga
+    if grad_b is not None:
+        grad_b[...] = gb
+
+
+def logits_token_grad(b, tokens, inv_t, ignore_index, rowscale, out_val, grad_b):
+    """``logits_token`` into ``out_val``, and into ``grad_b`` ``rowscale[r] * inv_t *
+    (onehot(tokens[r]) - Q)``, the gradient of log Q[r, tokens[r]] with respect to ``b``;
+    rows with tokens == ignore_index (or rowscale 0) get zeros."""
+    logits_token(b, tokens, inv_t, ignore_index, out_val)
     y, lzb = _shifted(b, inv_t, False)
-    g = (np.exp(y - lzb[:, None]) - np.exp(x - lza[:, None])) * (inv_t * rowscale[:, None])
-    out_grad[...] = np.where(rowscale[:, None] == 0, 0.0, g)
+    g = -np.exp(y - lzb[:, None])
+    keep = tokens != ignore_index
+    rows = np.arange(b.shape[0])[keep]
+    g[rows, tokens[keep]] += 1.0
+    g = np.where(keep[:, None], np.where(np.isnan(out_val)[:, None], np.nan, g), 0.0)
+    (gb,) = _grad_rows(g, None, rowscale, inv_t)[:1]
+    grad_b[...] = gb
