@@ -52,9 +52,10 @@ ABS_BITS = 0x7FFFFFFFFFFFFFFF
 # float32 lanes (``_partials32_kernel``): the lane formulas hold for |l| <= 87 (80 for
 # reverse k3, whose term overflows float32 from l = 84.3) and |l| >= 2**-62 (below, k2, k3
 # and reverse k3 terms, about l**2/2, leave float32's normal range); other lanes (NaN, inf,
-# out of range) go through the float64 fix-up. ``F32_LANES`` (env ``FASTKL_NUMBA_F32_LANES``,
-# read in Python only: no compiled code depends on it) turns the float32 lanes on.
-F32_LANES = os.environ.get("FASTKL_NUMBA_F32_LANES", "0") == "1"
+# out of range) go through the float64 fix-up. ``F32_LANES`` (on by default; env
+# ``FASTKL_NUMBA_F32_LANES=0`` turns it off, read in Python only: no compiled code depends on
+# it) selects the float32 lanes for eligible float32 inputs.
+F32_LANES = os.environ.get("FASTKL_NUMBA_F32_LANES", "1") != "0"
 FAST32 = np.float32(87.0)
 FAST32_R = np.float32(80.0)
 FAST32_BITS = np.int32(0x42AE0000)  # bits of 87.0f
