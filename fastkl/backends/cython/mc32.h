@@ -1,6 +1,5 @@
 /* float32 term lanes of the Cython Monte Carlo kernels (issue 12; docs/kernel_math.md,
- * "float32 lanes"): the numba backend's _partials32_kernel in C, in the prototype's "runs8"
- * accumulation shape (bench/prototypes/f32_lanes.c, the fastest one measured in C).
+ * "float32 lanes"): the numba backend's _partials32_kernel in C.
  *
  * Included from mc.h (after fk_term_slow and fk_exp_core); fk_task sends a task here when
  * fk_lanes32_ok(): float32 inputs, no mask or a uint8 (bool) mask, no log_iw, no clamp,
@@ -15,14 +14,16 @@
  *      flags: max of bits(|l|) (NaN, inf, |l| > 87, > 80 for reverse k3) and min of
  *      bits(|l|) - 1 (0 < |l| < 2**-62, where l**2/2 leaves float32's normal range); a zero
  *      lane and a lane with w = 0 never flag.
- *   2. clean sub-chunk: acc[k] += (double)(pairwise float32 sum of the 8 terms (w t for a
- *      mask) at k, k + 8, ..., k + 56 of each run of 64), k = 0..7, in order;
- *   3. flagged sub-chunk: lane by lane in float64 into the same acc[i % 8]: the float32 term
+ *   2. clean sub-chunk: acc[i % 32] += (double)t[i] (w t for a mask), in position order: every
+ *      term widened at the accumulator (the prototype's "runs8" float32 sums of 8 were 15%
+ *      faster but made sums depend on where a block starts, ~1e-9: chunked, streamed and
+ *      dask results must match the in-memory one to 1e-12);
+ *   3. flagged sub-chunk: lane by lane in float64 into the same acc[i % 32]: the float32 term
  *      where the lane formula holds, else the float64 lanes' term of the exact float64 l
  *      (fk_term64: the float64 fast path with the float32 inputs' series, libm beyond 700);
  *      a NaN term is excluded and counted.
  *
- * S is the fixed pairwise fold of the 8 float64 lanes; M2 a second pass over the block's
+ * S is the fixed pairwise fold of the 32 float64 lanes; M2 a second pass over the block's
  * float32 terms in 16 float64 lanes (a block with fix-up or NaN lanes recomputes them in
  * float64 from the inputs: a float32 copy of a reverse-k3 term beyond l = 84.3 is inf).
  * The order never depends on the thread or the layout: the same bits for any thread count.
@@ -33,6 +34,7 @@
 #define FASTKL_MC32_H
 
 #define FK_SUB32 512                 /* lanes per sub-chunk; divides FK_BLOCK */
+#define FK_ACC32 32                  /* float64 accumulator lanes (4 AVX2 / 2 AVX-512 chains) */
 #define FK_FAST32_BITS 0x42AE0000u   /* 87.0f: e^l and the terms stay finite in float32 */
 #define FK_FAST32_BITS_R 0x42A00000u /* 80.0f: reverse k3 overflows float32 from l = 84.3 */
 #define FK_TINY32_BITS 0x20800000u   /* 2**-62 */
@@ -174,28 +176,22 @@ FK_INLINE int fk_terms32(int est, const float *FK_RESTRICT q, const float *FK_RE
     return mx > fast_bits || mn < FK_TINY32_BITS - 1u;
 }
 
-/* acc[k] += (double)(pairwise float32 sum of 8 values at k + 8 j of each run of 64). */
-FK_INLINE void fk_runs8(const float *FK_RESTRICT T, const float *FK_RESTRICT W,
-                        double *FK_RESTRICT acc) {
+/* acc[k] += (double)V[g + k], k < FK_ACC32, for every run g of FK_ACC32 lanes: each float32
+ * term widened at the accumulator (V = w t with a mask), FK_ACC32 independent float64 lanes in
+ * position order. No float32 partial sums: a sum's rounding is float64 alone, so the result
+ * does not depend on where a block starts (chunked, streamed, dask: ~1e-16, as the float64
+ * lanes). */
+FK_INLINE void fk_widen_sum(const float *FK_RESTRICT T, const float *FK_RESTRICT W,
+                            double *FK_RESTRICT acc) {
     ptrdiff_t g;
     int k;
     if (W) {
-        float V[FK_SUB32] FK_ALIGN(64);
-        ptrdiff_t i;
-        for (i = 0; i < FK_SUB32; i++) V[i] = (W[i] != 0.0f) ? W[i] * T[i] : 0.0f;
-        for (g = 0; g < FK_SUB32; g += 64)
-            for (k = 0; k < 8; k++) {
-                const float a = (V[g + k] + V[g + 8 + k]) + (V[g + 16 + k] + V[g + 24 + k]);
-                const float b = (V[g + 32 + k] + V[g + 40 + k]) + (V[g + 48 + k] + V[g + 56 + k]);
-                acc[k] += (double)(a + b);
-            }
+        for (g = 0; g < FK_SUB32; g += FK_ACC32)
+            for (k = 0; k < FK_ACC32; k++)
+                acc[k] += (W[g + k] != 0.0f) ? (double)(W[g + k] * T[g + k]) : 0.0;
     } else {
-        for (g = 0; g < FK_SUB32; g += 64)
-            for (k = 0; k < 8; k++) {
-                const float a = (T[g + k] + T[g + 8 + k]) + (T[g + 16 + k] + T[g + 24 + k]);
-                const float b = (T[g + 32 + k] + T[g + 40 + k]) + (T[g + 48 + k] + T[g + 56 + k]);
-                acc[k] += (double)(a + b);
-            }
+        for (g = 0; g < FK_SUB32; g += FK_ACC32)
+            for (k = 0; k < FK_ACC32; k++) acc[k] += (double)T[g + k];
     }
 }
 
@@ -237,10 +233,11 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
     const float *qrow = (const float *)A->q + row * A->q0 + start * A->q1;
     const float *prow = (const float *)A->p + row * A->p0 + start * A->p1;
     const uint8_t *mrow = masked ? (const uint8_t *)A->m + row * A->m0 + start * A->m1 : NULL;
-    double acc[8] FK_ALIGN(64) = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    double acc[FK_ACC32] FK_ALIGN(64);
     double W = 0.0, W2 = 0.0, nbad = 0.0, cnt = 0.0;
     int dirty = 0;
     ptrdiff_t off, i;
+    for (i = 0; i < FK_ACC32; i++) acc[i] = 0.0;
 
     for (off = 0; off < nb; off += FK_SUB32) {
         const ptrdiff_t c = (nb - off) < FK_SUB32 ? (nb - off) : FK_SUB32;
@@ -262,7 +259,7 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
             if (terms) {
                 /* nothing to fix */
             } else {
-                fk_runs8(T, Wv, acc);
+                fk_widen_sum(T, Wv, acc);
                 if (masked) {
                     double sw = 0.0, sw2 = 0.0, nz = 0.0;
                     for (i = 0; i < c; i++) {
@@ -293,7 +290,7 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
                     nbad += 1.0;
                     T[i] = NAN;
                 } else {
-                    acc[i % 8] += w * t;
+                    acc[i % FK_ACC32] += w * t;
                     W += w;
                     W2 += w * w;
                     cnt += 1.0;
@@ -312,7 +309,11 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
     if (terms) return;
 
     {
-        const double S = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        double S;
+        int h;
+        for (h = FK_ACC32 / 2; h >= 1; h /= 2) /* a fixed tree over the lanes */
+            for (i = 0; i < h; i++) acc[i] = acc[i] + acc[i + h];
+        S = acc[0];
         double M2 = 0.0;
         if (!masked) {
             W = cnt;

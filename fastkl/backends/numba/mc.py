@@ -534,9 +534,11 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
 # --------------------------------------------------------------------------- float32 lanes
 # Float32 inputs, no mask, no log_iw, no clamp, k1/k2/k3/reverse k3 (issue 12;
 # docs/kernel_math.md "float32 lanes"): l = logp - logq and the terms in float32 lanes, summed
-# in the loop that computes them into 64 float32 lane sums of 8 terms (u[k], k = i mod 64),
-# widened into 64 float64 accumulators per sub-chunk of 512 and folded by a fixed tree at the
-# end of the block. Every inner loop is a loop over k with no reduction: LLVM vectorizes it
+# in the loop that computes them into 64 float64 lane sums (u[k], k = i mod 64; each float32
+# term widened at the accumulator: no float32 partial sums, so a sum does not depend on where
+# a block starts, as chunked / streamed / dask results need), added into 64 float64
+# accumulators per sub-chunk of 512 and folded by a fixed tree at the end of the block.
+# Every inner loop is a loop over k with no reduction: LLVM vectorizes it
 # (numba never reorders a float reduction). A sub-chunk with a lane outside the float32 range
 # (NaN, inf, |l| > 87 (80), 0 < |l| < 2**-62) is summed lane by lane in float64, those lanes
 # computed by the float64 lanes' formula (``_term64``). The order is fixed: same bits for
@@ -583,19 +585,20 @@ def _term64(l, est):
 
 @jit(nogil=True)
 def _stage32(qv, pv, ts, u, est):
-    """ts[:SUB32] = float32 terms of pv - qv, u[k] = float32 sum of ts[k::LANES32] (in
-    order); returns (max abs_bits32(l), min tiny_key32(l)) over the lanes."""
+    """ts[:SUB32] = float32 terms of pv - qv, u[k] = float64 sum of ts[k::LANES32] (each
+    term widened at the accumulator, in order); returns (max abs_bits32(l), min
+    tiny_key32(l)) over the lanes."""
     mx = np.int32(0)
     mn = np.int32(0x7FFFFFFF)
     for k in range(LANES32):
-        u[k] = ZERO_32
+        u[k] = 0.0
     if est == K1:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
                 l = pv[g + k] - qv[g + k]
                 t = -l
                 ts[g + k] = t
-                u[k] += t
+                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
@@ -603,7 +606,7 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = HALF_32 * l * l
                 ts[g + k] = t
-                u[k] += t
+                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     elif est == K3:
@@ -612,7 +615,7 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = _k3_32(l)
                 ts[g + k] = t
-                u[k] += t
+                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     else:  # RK3
@@ -621,7 +624,7 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = _rk3_32(l)
                 ts[g + k] = t
-                u[k] += t
+                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     return mx, mn
@@ -641,7 +644,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
     mx = np.int32(0)
     mn = np.int32(0x7FFFFFFF)
     for k in range(LANES32):
-        u[k] = ZERO_32
+        u[k] = 0.0
     if est == K1:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
@@ -649,7 +652,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = -l
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
+                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
@@ -658,7 +661,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = HALF_32 * l * l
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
+                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     elif est == K3:
@@ -668,7 +671,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = _k3_32(l)
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
+                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     else:  # RK3
@@ -678,7 +681,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = _rk3_32(l)
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
+                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     sw = 0
@@ -827,7 +830,7 @@ def _partials32_kernel(qb, pb, mb, geo, rows, n, est, has_mask, want_m2, part):
         wblk = np.zeros(BLOCK if has_mask else 1, np.uint8)
         qg = np.empty(SUB32, np.float32)
         pg = np.empty(SUB32, np.float32)
-        u = np.empty(LANES32, np.float32)
+        u = np.empty(LANES32)  # float64: every term is widened before it is added
         acc = np.empty(LANES32)
         for task in range(c * ntasks // nchunk, (c + 1) * ntasks // nchunk):
             row, j0, m = _task(rows, nblk, n, task)
