@@ -598,7 +598,6 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = -l
                 ts[g + k] = t
-                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
@@ -606,7 +605,6 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = HALF_32 * l * l
                 ts[g + k] = t
-                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     elif est == K3:
@@ -615,7 +613,6 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = _k3_32(l)
                 ts[g + k] = t
-                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     else:  # RK3
@@ -624,9 +621,13 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = _rk3_32(l)
                 ts[g + k] = t
-                u[k] += np.float64(t)
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
+    # widen at the accumulator, in a loop of its own: inside the term loop the float64 adds
+    # made LLVM pick 4-wide float32 vectors for the term math (measured: numba k3 1.3x slower)
+    for g in range(0, SUB32, LANES32):
+        for k in range(LANES32):
+            u[k] += np.float64(ts[g + k])
     return mx, mn
 
 
@@ -652,7 +653,6 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = -l
                 ts[g + k] = t
-                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
@@ -661,7 +661,6 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = HALF_32 * l * l
                 ts[g + k] = t
-                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     elif est == K3:
@@ -671,7 +670,6 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = _k3_32(l)
                 ts[g + k] = t
-                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     else:  # RK3
@@ -681,9 +679,11 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = _rk3_32(l)
                 ts[g + k] = t
-                u[k] += np.float64(_wterm32(t, w))
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    for g in range(0, SUB32, LANES32):
+        for k in range(LANES32):
+            u[k] += np.float64(_wterm32(ts[g + k], np.float32(mv[g + k])))
     sw = 0
     sw2 = 0
     nz = 0
