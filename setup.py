@@ -202,7 +202,7 @@ def extensions():
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for name, headers in (
-            ("_mc", ["common.h", "typed.h", "mc.h", "runtime.pxi"]),
+            ("_mc", ["common.h", "typed.h", "mc.h", "mc32.h", "runtime.pxi"]),
             ("_logits", ["common.h", "typed.h", "logits.h", "runtime.pxi"]),
         )
     ]

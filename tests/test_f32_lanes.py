@@ -26,6 +26,12 @@ import fastkl
 from fastkl._estimators import K1, K2, K3, RK3
 from fastkl.backends.numba import mc
 
+try:  # the Cython backend's float32 lanes (mc32.h), when the extension is built
+    from fastkl.backends.cython import _mc as _cy_k
+    from fastkl.backends.cython import mc as _cy_mc
+except ImportError:  # pragma: no cover
+    _cy_k = _cy_mc = None
+
 F32 = np.float32
 NC = (-math.inf, math.inf, -math.inf, math.inf, 0.0)
 ESTS = {"k1": K1, "k2": K2, "k3": K3, "rk3": RK3}
@@ -33,15 +39,27 @@ REGIMES = [(0.0, 1e-10), (1e-10, 1e-4), (1e-4, 0.35), (0.35, 1.0), (1.0, 10.0), 
            (88.0, math.inf)]
 
 
+LANE_BACKENDS = ["numba"] + (["cython"] if _cy_k is not None else [])
+
+
 @pytest.fixture(autouse=True)
 def _lanes_on():
     saved = mc.F32_LANES
     mc.F32_LANES = True
+    cy = _cy_k.set_f32_lanes(True) if _cy_k is not None else None
     yield
     mc.F32_LANES = saved
+    if _cy_k is not None:
+        _cy_k.set_f32_lanes(cy)
 
 
-def _partials(q, p, est, want_m2=False, lanes=True, mask=None):
+def _partials(q, p, est, want_m2=False, lanes=True, mask=None, be="numba"):
+    if be == "cython":
+        saved = _cy_k.set_f32_lanes(lanes)
+        try:
+            return _cy_mc.mc_partials(q, p, mask, None, est, NC, want_m2)
+        finally:
+            _cy_k.set_f32_lanes(saved)
     saved = mc.F32_LANES
     mc.F32_LANES = lanes
     try:
@@ -127,11 +145,11 @@ def lanes_sweep() -> tuple[np.ndarray, np.ndarray]:
 _SWEEP: dict = {}
 
 
-def per_term_errors(name: str):
+def per_term_errors(name: str, be: str = "numba"):
     """(exact l, err = |t - exact| / |exact| / max(1, |l|), t) over the sweep."""
-    if name not in _SWEEP:
+    if (be, name) not in _SWEEP:
         q, p = lanes_sweep()
-        part = _partials(q[:, None], p[:, None], ESTS[name])[:, 0, :]
+        part = _partials(q[:, None], p[:, None], ESTS[name], be=be)[:, 0, :]
         l = p.astype(np.float64) - q.astype(np.float64)
         ref = ref_terms(l, name)
         t = part[:, 1]
@@ -139,55 +157,60 @@ def per_term_errors(name: str):
             err = np.where(ref != 0, np.abs(t - ref) / np.abs(ref), np.abs(t))
         err = err / np.maximum(1.0, np.abs(l))
         assert np.array_equal(part[:, 0], np.ones(len(q))), name  # every lane included
-        _SWEEP[name] = (l, err, t)
-    return _SWEEP[name]
+        _SWEEP[(be, name)] = (l, err, t)
+    return _SWEEP[(be, name)]
 
 
+@pytest.mark.parametrize("be", LANE_BACKENDS)
 @pytest.mark.parametrize("name", list(ESTS))
-def test_every_term_within_contract(name):
-    l, err, t = per_term_errors(name)
+def test_every_term_within_contract(name, be):
+    l, err, t = per_term_errors(name, be)
     bad = np.flatnonzero(~(err <= 1e-6))
     assert bad.size == 0, [(float(l[i]), float(t[i]), float(err[i])) for i in bad[:10]]
     if name in ("k2", "k3", "rk3"):
         assert (t >= 0).all(), name  # never negative (tiny lanes: float64, not a float32 zero)
 
 
+@pytest.mark.parametrize("be", LANE_BACKENDS)
 @pytest.mark.parametrize("name", list(ESTS))
-def test_mask_of_ones_same_sums(name):
+def test_mask_of_ones_same_sums(name, be):
     """A 0/1 mask multiplies exactly: with every w = 1 the sums are those without a mask."""
     q, p = lanes_sweep()
     q, p = q[::7, None], p[::7, None]
-    a = _partials(q, p, ESTS[name], want_m2=True)
-    b = _partials(q, p, ESTS[name], want_m2=True, mask=np.ones(q.shape, np.uint8))
+    a = _partials(q, p, ESTS[name], want_m2=True, be=be)
+    b = _partials(q, p, ESTS[name], want_m2=True, mask=np.ones(q.shape, np.uint8), be=be)
     assert a[..., 1:3].tobytes() == b[..., 1:3].tobytes()
     np.testing.assert_array_equal(b[..., [0, 3, 5]], np.ones(q.shape + (3,)))
 
 
 def error_table() -> list[tuple[str, str, int, float]]:
     rows = []
-    for name in ESTS:
-        l, err, _ = per_term_errors(name)
-        a = np.abs(l)
-        for lo, hi in REGIMES:
-            sel = (a >= lo) & (a < hi) if hi < math.inf else (a >= lo)
-            if sel.any():
-                rows.append((name, f"[{lo:g}, {hi:g})", int(sel.sum()), float(err[sel].max())))
+    for be in LANE_BACKENDS:
+        for name in ESTS:
+            l, err, _ = per_term_errors(name, be)
+            a = np.abs(l)
+            for lo, hi in REGIMES:
+                sel = (a >= lo) & (a < hi) if hi < math.inf else (a >= lo)
+                if sel.any():
+                    rows.append((f"{be} {name}", f"[{lo:g}, {hi:g})", int(sel.sum()),
+                                 float(err[sel].max())))
     return rows
 
 
 # --------------------------------------------------------------------------- specials
 
 
+@pytest.mark.parametrize("be", LANE_BACKENDS)
 @pytest.mark.parametrize("name", list(ESTS))
-def test_special_lanes_as_float64_lanes(name):
+def test_special_lanes_as_float64_lanes(name, be):
     """NaN (excluded, counted), +-inf, |l| beyond the float32 range: the float64 fix-up,
     the same partials as the float64 lanes; inside a full sub-chunk too."""
     sp = F32([np.nan, np.inf, -np.inf, 87.5, -88.5, 95.0, -300.0, 81.0, 3e38, 0.0, -0.0])
     q = np.zeros((sp.size, 1), F32)
     p = sp[:, None].copy()
     q[8, 0] = F32(-3e38)  # l overflows float32 (6e38), finite in float64
-    got = _partials(q, p, ESTS[name], want_m2=True)
-    ref = _partials(q, p, ESTS[name], want_m2=True, lanes=False)
+    got = _partials(q, p, ESTS[name], want_m2=True, be=be)
+    ref = _partials(q, p, ESTS[name], want_m2=True, lanes=False, be=be)
     with np.errstate(invalid="ignore", over="ignore"):
         l32 = (p - q)[:, 0]
     fix = ~(np.abs(l32) <= (80.0 if name == "rk3" else 87.0))  # the float64 fix-up lanes
@@ -202,8 +225,8 @@ def test_special_lanes_as_float64_lanes(name):
     p[0, 100 : 100 + sp.size] = sp
     p[1, 4096 + 5] = np.nan
     p[1, 3 * 4096 + 3] = 90.0
-    got = _partials(q, p, ESTS[name], want_m2=True)
-    ref = _partials(q, p, ESTS[name], want_m2=True, lanes=False)
+    got = _partials(q, p, ESTS[name], want_m2=True, be=be)
+    ref = _partials(q, p, ESTS[name], want_m2=True, lanes=False, be=be)
     np.testing.assert_array_equal(got[..., [0, 3, 4, 5]], ref[..., [0, 3, 4, 5]])
     fin = np.isfinite(ref)
     np.testing.assert_array_equal(np.isfinite(got), fin)
@@ -249,26 +272,26 @@ def _cases():
 _BLOCKS: dict = {}
 
 
-def block_errors(name):
+def block_errors(name, be="numba"):
     """max over blocks of |S - exact| / sum |exact terms| and of the relative error of M2."""
-    if name not in _BLOCKS:
+    if (be, name) not in _BLOCKS:
         out = {}
         for label, q, p in _cases():
-            _check_blocks(name, label, q, p, None, out)
+            _check_blocks(name, label, q, p, None, out, be)
             w = (np.random.default_rng(4).random(q.shape) < 0.7).astype(np.uint8)
             w[0, :5000] = 0  # the first block fully masked out, the second partly
             p = p.copy()
             idx = np.flatnonzero(w[1] == 0)[:3]
             p[1, idx] = [np.nan, np.inf, 200.0]  # ignored where w == 0
-            _check_blocks(name, label + ", 0/1 mask", q, p, w, out)
-        _BLOCKS[name] = out
-    return _BLOCKS[name]
+            _check_blocks(name, label + ", 0/1 mask", q, p, w, out, be)
+        _BLOCKS[(be, name)] = out
+    return _BLOCKS[(be, name)]
 
 
-def _check_blocks(name, label, q, p, w, out):
-    got = _partials(q, p, ESTS[name], want_m2=True, mask=w)
+def _check_blocks(name, label, q, p, w, out, be):
+    got = _partials(q, p, ESTS[name], want_m2=True, mask=w, be=be)
     ref = _block_ref(q, p, name, w)
-    old = _partials(q, p, ESTS[name], want_m2=True, mask=w, lanes=False)
+    old = _partials(q, p, ESTS[name], want_m2=True, mask=w, lanes=False, be=be)
     # weights and counts: exactly the float64 lanes'
     assert np.array_equal(got[..., [0, 3, 4, 5]], old[..., [0, 3, 4, 5]]), (name, label)
     assert np.array_equal(got[..., 0], ref[..., 0]), (name, label)
@@ -279,15 +302,17 @@ def _check_blocks(name, label, q, p, w, out):
     out[label] = (float(es.max()), float(em.max()))
 
 
+@pytest.mark.parametrize("be", LANE_BACKENDS)
 @pytest.mark.parametrize("name", list(ESTS))
-def test_block_sums(name):
-    for label, (es, em) in block_errors(name).items():
+def test_block_sums(name, be):
+    for label, (es, em) in block_errors(name, be).items():
         assert es <= 1e-6, (name, label, es)
         assert em <= 1e-6, (name, label, em)
 
 
+@pytest.mark.parametrize("be", LANE_BACKENDS)
 @pytest.mark.parametrize("name", list(ESTS))
-def test_same_bits_any_layout_and_thread_count(name):
+def test_same_bits_any_layout_and_thread_count(name, be):
     rng = np.random.default_rng(9)
     n = 5 * 4096 + 300  # above the threaded kernel's threshold
     q = rng.standard_normal((2, n)).astype(F32)
@@ -299,16 +324,18 @@ def test_same_bits_any_layout_and_thread_count(name):
         runs = []
         for k in (1, 2, 3):
             with fastkl.threads(k):
-                runs.append(_partials(q, p, ESTS[name], want_m2=True, mask=mask).tobytes())
+                runs.append(_partials(q, p, ESTS[name], want_m2=True, mask=mask, be=be).tobytes())
         assert runs[0] == runs[1] == runs[2]
     # a reversed view (gather path) gives the bits of its contiguous copy
     qr, pr = q[:, ::-1], p[:, ::-1]
-    a = _partials(qr, pr, ESTS[name], want_m2=True)
-    b = _partials(np.ascontiguousarray(qr), np.ascontiguousarray(pr), ESTS[name], want_m2=True)
+    a = _partials(qr, pr, ESTS[name], want_m2=True, be=be)
+    b = _partials(np.ascontiguousarray(qr), np.ascontiguousarray(pr), ESTS[name], want_m2=True,
+                  be=be)
     assert a.tobytes() == b.tobytes()
 
 
-def test_other_paths_unchanged():
+@pytest.mark.parametrize("be", LANE_BACKENDS)
+def test_other_paths_unchanged(be):
     """float64 inputs, float64 weights, clamps and reverse k1 keep the float64 lanes."""
     rng = np.random.default_rng(2)
     q = rng.standard_normal((1, 5000)).astype(F32)
@@ -317,11 +344,80 @@ def test_other_paths_unchanged():
     cases = [(q.astype(float), p.astype(float), None, K3, NC), (q, p, w, K3, NC),
              (q, p, None, K3, (-1.0, 1.0, -math.inf, math.inf, 0.0)), (q, p, None, 3, NC)]
     for qq, pp, m, est, cl in cases:
-        mc.F32_LANES = True
-        a = mc.mc_partials(qq, pp, m, None, est, cl, True)
-        mc.F32_LANES = False
-        b = mc.mc_partials(qq, pp, m, None, est, cl, True)
+        if be == "cython":
+            _cy_k.set_f32_lanes(True)
+            a = _cy_mc.mc_partials(qq, pp, m, None, est, cl, True)
+            _cy_k.set_f32_lanes(False)
+            b = _cy_mc.mc_partials(qq, pp, m, None, est, cl, True)
+        else:
+            mc.F32_LANES = True
+            a = mc.mc_partials(qq, pp, m, None, est, cl, True)
+            mc.F32_LANES = False
+            b = mc.mc_partials(qq, pp, m, None, est, cl, True)
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.skipif(_cy_k is None, reason="Cython extension not built")
+@pytest.mark.parametrize("name", list(ESTS))
+def test_cython_terms_within_contract(name):
+    """The Cython backend's float32 lanes also give ``mc_terms`` (float32 output): every
+    term of the sweep within the contract, as the partials; NaN, +-inf and the fix-up lanes
+    as the float64 lanes give them; 0 where a bool mask excludes a lane."""
+    q, p = lanes_sweep()
+    l, err, t = per_term_errors(name, "cython")
+    out = np.empty(q.shape, F32)
+    _cy_mc.mc_terms(q[None], p[None], None, None, ESTS[name], NC, out[None])
+    ref = ref_terms(l, name)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        e = np.where(ref != 0, np.abs(out - ref) / np.abs(ref), np.abs(out))
+    e = e / np.maximum(1.0, np.abs(l))
+    # terms representable in float32 (below its normal range a float32 output cannot hold
+    # the term to 1e-6: the float64 lanes round those to subnormals or 0 as well)
+    fits = (np.abs(ref) < float(np.finfo(F32).max)) & (
+        (np.abs(ref) >= float(np.finfo(F32).tiny)) | (ref == 0))
+    bad = np.flatnonzero(~(e[fits] <= 1e-6))
+    assert bad.size == 0, [(float(l[fits][i]), float(out[fits][i])) for i in bad[:10]]
+    sp = F32([np.nan, np.inf, -np.inf, 87.5, -88.5, 95.0, 0.0, -0.0, 1e-40, 0.25])
+    z = np.zeros((1, sp.size), F32)
+    a, b = np.empty_like(z), np.empty_like(z)
+    _cy_k.set_f32_lanes(True)
+    _cy_mc.mc_terms(z, sp[None], None, None, ESTS[name], NC, a)
+    _cy_k.set_f32_lanes(False)
+    _cy_mc.mc_terms(z, sp[None], None, None, ESTS[name], NC, b)
+    _cy_k.set_f32_lanes(True)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    m = np.array([[1, 0, 1, 0, 1, 0, 1, 0, 1, 0]], np.uint8)
+    _cy_mc.mc_terms(z, sp[None], m, None, ESTS[name], NC, a)
+    assert np.all(a[m == 0] == 0)
+    np.testing.assert_allclose(a[m == 1], b[m == 1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(_cy_k is None, reason="Cython extension not built")
+@pytest.mark.parametrize("name", list(ESTS))
+def test_backends_agree(name):
+    """numba and Cython float32 lanes: the same W / counts, S and M2 within the contract of
+    each other, on every block case (both are checked against the reference above)."""
+    for _label, q, p in _cases():
+        a = _partials(q, p, ESTS[name], want_m2=True, be="numba")
+        b = _partials(q, p, ESTS[name], want_m2=True, be="cython")
+        np.testing.assert_array_equal(a[..., [0, 3, 4, 5]], b[..., [0, 3, 4, 5]])
+        np.testing.assert_allclose(a[..., 1:3], b[..., 1:3], rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("env,want", [(None, True), ("0", False), ("1", True)])
+def test_on_by_default_env_off_switch(env, want):
+    """The lanes are on by default; ``FASTKL_NUMBA_F32_LANES=0`` turns them off."""
+    import os
+    import subprocess
+    import sys
+
+    e = {k: v for k, v in os.environ.items() if k != "FASTKL_NUMBA_F32_LANES"}
+    if env is not None:
+        e["FASTKL_NUMBA_F32_LANES"] = env
+    code = "from fastkl.backends.numba import mc; print(mc.F32_LANES)"
+    out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(want)
 
 
 if __name__ == "__main__":
@@ -333,6 +429,7 @@ if __name__ == "__main__":
     print()
     print("| estimator | data | block S: err / sum abs(t) | block M2 rel err |")
     print("| --- | --- | ---: | ---: |")
-    for name in ESTS:
-        for label, (es, em) in block_errors(name).items():
-            print(f"| {name} | {label} | {es:.2e} | {em:.2e} |")
+    for be in LANE_BACKENDS:
+        for name in ESTS:
+            for label, (es, em) in block_errors(name, be).items():
+                print(f"| {be} {name} | {label} | {es:.2e} | {em:.2e} |")

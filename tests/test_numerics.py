@@ -99,16 +99,109 @@ def test_terms_match_mpmath(backend, est, dtype):
 
 
 @pytest.mark.parametrize("est", arrays.ESTIMATORS, ids=arrays.EST_IDS)
-def test_float32_series_error_in_float64_sums(backend, est):
-    """Float32 inputs use the short minimax exp series (relative error 2.7e-9,
-    docs/kernel_math.md); a float64 sum of one term shows it unrounded: within 1e-8 *
-    max(1, |l|) of the exact term, 100x tighter than the float32 output tolerance."""
+def test_float32_series_error_in_float64_lanes(backend, est):
+    """float32 inputs with float64 weights (and reverse k1, log_iw, clamps) keep the float64
+    lanes, whose short minimax exp series (relative error 2.7e-9, docs/kernel_math.md) a
+    float64 sum of one term shows unrounded: within 1e-8 * max(1, |l|) of the exact term,
+    100x tighter than the float32 contract. (Unweighted or 0/1-masked float32 sums go
+    through the float32 lanes: ``test_float32_lane_terms_in_sums``.)"""
     q, p, exact, l = _exact_for(np.float32, est)
+    w = np.ones((q.size, 1))
     got = fastkl.kl_mc(q[:, None], p[:, None], est[0], reverse=est[1], reduction="sum",
-                       axis=1, backend=backend)
+                       axis=1, mask=w, backend=backend)
     assert got.dtype == np.float64
     bad = check_terms(got, exact, l, 1e-8)
     assert not bad, f"{len(bad)} of {q.size} terms out of tolerance:\n" + "\n".join(bad[:10])
+
+
+def _f32_boundaries() -> np.ndarray:
+    """+-4 float32 ulp around the lanes' regime boundaries (docs/kernel_math.md: the exp
+    reduction's k = 0 / +-1 edge ln2/2, the polynomial / direct split of the proposals at
+    0.5, 1, 2, the reverse-k3 fix-up edge 80, its float32 overflow 84.3, the fix-up edge 87,
+    88, the tiny-lane edge 2**-62), both signs."""
+    pts = []
+    for b in (math.log(2) / 2, 0.5, 1.0, 2.0, 80.0, 84.3, 87.0, 88.0, 2.0**-62):
+        up = dn = np.float32(b)
+        pts.append(up)
+        for _ in range(4):
+            up = np.nextafter(up, np.float32(np.inf))
+            dn = np.nextafter(dn, np.float32(0))
+            pts += [up, dn]
+    v = np.unique(np.array(pts, np.float32))
+    return np.concatenate([v, -v])
+
+
+def f32_lane_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """float32 (logq, logp) for the float32 lanes: ``sweep_inputs`` extended to |l| = 88
+    (log-spaced from 1e-10, both signs, four offsets), the regime boundaries +-4 ulp,
+    subnormal and tiny l, +-0 (logq = 0: l exactly the float32 value)."""
+    mags = np.logspace(-10, np.log10(88.0), 161)
+    ls = np.concatenate([mags, -mags])
+    qs, ps = [], []
+    for off in (0.0, -0.7, 3.25, -37.0):
+        qs.append(np.full(ls.shape, off))
+        ps.append(off + ls)
+    q = np.concatenate(qs).astype(np.float32)
+    p = np.concatenate(ps).astype(np.float32)
+    l = p.astype(np.float64) - q.astype(np.float64)
+    keep = (np.abs(l) >= 1e-10) & (np.abs(l) <= 88.0)
+    tiny = np.float32([0.0, -0.0, 1e-45, -1e-45, 3e-42, -1e-40, 1.1754942e-38, -1.1754944e-38,
+                       1e-30, -1e-20, 2e-19, -5e-15])
+    extra = np.concatenate([_f32_boundaries(), tiny])
+    return (np.concatenate([q[keep], np.zeros(extra.shape, np.float32)]),
+            np.concatenate([p[keep], extra]))
+
+
+@pytest.mark.parametrize("est", arrays.ESTIMATORS, ids=arrays.EST_IDS)
+def test_float32_lane_terms_in_sums(backend, est):
+    """The float32 inputs' contract (issue 12) where the compiled backends sum float32 terms
+    (unweighted and 0/1-masked sums, means, statistics): every term within
+    ``1e-6 * max(1, |l|)`` of mpmath, l the exact difference of the inputs, over |l| from
+    1e-10 to 88, the regime boundaries +-4 ulp, subnormals and +-0; a one-term float64 sum
+    shows the term as the kernel accumulates it (unmasked and with a bool mask of ones)."""
+    key = ("f32lanes", est)
+    if key not in _EXACT_CACHE:
+        q, p = f32_lane_inputs()
+        t, l = exact_terms(q, p, est)
+        _EXACT_CACHE[key] = (q, p, t, l)
+    q, p, exact, l = _EXACT_CACHE[key]
+    assert q.size > 1000
+    for mask in (None, np.ones((q.size, 1), bool)):
+        got = fastkl.kl_mc(q[:, None], p[:, None], est[0], reverse=est[1], reduction="sum",
+                           axis=1, mask=mask, backend=backend)
+        assert got.dtype == np.float64
+        bad = check_terms(got, exact, l, arrays.RTOL[np.dtype(np.float32)])
+        assert not bad, (f"mask={mask is not None}: {len(bad)} of {q.size} terms out of "
+                         "tolerance:\n" + "\n".join(bad[:10]))
+
+
+@pytest.mark.parametrize("est", arrays.ESTIMATORS, ids=arrays.EST_IDS)
+def test_float32_special_lanes_in_sums(backend, est):
+    """+-inf and NaN l in a float32 sum give the reference's limits (NaN propagates), alone
+    and inside a block of ordinary lanes; a NaN is excluded and counted under
+    ``nan_policy="omit"``."""
+    from fastkl.backends import numpy as numpy_ref
+
+    code = BY_KEY[est].code
+    specials = np.float32([np.inf, -np.inf, np.nan, 0.0, -0.0])
+    rng = np.random.default_rng(3)
+    for sp in specials:
+        lim = float(numpy_ref.term_and_grad(np.array([float(sp)]), code)[0])
+        q = np.zeros(1, np.float32)
+        p = np.array([sp], np.float32)
+        got = fastkl.kl_mc(q, p, est[0], reverse=est[1], reduction="sum", backend=backend)
+        assert got == lim or (math.isnan(got) and math.isnan(lim)), (sp, got, lim)
+        # inside a full block: the rest of the block is ordinary lanes
+        p = rng.normal(0, 0.5, 3000).astype(np.float32)
+        p[1234] = sp
+        q = np.zeros_like(p)
+        got = fastkl.kl_mc(q, p, est[0], reverse=est[1], reduction="sum", backend=backend)
+        if math.isinf(lim) or math.isnan(lim):
+            assert got == lim or (math.isnan(got) and math.isnan(lim)), (sp, got, lim)
+        if math.isnan(sp):
+            st = fastkl.kl_mc_stats(q, p, est[0], reverse=est[1], nan_policy="omit",
+                                    backend=backend)
+            assert st.n == p.size - 1, st
 
 
 @pytest.mark.parametrize("est", [("k3", False), ("k3", True)], ids=["k3", "rk3"])

@@ -55,6 +55,8 @@ cdef extern from "mc.h" nogil:
 
     void fk_task(const fk_arrays *A, const fk_params *P, Py_ssize_t task, double *work,
                  double *parts)
+    void fk_set_lanes32(int on)
+    int fk_get_lanes32()
     const char *fk_isa()
     int fk_openmp()
     int fk_max_threads()
@@ -65,6 +67,18 @@ N_PARTIALS = FK_NPART
 # fastkl._estimators)
 EST_CODES = {"k1": FK_K1, "k2": FK_K2, "k3": FK_K3, "rk1": FK_RK1, "rk3": FK_RK3,
              "abs": FK_ABS}
+
+
+
+def set_f32_lanes(bint on):
+    """Whether eligible float32 tasks take the float32 lanes (mc32.h; on by default, off
+    from import with FASTKL_CYTHON_F32_LANES=0). Returns the previous setting."""
+    cdef int old = fk_get_lanes32()
+    fk_set_lanes32(on)
+    return bool(old)
+
+
+set_f32_lanes(os.environ.get("FASTKL_CYTHON_F32_LANES", "1") != "0")
 
 from fastkl.backends import _threads as _policy
 

@@ -559,10 +559,16 @@ static void fk_block(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrd
     }
 }
 
+#include "mc32.h" /* float32 lanes: fk_block32, fk_lanes32_ok */
+
 /* Task index -> (row, block); each task writes only its own FK_NPART partials. */
 static void fk_task(const fk_arrays *A, const fk_params *P, ptrdiff_t task, double *work,
                     double *parts) {
     const ptrdiff_t row = task / A->nblk, b = task % A->nblk;
+    if (fk_lanes32_ok(A, P)) { /* float32 inputs, no weights / log_iw / clamp: mc32.h */
+        fk_block32(A, P, row, b, work, parts ? parts + task * FK_NPART : NULL);
+        return;
+    }
     fk_block(A, P, row, b, work, parts ? parts + task * FK_NPART : NULL);
 }
 

@@ -52,9 +52,10 @@ ABS_BITS = 0x7FFFFFFFFFFFFFFF
 # float32 lanes (``_partials32_kernel``): the lane formulas hold for |l| <= 87 (80 for
 # reverse k3, whose term overflows float32 from l = 84.3) and |l| >= 2**-62 (below, k2, k3
 # and reverse k3 terms, about l**2/2, leave float32's normal range); other lanes (NaN, inf,
-# out of range) go through the float64 fix-up. ``F32_LANES`` (env ``FASTKL_NUMBA_F32_LANES``,
-# read in Python only: no compiled code depends on it) turns the float32 lanes on.
-F32_LANES = os.environ.get("FASTKL_NUMBA_F32_LANES", "0") == "1"
+# out of range) go through the float64 fix-up. ``F32_LANES`` (on by default; env
+# ``FASTKL_NUMBA_F32_LANES=0`` turns it off, read in Python only: no compiled code depends on
+# it) selects the float32 lanes for eligible float32 inputs.
+F32_LANES = os.environ.get("FASTKL_NUMBA_F32_LANES", "1") != "0"
 FAST32 = np.float32(87.0)
 FAST32_R = np.float32(80.0)
 FAST32_BITS = np.int32(0x42AE0000)  # bits of 87.0f
@@ -567,9 +568,11 @@ def _partials_kernel(qb, pb, mb, ib, geo, rows, n, est, has_mask, has_iw, clamp,
 # --------------------------------------------------------------------------- float32 lanes
 # Float32 inputs, no mask, no log_iw, no clamp, k1/k2/k3/reverse k3 (issue 12;
 # docs/kernel_math.md "float32 lanes"): l = logp - logq and the terms in float32 lanes, summed
-# in the loop that computes them into 64 float32 lane sums of 8 terms (u[k], k = i mod 64),
-# widened into 64 float64 accumulators per sub-chunk of 512 and folded by a fixed tree at the
-# end of the block. Every inner loop is a loop over k with no reduction: LLVM vectorizes it
+# in the loop that computes them into 64 float64 lane sums (u[k], k = i mod 64; each float32
+# term widened at the accumulator: no float32 partial sums, so a sum does not depend on where
+# a block starts, as chunked / streamed / dask results need), added into 64 float64
+# accumulators per sub-chunk of 512 and folded by a fixed tree at the end of the block.
+# Every inner loop is a loop over k with no reduction: LLVM vectorizes it
 # (numba never reorders a float reduction). A sub-chunk with a lane outside the float32 range
 # (NaN, inf, |l| > 87 (80), 0 < |l| < 2**-62) is summed lane by lane in float64, those lanes
 # computed by the float64 lanes' formula (``_term64``). The order is fixed: same bits for
@@ -616,19 +619,19 @@ def _term64(l, est):
 
 @jit(nogil=True)
 def _stage32(qv, pv, ts, u, est):
-    """ts[:SUB32] = float32 terms of pv - qv, u[k] = float32 sum of ts[k::LANES32] (in
-    order); returns (max abs_bits32(l), min tiny_key32(l)) over the lanes."""
+    """ts[:SUB32] = float32 terms of pv - qv, u[k] = float64 sum of ts[k::LANES32] (each
+    term widened at the accumulator, in order); returns (max abs_bits32(l), min
+    tiny_key32(l)) over the lanes."""
     mx = np.int32(0)
     mn = np.int32(0x7FFFFFFF)
     for k in range(LANES32):
-        u[k] = ZERO_32
+        u[k] = 0.0
     if est == K1:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
                 l = pv[g + k] - qv[g + k]
                 t = -l
                 ts[g + k] = t
-                u[k] += t
                 mx = max(mx, abs_bits32(l))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
@@ -636,7 +639,6 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = HALF_32 * l * l
                 ts[g + k] = t
-                u[k] += t
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     elif est == K3:
@@ -645,7 +647,6 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = _k3_32(l)
                 ts[g + k] = t
-                u[k] += t
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
     else:  # RK3
@@ -654,9 +655,13 @@ def _stage32(qv, pv, ts, u, est):
                 l = pv[g + k] - qv[g + k]
                 t = _rk3_32(l)
                 ts[g + k] = t
-                u[k] += t
                 mx = max(mx, abs_bits32(l))
                 mn = min(mn, tiny_key32(l))
+    # widen at the accumulator, in a loop of its own: inside the term loop the float64 adds
+    # made LLVM pick 4-wide float32 vectors for the term math (measured: numba k3 1.3x slower)
+    for g in range(0, SUB32, LANES32):
+        for k in range(LANES32):
+            u[k] += np.float64(ts[g + k])
     return mx, mn
 
 
@@ -674,7 +679,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
     mx = np.int32(0)
     mn = np.int32(0x7FFFFFFF)
     for k in range(LANES32):
-        u[k] = ZERO_32
+        u[k] = 0.0
     if est == K1:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
@@ -682,7 +687,6 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = -l
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
@@ -691,7 +695,6 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = HALF_32 * l * l
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     elif est == K3:
@@ -701,7 +704,6 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = _k3_32(l)
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
     else:  # RK3
@@ -711,9 +713,11 @@ def _stage32m(qv, pv, mv, ts, u, est):
                 w = np.float32(mv[g + k])
                 t = _rk3_32(l)
                 ts[g + k] = t
-                u[k] += _wterm32(t, w)
                 mx = max(mx, abs_bits32(l) if w != ZERO_32 else np.int32(0))
                 mn = min(mn, tiny_key32(l) if w != ZERO_32 else np.int32(0x7FFFFFFF))
+    for g in range(0, SUB32, LANES32):
+        for k in range(LANES32):
+            u[k] += np.float64(_wterm32(ts[g + k], np.float32(mv[g + k])))
     sw = 0
     sw2 = 0
     nz = 0
@@ -860,7 +864,7 @@ def _partials32_kernel(qb, pb, mb, geo, rows, n, est, has_mask, want_m2, part):
         wblk = np.zeros(BLOCK if has_mask else 1, np.uint8)
         qg = np.empty(SUB32, np.float32)
         pg = np.empty(SUB32, np.float32)
-        u = np.empty(LANES32, np.float32)
+        u = np.empty(LANES32)  # float64: every term is widened before it is added
         acc = np.empty(LANES32)
         for task in range(c * ntasks // nchunk, (c + 1) * ntasks // nchunk):
             row, j0, m = _task(rows, nblk, n, task)
