@@ -37,9 +37,42 @@ def _to_numpy(x):
         if not t.dtype.is_floating_point:
             return t.numpy()
         if t.dtype.itemsize == 2 and str(t.dtype) == "torch.bfloat16":
-            t = t.float()  # numpy has no bfloat16; exact widening
+            bf16 = bfloat16_dtype()
+            if bf16 is None:
+                return t.float().numpy()  # numpy has no bfloat16 without ml_dtypes: widen
+            import torch  # already imported: x is a tensor
+
+            # the raw 16-bit buffer, read in place (a view, no copy)
+            return t.view(torch.int16).numpy().view(bf16)
         return t.numpy()
     return np.asarray(x)
+
+
+_BF16: list = []
+
+
+def bfloat16_dtype() -> np.dtype | None:
+    """numpy's bfloat16 dtype (``ml_dtypes.bfloat16``, optional), or None without ml_dtypes."""
+    if not _BF16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            _BF16.append(None)
+        else:
+            _BF16.append(np.dtype(ml_dtypes.bfloat16))
+    return _BF16[0]
+
+
+def half_kind(dtype: np.dtype) -> str | None:
+    """"float16" or "bfloat16" for the 16-bit float dtypes the kernels read in place (native
+    byte order), else None."""
+    if dtype.itemsize != 2:
+        return None
+    if dtype.kind == "f":
+        return "float16" if dtype.isnative else None
+    if dtype.kind == "V" and dtype.name == "bfloat16" and dtype.names is None:
+        return "bfloat16"
+    return None
 
 
 def float_array(x, name: str, int_lists: bool = False) -> np.ndarray:
@@ -60,9 +93,10 @@ def float_array(x, name: str, int_lists: bool = False) -> np.ndarray:
             a = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"{name} could not be converted to a float array: {exc}") from None
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and half_kind(a.dtype) is None:
         raise TypeError(
-            f"{name} must have a floating dtype (float16, float32 or float64), got {a.dtype}"
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {a.dtype}"
         )
     if a.dtype.itemsize > 8:
         a = a.astype(np.float64)
@@ -70,7 +104,8 @@ def float_array(x, name: str, int_lists: bool = False) -> np.ndarray:
 
 
 def compute_dtype(*arrays: np.ndarray) -> np.dtype:
-    """float64 if any input is float64, else float32 (float16 is computed in float32)."""
+    """float64 if any input is float64, else float32 (float16 and bfloat16 are computed in
+    float32)."""
     if any(a.dtype.itemsize == 8 for a in arrays):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
@@ -81,6 +116,24 @@ def as_kernel_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if a.dtype == dtype and a.dtype.isnative:
         return a
     return a.astype(dtype.newbyteorder("="))
+
+
+def as_kernel_input(a: np.ndarray, dtype: np.dtype, half: np.dtype | None) -> np.ndarray:
+    """``as_kernel_dtype``, except that a 16-bit float array of dtype ``half`` (native float16
+    or bfloat16; the kernel contract reads those in place, widened to float32 in registers)
+    is passed through unchanged when ``dtype`` is float32."""
+    if half is not None and a.dtype == half and dtype == np.float32:
+        return a
+    return as_kernel_dtype(a, dtype)
+
+
+def common_half(*arrays: np.ndarray) -> np.dtype | None:
+    """The 16-bit float dtype all ``arrays`` share (native float16, or bfloat16), else None:
+    mixed dtypes (bfloat16 with float32, float16 with bfloat16) are converted to float32."""
+    dt = arrays[0].dtype
+    if half_kind(dt) is None or any(a.dtype != dt for a in arrays[1:]):
+        return None
+    return dt
 
 
 def same_shape(a: np.ndarray, shape: tuple, name: str, ref: str = "logq") -> None:
@@ -200,12 +253,15 @@ def scale_weights(w: np.ndarray | None) -> int:
     return e
 
 
-def log_iw_array(log_iw, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
+def log_iw_array(log_iw, shape: tuple, dtype: np.dtype,
+                 half: np.dtype | None = None) -> np.ndarray | None:
+    """``log_iw`` for the kernels: in ``dtype``, or unchanged when it is of the 16-bit dtype
+    ``half`` of logq / logp (``as_kernel_input``)."""
     if log_iw is None:
         return None
     a = float_array(log_iw, "log_iw", int_lists=True)
     same_shape(a, shape, "log_iw")
-    return as_kernel_dtype(a, dtype)
+    return as_kernel_input(a, dtype, half)
 
 
 def clamp_pair(value, name: str) -> tuple[float, float]:

@@ -95,12 +95,15 @@ def mc_inputs(logq, logp, estimator=None, reverse=False, mask=None, log_iw=None,
     inp.est = _checks.estimator_code(estimator, reverse) if est is None else est
     inp.dtype = _checks.compute_dtype(q, p) if dtype is None else np.dtype(dtype)
     inp.out_dtype = inp.dtype
-    inp.logq = _checks.as_kernel_dtype(q, inp.dtype)
-    inp.logp = _checks.as_kernel_dtype(p, inp.dtype)
+    # float16 / bfloat16 logq and logp of one dtype are read in place by the kernels (the
+    # contract's 16-bit inputs); mixed with another dtype they are converted to float32
+    half = _checks.common_half(q, p)
+    inp.logq = _checks.as_kernel_input(q, inp.dtype, half)
+    inp.logp = _checks.as_kernel_input(p, inp.dtype, half)
     inp.shape = q.shape
     inp.mask = _checks.mask_array(mask, q.shape)
     inp.wexp = _checks.scale_weights(inp.mask) if ratio_only else 0
-    inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype)
+    inp.log_iw = _checks.log_iw_array(log_iw, q.shape, inp.dtype, half)
     inp.clamp = (clamp_bounds(clamp_log_ratio, clamp_value, clamp_order) if clamp is None
                  else clamp)
     return inp

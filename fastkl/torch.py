@@ -25,8 +25,10 @@ first-order only (a double backward raises).
 
 Tensors must be on the CPU (fastkl computes there): a CUDA, meta or other device tensor is a
 ``TypeError``. float32/float64 tensors are read in place (``tensor.detach().numpy()``, no
-copy); bfloat16/float16 ones are widened to float32 for the kernels, and results and gradients
-come back in the input dtype.
+copy); so are float16 ones and, where ``ml_dtypes`` is installed, bfloat16 ones (viewed as
+``ml_dtypes.bfloat16``; without it they are widened to a float32 copy): the compiled kernels
+widen 16-bit inputs to float32 in registers. Results and gradients come back in the input
+dtype.
 
 ``torch`` is imported on first use: ``import fastkl`` (and ``import fastkl.torch``) never
 imports it.
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 
 import fastkl
+from fastkl import _checks
 
 ArrayLike = Any
 
@@ -72,18 +75,23 @@ def _check_device(torch, x, name: str) -> None:
 
 
 def _as_numpy(torch, x, name: str):
-    """A tensor as a numpy array for the kernels: a view for float32/float64 (and bool or
-    integer masks), a float32 copy for bfloat16/float16. Anything else is passed through (the
-    numpy API validates it)."""
+    """A tensor as a numpy array for the kernels: a view for float32/float64/float16 (and
+    bool or integer masks), and for bfloat16 an ``ml_dtypes.bfloat16`` view of its buffer
+    (a float32 copy without ml_dtypes). Anything else is passed through (the numpy API
+    validates it)."""
     if not _is_tensor(torch, x):
         return x
     _check_device(torch, x, name)
     t = x.detach()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.to(torch.float32)
-    elif t.is_complex():
+    if t.dtype == torch.bfloat16:
+        bf16 = _checks.bfloat16_dtype()
+        if bf16 is None:  # numpy has no bfloat16 without ml_dtypes: an exact float32 copy
+            return t.to(torch.float32).numpy()
+        # the raw 16-bit buffer as ml_dtypes.bfloat16, read in place (no copy)
+        return t.resolve_neg().view(torch.int16).numpy().view(bf16)
+    if t.is_complex():
         t = t.resolve_conj()
-    return t.resolve_neg().numpy()
+    return t.resolve_neg().numpy()  # float16: numpy's own float16, read in place
 
 
 def _wants_grad(torch, x) -> bool:

@@ -2,11 +2,19 @@
 
 All arrays handed to a kernel are already validated and shaped by the public layer:
 
-* ``logq``, ``logp``: 2-D ``[rows, n]``, same shape, same dtype (float32 or float64),
-  native byte order, any strides (negative included).
+* ``logq``, ``logp``: 2-D ``[rows, n]``, same shape, same dtype (float32 or float64, or a
+  16-bit float: numpy ``float16`` or ``ml_dtypes.bfloat16``, dtype name "bfloat16"),
+  native byte order, any strides (negative included). A 16-bit input is read in place (no
+  converted copy) and widened to float32 exactly, element by element: the results are those
+  of float32 inputs holding the widened values (float32 ``out``, float64 partials). The
+  numpy reference converts (``astype``); the compiled backends read the raw bits (bfloat16:
+  ``bits << 16``; float16: rebiased exponent, subnormals and inf/NaN kept). The public layer
+  hands over 16-bit inputs only when ``logq`` and ``logp`` share that dtype (mixed dtypes
+  are converted to float32 first).
 * ``mask``: ``None`` or 2-D same shape, dtype ``uint8`` (a viewed bool mask) or float64
   weights (finite, >= 0).
-* ``log_iw``: ``None`` or 2-D same shape, same dtype as ``logq``.
+* ``log_iw``: ``None`` or 2-D same shape, same dtype as ``logq`` (or float32 when ``logq``
+  is 16-bit).
 * ``est``: an estimator code from ``EST_CODES``.
 * ``clamp``: ``(lr_lo, lr_hi, v_lo, v_hi, weighted)``: bounds (+-inf when not clamping) and
   the order flag: with ``iw = exp(log_iw)`` (1 without it) the weighted term is
@@ -16,7 +24,8 @@ All arrays handed to a kernel are already validated and shaped by the public lay
 Functions:
 
 ``mc_terms(logq, logp, mask, log_iw, est, clamp, out) -> None``
-    ``out`` (C-contiguous ``[rows, n]``, float32 for float32 inputs, float64 for float64)
+    ``out`` (C-contiguous ``[rows, n]``, float32 for float32 and 16-bit inputs, float64 for
+    float64)
     receives ``w * v``, exactly 0.0 wherever ``w == 0`` (a NaN or inf there is ignored).
 
 ``mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2) -> float64 [rows, nblk, 6]``

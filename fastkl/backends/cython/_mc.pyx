@@ -35,6 +35,10 @@ cdef extern from "mc.h" nogil:
     int FK_RK3
     int FK_ABS
     int FK_NEST
+    int FK_FMT_F64
+    int FK_FMT_F32
+    int FK_FMT_F16
+    int FK_FMT_BF16
 
     ctypedef struct fk_arrays:
         const void *q
@@ -47,6 +51,8 @@ cdef extern from "mc.h" nogil:
         Py_ssize_t rows, n, nblk
         int f32
         int mkind
+        int qfmt
+        int iwfmt
 
     ctypedef struct fk_params:
         int mode, est, want_m2
@@ -106,13 +112,32 @@ cdef void _run(const fk_arrays *A, const fk_params *P, Py_ssize_t ntasks, Py_ssi
                 fk_task(A, P, t, work + threadid() * FK_WORK_DOUBLES, parts)
 
 
+# element formats of the inputs (mc.h FK_FMT_*): 16-bit inputs arrive as uint16 bits
+FMT_F64, FMT_F32, FMT_F16, FMT_BF16 = FK_FMT_F64, FK_FMT_F32, FK_FMT_F16, FK_FMT_BF16
+
+
+cdef int _fmt(cnp.ndarray a, int fmt) except -1:
+    """The element format of ``a``: ``fmt`` when given (>= 0; a 16-bit format needs 2-byte
+    elements), else float32 / float64 by its dtype."""
+    if fmt < 0:
+        return FK_FMT_F32 if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 else FK_FMT_F64
+    if not FK_FMT_F64 <= fmt <= FK_FMT_BF16:
+        raise ValueError(f"unknown element format {fmt}")
+    if cnp.PyArray_ITEMSIZE(a) != (8 if fmt == FK_FMT_F64 else 4 if fmt == FK_FMT_F32 else 2):
+        raise ValueError(f"element format {fmt} does not match itemsize "
+                         f"{cnp.PyArray_ITEMSIZE(a)}")
+    return fmt
+
+
 def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw, int est,
         double lr_lo, double lr_hi, double v_lo, double v_hi, bint weighted, int iw_grad,
-        bint want_m2, object out=None, object rowscale=None):
+        bint want_m2, object out=None, object rowscale=None, int qfmt=-1, int iwfmt=-1):
     """One kernel call. ``mode``: 0 terms (into ``out``), 1 partials, 2 grad (into ``out``,
     with ``rowscale``). ``weighted``: clamp_order="weighted"; ``iw_grad`` (mode 2): 1, the
-    derivative flows through exp(log_iw) too; 2, the derivative with respect to log_iw. Returns the partials ``[rows, nblk,
-    N_PARTIALS]`` (modes 1, 2)."""
+    derivative flows through exp(log_iw) too; 2, the derivative with respect to log_iw.
+    ``qfmt`` / ``iwfmt``: the element format (``FMT_*``) of logq and logp / of log_iw
+    (-1: float32 or float64 by the dtype); 16-bit inputs are uint16 arrays of their bits and
+    give float32 outputs. Returns the partials ``[rows, nblk, N_PARTIALS]`` (modes 1, 2)."""
     cdef fk_arrays A
     cdef fk_params P
     cdef Py_ssize_t rows = cnp.PyArray_DIM(logq, 0), n = cnp.PyArray_DIM(logq, 1)
@@ -126,7 +151,11 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
         raise ValueError(f"unknown estimator code {est} (the kernel codes: {EST_CODES})")
     if not 0 <= mode <= FK_GRAD:
         raise ValueError(f"unknown mode {mode}")
-    A.f32 = cnp.PyArray_TYPE(logq) == cnp.NPY_FLOAT32
+    A.qfmt = _fmt(logq, qfmt)
+    if cnp.PyArray_ITEMSIZE(logp) != cnp.PyArray_ITEMSIZE(logq):
+        raise ValueError("logq and logp must have one element format")
+    A.f32 = A.qfmt != FK_FMT_F64
+    A.iwfmt = A.qfmt
     _set(logq, &A.q, &A.q0, &A.q1)
     _set(logp, &A.p, &A.p0, &A.p1)
     A.m = NULL
@@ -140,6 +169,7 @@ def run(int mode, cnp.ndarray logq, cnp.ndarray logp, object mask, object log_iw
     A.iw0 = A.iw1 = 0
     if log_iw is not None:
         iw_arr = <cnp.ndarray>log_iw
+        A.iwfmt = _fmt(iw_arr, iwfmt)
         _set(iw_arr, &A.iw, &A.iw0, &A.iw1)
     A.out = NULL
     if out is not None:

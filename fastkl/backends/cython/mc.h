@@ -40,9 +40,78 @@ typedef struct {
     void *out;                  /* C-contiguous [rows, n] float/double, or NULL */
     const double *rowscale;     /* [rows] (mode FK_GRAD) */
     ptrdiff_t rows, n, nblk;
-    int f32;    /* 1: float32 inputs and outputs, 0: float64 */
+    int f32;    /* 1: float32 outputs (float32 or 16-bit inputs), 0: float64 */
     int mkind;  /* 0: no mask, 1: uint8, 2: float64 weights */
+    int qfmt;   /* element format of q and p: FK_FMT_* */
+    int iwfmt;  /* element format of iw: FK_FMT_* */
 } fk_arrays;
+
+/* Element formats of the inputs: float64, float32, and the 16-bit ones read in place as raw
+ * bits (uint16) and widened to float32 in registers: float16, bfloat16. */
+enum { FK_FMT_F64 = 0, FK_FMT_F32 = 1, FK_FMT_F16 = 2, FK_FMT_BF16 = 3 };
+
+FK_INLINE float fk_f32_of_bits(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+FK_INLINE uint32_t fk_bits_of_f32(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+/* float16 bits -> float32, exact, branch-free and table-free (vectorizes in every clone):
+ * normal numbers are rebiased (exponent + 112), inf/NaN get the all-ones exponent (payload
+ * kept), subnormals and zero are a * 2**-24 (exact: a < 1024). */
+FK_INLINE float fk_f16_to_f32(uint16_t h) {
+    const uint32_t a = (uint32_t)h & 0x7fffu, sh = a << 13;
+    const uint32_t normal = sh + (112u << 23), nonfin = sh | 0x7f800000u;
+    const uint32_t sub = fk_bits_of_f32((float)(int32_t)a * 5.9604644775390625e-08f);
+    uint32_t r = (a >= 0x400u) ? normal : sub;
+    r = (a >= 0x7c00u) ? nonfin : r;
+    return fk_f32_of_bits(r | (((uint32_t)h & 0x8000u) << 16));
+}
+
+/* bfloat16 bits -> float32: the high half of a float32 (exact). */
+FK_INLINE float fk_bf16_to_f32(uint16_t h) { return fk_f32_of_bits((uint32_t)h << 16); }
+
+/* Element k of an array of format fmt, as float64 (exact). */
+FK_INLINE double fk_ld(const void *base, ptrdiff_t k, int fmt) {
+    switch (fmt) {
+    case FK_FMT_F64: return ((const double *)base)[k];
+    case FK_FMT_F32: return (double)((const float *)base)[k];
+    case FK_FMT_F16: return (double)fk_f16_to_f32(((const uint16_t *)base)[k]);
+    default: return (double)fk_bf16_to_f32(((const uint16_t *)base)[k]);
+    }
+}
+
+/* X[i] = (double)widen(p[i * s]) for 16-bit elements (bf: bfloat16, else float16) */
+FK_INLINE void fk_get_h16(const void *base, ptrdiff_t s, ptrdiff_t c, double *FK_RESTRICT X,
+                          const int bf) {
+    const uint16_t *p = (const uint16_t *)base;
+    ptrdiff_t i;
+    if (bf) {
+        for (i = 0; i < c; i++) X[i] = (double)fk_bf16_to_f32(p[i * s]);
+    } else {
+        for (i = 0; i < c; i++) X[i] = (double)fk_f16_to_f32(p[i * s]);
+    }
+}
+
+/* L[i] = (double)widen(p[i * sp]) - (double)widen(q[i * sq]), 16-bit elements */
+FK_INLINE void fk_get_diff_h16(const void *pbase, ptrdiff_t sp, const void *qbase, ptrdiff_t sq,
+                               ptrdiff_t c, double *FK_RESTRICT L, const int bf) {
+    const uint16_t *p = (const uint16_t *)pbase, *q = (const uint16_t *)qbase;
+    ptrdiff_t i;
+    if (bf) {
+        for (i = 0; i < c; i++)
+            L[i] = (double)fk_bf16_to_f32(p[i * sp]) - (double)fk_bf16_to_f32(q[i * sq]);
+    } else {
+        for (i = 0; i < c; i++)
+            L[i] = (double)fk_f16_to_f32(p[i * sp]) - (double)fk_f16_to_f32(q[i * sq]);
+    }
+}
 
 enum { FK_TERMS = 0, FK_PARTIALS = 1, FK_GRAD = 2 };
 
@@ -131,7 +200,11 @@ static void fk_term_slow(double l, int est, double *t, double *g) {
 FK_INLINE void fk_load_l(const fk_arrays *A, const fk_params *P, ptrdiff_t row, ptrdiff_t col,
                          ptrdiff_t c, double *FK_RESTRICT L, double *FK_RESTRICT Raw) {
     ptrdiff_t i;
-    if (A->f32)
+    if (A->qfmt >= FK_FMT_F16)
+        fk_get_diff_h16((const uint16_t *)A->p + row * A->p0 + col * A->p1, A->p1,
+                        (const uint16_t *)A->q + row * A->q0 + col * A->q1, A->q1, c, L,
+                        A->qfmt == FK_FMT_BF16);
+    else if (A->qfmt == FK_FMT_F32)
         fk_get_diff_f32((const float *)A->p + row * A->p0 + col * A->p1, A->p1,
                         (const float *)A->q + row * A->q0 + col * A->q1, A->q1, c, L);
     else
@@ -270,7 +343,10 @@ FK_INLINE void fk_load_exp_iw(const fk_arrays *A, ptrdiff_t row, ptrdiff_t col, 
                               double *FK_RESTRICT X, double *FK_RESTRICT Y) {
     ptrdiff_t i;
     int bad = 0;
-    if (A->f32)
+    if (A->iwfmt >= FK_FMT_F16)
+        fk_get_h16((const uint16_t *)A->iw + row * A->iw0 + col * A->iw1, A->iw1, c, Y,
+                   A->iwfmt == FK_FMT_BF16);
+    else if (A->iwfmt == FK_FMT_F32)
         fk_get_f32((const float *)A->iw + row * A->iw0 + col * A->iw1, A->iw1, c, Y);
     else
         fk_get_f64((const double *)A->iw + row * A->iw0 + col * A->iw1, A->iw1, c, Y);

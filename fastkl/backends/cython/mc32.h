@@ -206,6 +206,25 @@ FK_INLINE void fk_gather32(const float *FK_RESTRICT x, ptrdiff_t s, ptrdiff_t c,
     for (i = c; i < FK_SUB32; i++) out[i] = 0.0f;
 }
 
+/* out[i] = widen(x[i * s]) (16-bit bits; bf: bfloat16, else float16) for i < c, zeros up to
+ * FK_SUB32 */
+FK_INLINE void fk_gather_h16(const uint16_t *FK_RESTRICT x, ptrdiff_t s, ptrdiff_t c,
+                             float *FK_RESTRICT out, const int bf) {
+    ptrdiff_t i;
+    if (bf) {
+        if (s == 1)
+            for (i = 0; i < c; i++) out[i] = fk_bf16_to_f32(x[i]);
+        else
+            for (i = 0; i < c; i++) out[i] = fk_bf16_to_f32(x[i * s]);
+    } else {
+        if (s == 1)
+            for (i = 0; i < c; i++) out[i] = fk_f16_to_f32(x[i]);
+        else
+            for (i = 0; i < c; i++) out[i] = fk_f16_to_f32(x[i * s]);
+    }
+    for (i = c; i < FK_SUB32; i++) out[i] = 0.0f;
+}
+
 FK_INLINE void fk_gather_w32(const uint8_t *FK_RESTRICT x, ptrdiff_t s, ptrdiff_t c,
                              float *FK_RESTRICT out) {
     ptrdiff_t i;
@@ -230,8 +249,11 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
     float *Wblk = Tb + FK_BLOCK;     /* [FK_BLOCK] weights of the block (masked) */
     float *qg = Wblk + FK_BLOCK;     /* [FK_SUB32] gathered logq */
     float *pg = qg + FK_SUB32;       /* [FK_SUB32] gathered logp */
-    const float *qrow = (const float *)A->q + row * A->q0 + start * A->q1;
-    const float *prow = (const float *)A->p + row * A->p0 + start * A->p1;
+    /* 16-bit inputs (FK_FMT_F16 / BF16): every sub-chunk is gathered, widened to float32 */
+    const int half = A->qfmt >= FK_FMT_F16, bf = A->qfmt == FK_FMT_BF16;
+    const size_t isz = half ? 2 : 4;
+    const char *qrow = (const char *)A->q + (row * A->q0 + start * A->q1) * (ptrdiff_t)isz;
+    const char *prow = (const char *)A->p + (row * A->p0 + start * A->p1) * (ptrdiff_t)isz;
     const uint8_t *mrow = masked ? (const uint8_t *)A->m + row * A->m0 + start * A->m1 : NULL;
     double acc[FK_ACC32] FK_ALIGN(64);
     double W = 0.0, W2 = 0.0, nbad = 0.0, cnt = 0.0;
@@ -244,12 +266,17 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
         float *T = Tb + off;
         float *Wv = masked ? Wblk + off : NULL;
         const float *q, *p;
-        if (c == FK_SUB32 && A->q1 == 1 && A->p1 == 1) {
-            q = qrow + off;
-            p = prow + off;
+        if (half) {
+            fk_gather_h16((const uint16_t *)qrow + off * A->q1, A->q1, c, qg, bf);
+            fk_gather_h16((const uint16_t *)prow + off * A->p1, A->p1, c, pg, bf);
+            q = qg;
+            p = pg;
+        } else if (c == FK_SUB32 && A->q1 == 1 && A->p1 == 1) {
+            q = (const float *)qrow + off;
+            p = (const float *)prow + off;
         } else {
-            fk_gather32(qrow + off * A->q1, A->q1, c, qg);
-            fk_gather32(prow + off * A->p1, A->p1, c, pg);
+            fk_gather32((const float *)qrow + off * A->q1, A->q1, c, qg);
+            fk_gather32((const float *)prow + off * A->p1, A->p1, c, pg);
             q = qg;
             p = pg;
         }
@@ -328,7 +355,8 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
             if (dirty) { /* the fix-up lanes again in float64, from the inputs */
                 for (i = 0; i < nb; i++) {
                     const double w = masked ? (double)Wblk[i] : 1.0;
-                    const float qx = qrow[i * A->q1], px = prow[i * A->p1];
+                    const float qx = (float)fk_ld(qrow, i * A->q1, A->qfmt);
+                    const float px = (float)fk_ld(prow, i * A->p1, A->qfmt);
                     double t = (double)Tb[i], d;
                     if (w == 0.0) continue;
                     if (!fk_ok32(px - qx, fast_bits)) t = fk_term64((double)px - (double)qx, est);

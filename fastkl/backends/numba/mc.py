@@ -19,7 +19,9 @@ import math
 import os
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from ..._estimators import ABS, BY_CODE, K1, K2, K3, RK1, RK3
 from .._contract import BLOCK, N_PARTIALS
@@ -65,6 +67,54 @@ TINY32_KEY = np.int32((0x20800000 - 1) - 2**31)  # tiny_key32 of 2**-62: below i
 NEG_CLAMP32 = np.float32(-87.0)  # exp argument floor: e^l < 2e-38 there, l -> -inf is +inf
 SUB32 = 512  # a float32 sub-chunk: 8 runs of LANES32 lanes
 LANES32 = 64
+
+
+# --------------------------------------------------------------------------- 16-bit loads
+# float16 and bfloat16 inputs (the contract's 16-bit logq / logp / log_iw) reach the kernels
+# as their raw bits: float16 as a uint16 view, bfloat16 as an int16 view (numba has no
+# float16 arrays on the CPU; the integer type tells the two formats apart at compile time,
+# so each specialization has one branch-free load). ``wide`` turns an element into float32
+# in registers (exact); any other element (float32, float64, the uint8 mask) is unchanged.
+
+
+@intrinsic
+def wide(typingctx, x):
+    """An element as the kernels read it: float16 bits (uint16) or bfloat16 bits (int16) ->
+    the float32 of the same value (exact; NaN stays NaN, infinities and subnormals kept);
+    anything else unchanged."""
+    if x == types.uint16:  # float16
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            h = builder.zext(args[0], i32)
+            a = builder.and_(h, ir.Constant(i32, 0x7FFF))
+            sh = builder.shl(a, ir.Constant(i32, 13))
+            normal = builder.add(sh, ir.Constant(i32, 112 << 23))  # rebias 15 -> 127
+            nonfin = builder.or_(sh, ir.Constant(i32, 0x7F800000))  # inf, NaN (payload kept)
+            # subnormal or zero: a * 2**-24, exact in float32 (a < 1024)
+            sub = builder.fmul(builder.uitofp(a, ir.FloatType()),
+                               ir.Constant(ir.FloatType(), 2.0**-24))
+            sub = builder.bitcast(sub, i32)
+            r = builder.select(builder.icmp_unsigned(">=", a, ir.Constant(i32, 0x400)),
+                               normal, sub)
+            r = builder.select(builder.icmp_unsigned(">=", a, ir.Constant(i32, 0x7C00)),
+                               nonfin, r)
+            sign = builder.shl(builder.and_(h, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+            return builder.bitcast(builder.or_(r, sign), ir.FloatType())
+
+        return types.float32(x), codegen
+    if x == types.int16:  # bfloat16: the high half of a float32
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            b = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(b, ir.FloatType())
+
+        return types.float32(x), codegen
+    if isinstance(x, (types.Float, types.Integer)):
+        def codegen(context, builder, sig, args):
+            return args[0]
+
+        return x(x), codegen
+    return None
 
 
 # --------------------------------------------------------------------------- lane math
@@ -148,10 +198,10 @@ def _load_l(qb, pb, geo, row, j, mm, lb):
         qv = qb[qo : qo + mm]
         pv = pb[po : po + mm]
         for i in range(mm):
-            lb[i] = np.float64(pv[i]) - np.float64(qv[i])
+            lb[i] = np.float64(wide(pv[i])) - np.float64(wide(qv[i]))
     else:
         for i in range(mm):
-            lb[i] = np.float64(pb[po + i * ps]) - np.float64(qb[qo + i * qs])
+            lb[i] = np.float64(wide(pb[po + i * ps])) - np.float64(wide(qb[qo + i * qs]))
 
 
 @jit(nogil=True)
@@ -162,10 +212,10 @@ def _load_x(xb, geo, k, row, j, mm, out):
     if s == 1:
         v = xb[o : o + mm]
         for i in range(mm):
-            out[i] = np.float64(v[i])
+            out[i] = np.float64(wide(v[i]))
     else:
         for i in range(mm):
-            out[i] = np.float64(xb[o + i * s])
+            out[i] = np.float64(wide(xb[o + i * s]))
 
 
 @jit(nogil=True)
@@ -306,7 +356,7 @@ def _sub_terms(qb, pb, ib, geo, row, j, mm, est, has_iw, clamp, want_g, lb, xb, 
             for i in range(mm):
                 ab[i] = lb[i]
         _clip_pass(lb, mm, clamp[0], clamp[1])
-    if qb.itemsize == 4:  # float32 inputs: the short series (``lo``)
+    if qb.itemsize <= 4:  # float32 (and 16-bit) inputs: the short series (``lo``)
         fixed_up = _terms_stage_lo(lb, tb, gb, mm, est, want_g)
     else:
         fixed_up = _terms_stage13(lb, tb, gb, mm, est, want_g)
@@ -629,14 +679,14 @@ def _stage32(qv, pv, ts, u, est):
     if est == K1:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 t = -l
                 ts[g + k] = t
                 mx = max(mx, abs_bits32(l))
     elif est == K2:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 t = HALF_32 * l * l
                 ts[g + k] = t
                 mx = max(mx, abs_bits32(l))
@@ -644,7 +694,7 @@ def _stage32(qv, pv, ts, u, est):
     elif est == K3:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 t = _k3_32(l)
                 ts[g + k] = t
                 mx = max(mx, abs_bits32(l))
@@ -652,7 +702,7 @@ def _stage32(qv, pv, ts, u, est):
     else:  # RK3
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 t = _rk3_32(l)
                 ts[g + k] = t
                 mx = max(mx, abs_bits32(l))
@@ -683,7 +733,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
     if est == K1:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 w = np.float32(mv[g + k])
                 t = -l
                 ts[g + k] = t
@@ -691,7 +741,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
     elif est == K2:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 w = np.float32(mv[g + k])
                 t = HALF_32 * l * l
                 ts[g + k] = t
@@ -700,7 +750,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
     elif est == K3:
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 w = np.float32(mv[g + k])
                 t = _k3_32(l)
                 ts[g + k] = t
@@ -709,7 +759,7 @@ def _stage32m(qv, pv, mv, ts, u, est):
     else:  # RK3
         for g in range(0, SUB32, LANES32):
             for k in range(LANES32):
-                l = pv[g + k] - qv[g + k]
+                l = wide(pv[g + k]) - wide(qv[g + k])
                 w = np.float32(mv[g + k])
                 t = _rk3_32(l)
                 ts[g + k] = t
@@ -758,12 +808,14 @@ def _sub32(qv, pv, mv, ts, u, acc, mm, est, has_mask, fast, fast_bits):
         w = np.float64(mv[i]) if has_mask else 1.0
         if w == 0.0:
             continue
-        l = pv[i] - qv[i]
+        px = wide(pv[i])
+        qx = wide(qv[i])
+        l = px - qx
         if _ok32(l, fast):
             t = np.float64(ts[i])
         else:
             dirty = True
-            t = _term64(np.float64(pv[i]) - np.float64(qv[i]), est)
+            t = _term64(np.float64(px) - np.float64(qx), est)
         if t != t:
             nbad += 1
             ts[i] = np.nan
@@ -785,10 +837,10 @@ def _gather32(xb, o, s, mm, out):
     if s == 1:  # a short contiguous block (a row shorter than a sub-chunk): a plain copy
         v = xb[o : o + mm]
         for i in range(mm):
-            out[i] = v[i]
+            out[i] = wide(v[i])
     else:
         for i in range(mm):
-            out[i] = xb[o + i * s]
+            out[i] = wide(xb[o + i * s])
     for i in range(mm, SUB32):
         out[i] = ZERO_32
 
@@ -907,8 +959,8 @@ def _partials32_kernel(qb, pb, mb, geo, rows, n, est, has_mask, want_m2, part):
                     M2 = 0.0
                     for i in range(m):
                         t = np.float64(tblk[i])
-                        qx = qb[qo + i * qs]
-                        px = pb[po + i * ps]
+                        qx = wide(qb[qo + i * qs])
+                        px = wide(pb[po + i * ps])
                         if not _ok32(px - qx, fast):
                             t = _term64(np.float64(px) - np.float64(qx), est)
                         M2 += _wdev2(t, np.float64(wblk[i]) if has_mask else 1.0, mean)
@@ -1006,11 +1058,25 @@ def _ro_zero(dtype) -> np.ndarray:
 
 # stand-ins for an absent mask / log_iw (never read)
 _DUMMY_MASK = _ro_zero(np.uint8)
-_DUMMY_F = {np.dtype(t).char: _ro_zero(t) for t in (np.float32, np.float64)}
+_DUMMY_F = {np.dtype(t).char: _ro_zero(t) for t in (np.float32, np.float64, np.uint16,
+                                                     np.int16)}
+
+
+def _bits(a: np.ndarray | None) -> np.ndarray | None:
+    """A 16-bit float input as the kernels read it (see ``wide``): float16 -> a uint16 view,
+    bfloat16 (``ml_dtypes``) -> an int16 view; anything else unchanged. Never a copy."""
+    if a is None or a.dtype.itemsize != 2:
+        return a
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    if a.dtype.name == "bfloat16":
+        return a.view(np.int16)
+    return a
 
 
 def _prepare(logq, logp, mask, log_iw):
     """Kernel arguments: four flat buffers, their geometry [4, 3] and the two flags."""
+    logq, logp, log_iw = _bits(logq), _bits(logp), _bits(log_iw)
     if (mask is None and log_iw is None and logq.flags.c_contiguous
             and logp.flags.c_contiguous):
         # the common case, without the general loop (about 1 us of a small call)
@@ -1096,7 +1162,7 @@ def mc_partials(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
         return part
     (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
     cl = _clamp(clamp)
-    if (F32_LANES and qb.dtype == np.float32 and mb.dtype == np.uint8 and not has_iw
+    if (F32_LANES and qb.itemsize <= 4 and mb.dtype == np.uint8 and not has_iw
             and cl is _NO_CLAMP and est in _EST32):
         _partials32_kernel(rows * n, qb, pb, mb, geo, rows, n, est, has_m, bool(want_m2), part)
         return part
