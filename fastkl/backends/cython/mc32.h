@@ -23,6 +23,12 @@
  *      (fk_term64: the float64 fast path with the float32 inputs' series, libm beyond 700);
  *      a NaN term is excluded and counted.
  *
+ * 16-bit inputs (A->qfmt FK_FMT_F16 / FK_FMT_BF16, raw bits): a full contiguous sub-chunk is
+ * widened to float32 inside the term loop (fk_terms32_h16; the float32 values are gathered
+ * only when the sub-chunk is flagged), a short or strided one gathered and widened into the
+ * float32 buffers; the float32 values are the same either way, so the terms and sums are
+ * those of float32 inputs holding the widened values.
+ *
  * S is the fixed pairwise fold of the 32 float64 lanes; M2 a second pass over the block's
  * float32 terms in 16 float64 lanes (a block with fix-up or NaN lanes recomputes them in
  * float64 from the inputs: a float32 copy of a reverse-k3 term beyond l = 84.3 is inf).
@@ -133,11 +139,15 @@ FK_INLINE int fk_lanes32_ok(const fk_arrays *A, const fk_params *P) {
 
 /* T[i] = the float32 term of p[i] - q[i], i < FK_SUB32; W (NULL: no mask) the float32
  * weights. Returns whether some included lane needs the float64 fix-up. */
-#define FK_LANES32_LOOP(EXPR)                                                                  \
+#define FK_LD_F32(x) (x)
+#define FK_LD_F16(x) fk_f16_to_f32(x)
+#define FK_LD_BF16(x) fk_bf16_to_f32(x)
+#define FK_LANES32_LOOP(EXPR) FK_LANES32_LOOP_LD(FK_LD_F32, EXPR)
+#define FK_LANES32_LOOP_LD(LD, EXPR)                                                           \
     do {                                                                                       \
         if (W) {                                                                               \
             for (i = 0; i < FK_SUB32; i++) {                                                   \
-                const float l = p[i] - q[i];                                                   \
+                const float l = LD(p[i]) - LD(q[i]);                                           \
                 const uint32_t a = (W[i] != 0.0f) ? (fk_bits32(l) & 0x7fffffffu) : 0u;         \
                 T[i] = EXPR;                                                                   \
                 mx = a > mx ? a : mx;                                                          \
@@ -145,7 +155,7 @@ FK_INLINE int fk_lanes32_ok(const fk_arrays *A, const fk_params *P) {
             }                                                                                  \
         } else {                                                                               \
             for (i = 0; i < FK_SUB32; i++) {                                                   \
-                const float l = p[i] - q[i];                                                   \
+                const float l = LD(p[i]) - LD(q[i]);                                           \
                 const uint32_t a = fk_bits32(l) & 0x7fffffffu;                                 \
                 T[i] = EXPR;                                                                   \
                 mx = a > mx ? a : mx;                                                          \
@@ -173,6 +183,40 @@ FK_INLINE int fk_terms32(int est, const float *FK_RESTRICT q, const float *FK_RE
         FK_LANES32_LOOP(fk_rk3_32(l));
         break;
     }
+    return mx > fast_bits || mn < FK_TINY32_BITS - 1u;
+}
+
+/* fk_terms32 over 16-bit inputs (one full contiguous sub-chunk of raw bits), each element
+ * widened to float32 in the loop that computes its term (no buffer pass): the same float32
+ * values, so the same terms and flags. */
+#define FK_TERMS32_H16(LD)                                                                     \
+    do {                                                                                       \
+        switch (est) {                                                                         \
+        case FK_K1:                                                                            \
+            FK_LANES32_LOOP_LD(LD, -l);                                                        \
+            mn = 0xffffffffu;                                                                  \
+            break;                                                                             \
+        case FK_K2:                                                                            \
+            FK_LANES32_LOOP_LD(LD, 0.5f * l * l);                                              \
+            break;                                                                             \
+        case FK_K3:                                                                            \
+            FK_LANES32_LOOP_LD(LD, fk_k3_32(l));                                               \
+            break;                                                                             \
+        default:                                                                               \
+            FK_LANES32_LOOP_LD(LD, fk_rk3_32(l));                                              \
+            break;                                                                             \
+        }                                                                                      \
+    } while (0)
+
+FK_INLINE int fk_terms32_h16(int est, const uint16_t *FK_RESTRICT q,
+                             const uint16_t *FK_RESTRICT p, const float *FK_RESTRICT W,
+                             float *FK_RESTRICT T, uint32_t fast_bits, const int bf) {
+    ptrdiff_t i;
+    uint32_t mx = 0u, mn = 0xffffffffu;
+    if (bf)
+        FK_TERMS32_H16(FK_LD_BF16);
+    else
+        FK_TERMS32_H16(FK_LD_F16);
     return mx > fast_bits || mn < FK_TINY32_BITS - 1u;
 }
 
@@ -266,23 +310,38 @@ static void fk_block32(const fk_arrays *A, const fk_params *P, ptrdiff_t row, pt
         float *T = Tb + off;
         float *Wv = masked ? Wblk + off : NULL;
         const float *q, *p;
-        if (half) {
-            fk_gather_h16((const uint16_t *)qrow + off * A->q1, A->q1, c, qg, bf);
-            fk_gather_h16((const uint16_t *)prow + off * A->p1, A->p1, c, pg, bf);
+        int flagged;
+        if (half && c == FK_SUB32 && A->q1 == 1 && A->p1 == 1) {
+            /* widened in the term loop; the float32 values only for a flagged sub-chunk */
+            if (masked) fk_gather_w32(mrow + off * A->m1, A->m1, c, Wv);
+            flagged = fk_terms32_h16(est, (const uint16_t *)qrow + off,
+                                     (const uint16_t *)prow + off, Wv, T, fast_bits, bf);
+            if (flagged) {
+                fk_gather_h16((const uint16_t *)qrow + off, 1, c, qg, bf);
+                fk_gather_h16((const uint16_t *)prow + off, 1, c, pg, bf);
+            }
             q = qg;
             p = pg;
-        } else if (c == FK_SUB32 && A->q1 == 1 && A->p1 == 1) {
-            q = (const float *)qrow + off;
-            p = (const float *)prow + off;
         } else {
-            fk_gather32((const float *)qrow + off * A->q1, A->q1, c, qg);
-            fk_gather32((const float *)prow + off * A->p1, A->p1, c, pg);
-            q = qg;
-            p = pg;
+            if (half) {
+                fk_gather_h16((const uint16_t *)qrow + off * A->q1, A->q1, c, qg, bf);
+                fk_gather_h16((const uint16_t *)prow + off * A->p1, A->p1, c, pg, bf);
+                q = qg;
+                p = pg;
+            } else if (c == FK_SUB32 && A->q1 == 1 && A->p1 == 1) {
+                q = (const float *)qrow + off;
+                p = (const float *)prow + off;
+            } else {
+                fk_gather32((const float *)qrow + off * A->q1, A->q1, c, qg);
+                fk_gather32((const float *)prow + off * A->p1, A->p1, c, pg);
+                q = qg;
+                p = pg;
+            }
+            if (masked) fk_gather_w32(mrow + off * A->m1, A->m1, c, Wv);
+            flagged = fk_terms32(est, q, p, Wv, T, fast_bits);
         }
-        if (masked) fk_gather_w32(mrow + off * A->m1, A->m1, c, Wv);
 
-        if (!fk_terms32(est, q, p, Wv, T, fast_bits)) {
+        if (!flagged) {
             if (terms) {
                 /* nothing to fix */
             } else {
