@@ -106,6 +106,17 @@ def merge_blocks(part: np.ndarray, m2: bool = True) -> np.ndarray:
     return _merge_numpy(part)
 
 
+def merged_sums(part: np.ndarray):
+    """``merge_blocks(part, m2=False)[0]`` of a one-row ``part``: a list of Python floats
+    (the same values) when the row has few blocks, which saves building arrays."""
+    nblk = part.shape[1]
+    if nblk == 1:
+        return part[0, 0].tolist()
+    if nblk <= _MERGE_PY_MAX and part.dtype == np.float64:
+        return _column_sums(part[0].tolist())
+    return part[0].sum(axis=0)
+
+
 # one row of up to this many blocks is merged in Python floats (above it numpy is faster)
 _MERGE_PY_MAX = 64
 _PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: the unrolled pairwise sum's largest leaf

@@ -216,8 +216,7 @@ def _plain_scalar(logq, logp, estimator, reverse, reduction, backend) -> float |
     n = logq.size
     part = be.mc_partials(logq.reshape(1, n), logp.reshape(1, n), None, None, est, NO_CLAMPS,
                           False)
-    tot = part[0, 0].tolist() if part.shape[1] == 1 else _core.merge_blocks(part, False)[0]
-    return _core.finish_scalar(tot, reduction, "propagate")
+    return _core.finish_scalar(_core.merged_sums(part), reduction, "propagate")
 
 
 # --------------------------------------------------------------------------- public API
