@@ -10,6 +10,8 @@ rounds (each round times every case once, so a burst of load hits all of them al
 With ``--before`` the script runs itself alternately on the other checkout and on this one
 (``PYTHONPATH``), ``--rounds`` times each, and prints one table: before, after, numpy, ratio
 (numpy / after: > 1 means fastkl is faster). Prints the load average at start and end.
+``--sizes 1e5`` times some sizes only; ``FASTKL_NUM_THREADS=1`` in the environment times the
+serial kernels (numpy's formula is serial too).
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ def _fastkl(fastkl, est, red, q, p, backend):
     return lambda: fastkl.kl_mc(q, p, est, reduction=red, backend=backend)
 
 
-def measure(rounds: int, backends: list[str]) -> dict:
+def measure(rounds: int, backends: list[str], sizes: list[int]) -> dict:
     """{key: best seconds per call} for every case, minimum over ``rounds`` interleaved
     rounds of a few calls each."""
     import fastkl
 
     rng = np.random.default_rng(0)
     funcs = {}
-    for n in SIZES:
+    for n in sizes:
         for dt in DTYPES:
             q = rng.normal(-5, 1, n).astype(dt)
             p = (q + rng.normal(0, 0.3, n)).astype(dt)
@@ -85,11 +87,12 @@ def main() -> None:
     ap.add_argument("--before", help="another checkout (its root) to time alternately")
     ap.add_argument("--alternations", type=int, default=4)
     ap.add_argument("--backends", default="default,numba")
+    ap.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     backends = [None if b == "default" else b for b in args.backends.split(",")]
     if args.json:
-        res = measure(args.rounds, backends)
+        res = measure(args.rounds, backends, [int(float(x)) for x in args.sizes.split(",")])
         print(json.dumps({k.replace("|None", "|default"): v for k, v in res.items()}))
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +103,8 @@ def main() -> None:
         for label, root in roots.items():
             env = dict(os.environ, PYTHONPATH=root)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--json",
-                                  "--rounds", str(args.rounds), "--backends", args.backends],
+                                  "--rounds", str(args.rounds), "--backends", args.backends,
+                                  "--sizes", args.sizes],
                                  env=env, capture_output=True, text=True, check=True).stdout
             for k, v in json.loads(out).items():
                 best[label][k] = min(best[label].get(k, float("inf")), v)
