@@ -58,12 +58,19 @@ def available_backends() -> list[str]:
     return [n for n in BACKEND_NAMES if _try_load(n) is not None]
 
 
+_default: ModuleType | None = None  # get_backend(None), once found (_loaded never changes)
+
+
 def get_backend(name: str | None) -> ModuleType:
     """The module for ``name`` (None: the fastest available)."""
+    global _default
     if name is None:
+        if _default is not None:
+            return _default
         for n in BACKEND_NAMES:
             mod = _try_load(n)
             if mod is not None:
+                _default = mod
                 return mod
         raise RuntimeError("no fastkl backend could be loaded")  # the numpy backend always loads
     if not isinstance(name, str) or name not in _MODULES:
