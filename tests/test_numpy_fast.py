@@ -292,3 +292,22 @@ def test_no_float64_copy_of_the_input():
         finally:
             tracemalloc.stop()
         assert peak < 16e6, f"peak {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("spread", [0.05, 0.3, 1.5])
+@pytest.mark.parametrize("est", [EST_CODES[("k3", False)], EST_CODES[("k3", True)]])
+def test_direct_lanes_gathered_or_selected(est, spread):
+    """|l| > 1 lanes: none (polynomial only), few (gathered) and many (bitwise select)."""
+    rng = np.random.default_rng(int(spread * 100))
+    q, p = _pair(rng, (2, fast.CHUNK + 2 * BLOCK + 1), np.float32, spread=spread)
+    for m in (None, (rng.random(q.shape) < 0.5).astype(np.uint8)):
+        got = FAST.mc_partials(q, p, m, None, est, NOCLAMP, True)
+        ref = REF.mc_partials(q, p, m, None, est, NOCLAMP, True)
+        _check_partials(got, ref, _bound(q, p, m, None, est, NOCLAMP, np.float32),
+                        f"spread={spread}")
+        o1, o2 = np.empty(q.shape, np.float32), np.empty(q.shape, np.float32)
+        FAST.mc_terms(q, p, m, None, est, NOCLAMP, o1)
+        REF.mc_terms(q, p, m, None, est, NOCLAMP, o2)
+        l = p.astype(np.float64) - q.astype(np.float64)
+        tol = 1e-6 * np.maximum(1, np.abs(l)) * np.abs(o2.astype(float))
+        assert (np.abs(o1.astype(float) - o2) <= tol).all()

@@ -74,18 +74,19 @@ class _Buffers:
         self.t = np.empty(size, np.float32)
         self.d = np.empty(size, np.float32)
         self.big = np.empty(size, np.bool_)
+        self.sel = np.empty(size, np.int32)
         self.t64 = np.empty(size, np.float64)
 
 
-def _poly(l, a, coefs, out):
-    """out = l*l*C(l) in float32 (Horner, ``a`` as scratch for l*l)."""
+def _poly(l, sq, coefs, out):
+    """out = l*l*C(l) in float32 (Horner, ``sq`` as scratch for l*l)."""
     np.multiply(l, coefs[-1], out=out)
     for c in coefs[-2:0:-1]:
         out += c
         out *= l
     out += coefs[0]
-    np.multiply(l, l, out=a)
-    out *= a
+    np.multiply(l, l, out=sq)
+    out *= sq
 
 
 def _fast_terms(q, p, est, buf: _Buffers, size: int):
@@ -119,23 +120,47 @@ def _fast_terms(q, p, est, buf: _Buffers, size: int):
         np.multiply(l, l, out=t)
         t *= np.float32(0.5)
         return t
-    big = amax > CUT
-    if big:
-        d = buf.d[:size].reshape(shape)
-        m = buf.big[:size].reshape(shape)
-        np.greater(a, CUT, out=m)
-        np.exp(l, out=d)
-        if est == K3:
-            d -= np.float32(1.0)
-            d -= l
-        else:  # RK3: e^l (l - 1) + 1
-            np.subtract(l, np.float32(1.0), out=a)
-            d *= a
-            d += np.float32(1.0)
-    _poly(l, a, P_K3 if est == K3 else Q_RK3, t)
-    if big:
-        np.copyto(t, d, where=m)
+    _poly(l, buf.d[:size].reshape(shape), P_K3 if est == K3 else Q_RK3, t)
+    if amax > CUT:
+        _direct(est, buf, size)
     return t
+
+
+def _direct_formula(est, l, d, scratch):
+    """d = the direct float32 term for |l| > CUT (three distinct arrays)."""
+    np.exp(l, out=d)
+    if est == K3:  # (e^l - 1) - l
+        d -= np.float32(1.0)
+        d -= l
+    else:  # reverse k3: e^l (l - 1) + 1
+        np.subtract(l, np.float32(1.0), out=scratch)
+        d *= scratch
+        d += np.float32(1.0)
+
+
+def _direct(est, buf: _Buffers, size: int):
+    """Replace the polynomial's value by the direct formula in the lanes with |l| > CUT:
+    gathered when they are few (RL data: nearly none), a bitwise select otherwise (numpy's
+    masked copy is several times slower than the arithmetic)."""
+    l, a, t = buf.l[:size], buf.a[:size], buf.t[:size]
+    m = buf.big[:size]
+    np.greater(a, CUT, out=m)
+    idx = np.flatnonzero(m)
+    if idx.size * 8 <= size:
+        lb = l[idx]
+        db = np.empty_like(lb)
+        _direct_formula(est, lb, db, np.empty_like(lb))
+        t[idx] = db
+        return
+    d = buf.d[:size]
+    _direct_formula(est, l, d, a)  # (|l| is no longer needed)
+    sel = buf.sel[:size]  # all ones where |l| > CUT, zeros elsewhere
+    np.subtract(0, m.view(np.uint8), out=sel, dtype=np.int32)
+    db, tb = d.view(np.int32), t.view(np.int32)
+    np.bitwise_and(db, sel, out=db)
+    np.invert(sel, out=sel)
+    np.bitwise_and(tb, sel, out=tb)
+    np.bitwise_or(tb, db, out=tb)
 
 
 def _blocks(x, full: int):
