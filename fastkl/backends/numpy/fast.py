@@ -167,6 +167,10 @@ def _blocks(x, full: int):
     """The first ``full`` runs of BLOCK elements of each row of a C-contiguous [g, m] array,
     as a [g, full, BLOCK] view."""
     g, m = x.shape
+    if m == full * BLOCK:
+        return x.reshape(g, full, BLOCK)
+    if g == 1:
+        return x[0, :full * BLOCK].reshape(1, full, BLOCK)
     return np.lib.stride_tricks.as_strided(
         x, (g, full, BLOCK), (m * x.itemsize, BLOCK * x.itemsize, x.itemsize))
 
