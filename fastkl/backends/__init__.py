@@ -15,8 +15,12 @@ _MODULES = {
     "cython": "fastkl.backends.cython",
     "numba": "fastkl.backends.numba",
     "numpy": "fastkl.backends.numpy",
+    # the readable specification (backends/numpy/mc.py, logits.py): the tests' oracle. Accepted
+    # by get_backend and ``backend=``, never chosen for None nor listed by available_backends
+    "reference": "fastkl.backends.reference",
 }
-BACKEND_NAMES = tuple(_MODULES)
+HIDDEN = ("reference",)
+BACKEND_NAMES = tuple(n for n in _MODULES if n not in HIDDEN)
 
 # Set in a child made by fork() (os.fork, multiprocessing's "fork" start method) of a process
 # that had imported fastkl: the compiled backends then run serially, as their thread pools
