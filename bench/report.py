@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     if args.quick:
-        mc_sizes, lg_shapes, head_mc, head_lg = [1e3, 1e5], [(8, 1000), (16, 4000)], 1e5, (16,
+        mc_sizes, lg_shapes, head_mc, head_lg = [1e3, 1e4, 1e5], [(8, 1000), (16, 4000)], 1e5, (16,
                                                                                           4000)
         cache_mc, cache_lg = 1e4, (4, 1000)
     else:

@@ -72,11 +72,120 @@ KLStats.__module__ = "fastkl.mc"
 # --------------------------------------------------------------------------- partials
 
 
-def merge_blocks(part: np.ndarray) -> np.ndarray:
+def merge_blocks(part: np.ndarray, m2: bool = True) -> np.ndarray:
     """Merge per-block partials ``[rows, nblk, N_PARTIALS]`` in block order (Chan et al.):
-    returns ``[rows, N_PARTIALS]`` with column 2 the merged M2."""
-    if part.shape[1] == 1:  # one block per row: nothing to merge (the small-input fast path)
+    returns ``[rows, N_PARTIALS]`` with column 2 the merged M2. ``m2=False``: the caller
+    reads no M2 (a mean, a sum): column 2 is then the plain sum of the blocks' M2, every
+    other column the same bits.
+
+    The order of every floating-point operation is part of the determinism contract (same
+    bits for any thread count, chunking of a stream, backend): the column sums run over the
+    blocks in order from +0.0 (numpy's ``sum`` over a non-contiguous axis), the spread
+    ``sum_b W_b (mean_b - mean)**2`` is numpy's pairwise sum (``_pairwise``). One row of at
+    most ``_MERGE_PY_MAX`` blocks is merged in Python floats (the same operations in the same
+    order, so the same bits: tests/test_merge.py checks it against the numpy form; a row
+    whose merge holds a NaN is redone in numpy, whose vector loops decide which NaN, of
+    which sign, an add keeps): numpy's per-call overhead on arrays this small is ~15 us, the
+    Python merge of 3 blocks ~3 us."""
+    rows, nblk = part.shape[0], part.shape[1]
+    if nblk == 1:  # one block per row: nothing to merge (the small-input fast path)
         return part[:, 0, :]
+    if not m2:
+        if rows == 1 and nblk <= _MERGE_PY_MAX and part.dtype == np.float64:
+            return np.array([_column_sums(part[0].tolist())])
+        return part.sum(axis=1)
+    if rows == 1 and nblk <= _MERGE_PY_MAX and part.dtype == np.float64:
+        tot = _merge_row(part[0].tolist())
+        s = 0.0
+        for x in tot:
+            s += x
+        if s == s:  # no NaN (inf - inf also lands in numpy, harmlessly)
+            return np.array([tot])
+        # a NaN result: numpy's vector loops decide which operand's NaN (and sign) an add
+        # keeps, so a NaN is only bit-identical when numpy makes it
+    return _merge_numpy(part)
+
+
+def merged_sums(part: np.ndarray):
+    """``merge_blocks(part, m2=False)[0]`` of a one-row ``part``: a list of Python floats
+    (the same values) when the row has few blocks, which saves building arrays."""
+    nblk = part.shape[1]
+    if nblk == 1:
+        return part[0, 0].tolist()
+    if nblk <= _MERGE_PY_MAX and part.dtype == np.float64:
+        return _column_sums(part[0].tolist())
+    return part[0].sum(axis=0)
+
+
+# one row of up to this many blocks is merged in Python floats (above it numpy is faster)
+_MERGE_PY_MAX = 64
+_PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: the unrolled pairwise sum's largest leaf
+
+
+def _pairwise(a: list, lo: int, n: int) -> float:
+    """numpy's pairwise sum of the floats ``a[lo:lo + n]`` (``n >= 1``), operation for
+    operation: a plain loop below 8, eight interleaved accumulators up to 128, halves (cut
+    at a multiple of 8) above."""
+    if n < 8:
+        res = -0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    if n <= _PW_BLOCK:
+        r0, r1, r2, r3, r4, r5, r6, r7 = a[lo:lo + 8]
+        end = lo + n - n % 8
+        i = lo + 8
+        while i < end:
+            r0 += a[i]
+            r1 += a[i + 1]
+            r2 += a[i + 2]
+            r3 += a[i + 3]
+            r4 += a[i + 4]
+            r5 += a[i + 5]
+            r6 += a[i + 6]
+            r7 += a[i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < lo + n:
+            res += a[i]
+            i += 1
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise(a, lo, n2) + _pairwise(a, lo + n2, n - n2)
+
+
+def _column_sums(blocks: list) -> list:
+    """``part.sum(axis=1)`` of one row, its blocks given as lists of floats: the blocks
+    added in order to +0.0, column by column (a sum has no NaN-sign ambiguity here: numpy's
+    strided reduction adds in the same order, tests/test_merge.py)."""
+    tot = [0.0] * len(blocks[0])
+    for b in blocks:
+        tot = [t + x for t, x in zip(tot, b, strict=True)]
+    return tot
+
+
+def _merge_row(blocks: list) -> list:
+    """``_merge_numpy`` of one row, its blocks given as lists of floats (``tolist``)."""
+    cols = list(zip(*blocks, strict=True))
+    tot = []
+    for col in cols:
+        s = 0.0
+        for x in col:
+            s += x
+        tot.append(s)
+    W = tot[0]
+    mean = tot[1] / W if W > 0 else 0.0
+    spread = []
+    for w, s in zip(cols[0], cols[1], strict=True):
+        d = (s / w if w > 0 else 0.0) - mean
+        spread.append(w * (d * d))
+    tot[2] = tot[2] + (0.0 + _pairwise(spread, 0, len(spread)))
+    return tot
+
+
+def _merge_numpy(part: np.ndarray) -> np.ndarray:
+    """``merge_blocks`` in numpy (any rows and blocks): the reference form."""
     tot = part.sum(axis=1)
     W = tot[:, 0]
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -405,15 +405,16 @@ def _logits_block(a, b, m, *, op, names, beta, inv_t, log_probs, bname, reductio
     return vals
 
 
-def _logits_total(vals, m, *, reduction, kdtype):
-    """"mean"/"sum" over every row: the in-memory reduction of the gathered values."""
+def _logits_total(vals, m, *, reduction, kdtype, empty=math.nan):
+    """"mean"/"sum" over every row: the in-memory reduction of the gathered values (a mean
+    over zero total weight is ``empty``)."""
     mask = _checks.mask_array(m, vals.shape)
-    return np.asarray(_core.reduce_rows(vals, mask, reduction, np.dtype(kdtype)),
+    return np.asarray(_core.reduce_rows(vals, mask, reduction, np.dtype(kdtype), empty),
                       dtype=np.float64)
 
 
 def logits_op(op: str, arrays: list, names: list[str], beta: float, temperature, axis, mask,
-              reduction, log_probs, backend, slice_elems: int):
+              reduction, log_probs, backend, slice_elems: int, empty=math.nan):
     """``kl_logits`` / ``jsd_logits`` / ``entropy_logits`` on dask arrays (``op`` as in
     ``LOGITS_OPS``): a lazy dask array of per-row values for ``reduction="none"``, a 0-d
     one for "mean"/"sum". ``slice_elems``: elements per kernel call in a chunk."""
@@ -468,6 +469,6 @@ def logits_op(op: str, arrays: list, names: list[str], beta: float, temperature,
     mwhole = None if m is None else (m.rechunk(-1) if nl else m)
     return da.blockwise(
         _logits_total, (), whole, lead, mwhole, lead if mwhole is not None else None,
-        reduction=reduction, kdtype=dtype.str, dtype=np.float64, concatenate=True,
-        meta=np.empty((), dtype=np.float64), token=f"fastkl-{op}-{reduction}",
+        reduction=reduction, kdtype=dtype.str, empty=empty, dtype=np.float64,
+        concatenate=True, meta=np.empty((), dtype=np.float64), token=f"fastkl-{op}-{reduction}",
     )

@@ -28,26 +28,18 @@ def _float_arrays(*pairs) -> list[np.ndarray]:
     return [_checks.float_array(x, name) for x, name in pairs]
 
 
-def _empty(empty, dask: bool) -> float:
-    """The checked ``empty`` of a logits op (dask graphs take only the default NaN)."""
-    e = _checks.empty_value(empty)
-    if dask and not math.isnan(e):
-        raise NotImplementedError("empty= other than NaN is not supported for dask arrays yet; "
-                                  "call .compute() on the inputs first")
-    return e
 
 
 def _row_op(op: str, arrays, names, beta, temperature, axis, mask, reduction, log_probs,
             backend, empty=math.nan):
     """A logits op (``LOGITS_OPS``) per row of ``arrays``, reduced (dask arrays: lazily); a
     "mean" over zero total weight is ``empty``."""
+    empty = _checks.empty_value(empty)
     if _dask.is_dask(*arrays, mask):
-        _empty(empty, True)
         return _dask.logits_op(op, arrays, names, beta, temperature, axis, mask, reduction,
-                               log_probs, backend, _mc.SLICE)
+                               log_probs, backend, _mc.SLICE, empty)
     arrays = _float_arrays(*zip(arrays, names, strict=True))
     reduction, inv_t = logits_options(reduction, temperature, log_probs)
-    empty = _empty(empty, False)
     rows = LogitsRows(arrays, names, axis, mask)
     be = get_backend(backend)
     vals = rows.values(be, LOGITS_OPS[op], beta, inv_t, log_probs, _mc.SLICE)
@@ -205,7 +197,6 @@ def _grad_op(op: str, arrays, names, want, beta, temperature, axis, mask, reduct
         _dask.unsupported(func)
     arrays = _float_arrays(*zip(arrays, names, strict=True))
     reduction, inv_t = logits_options(reduction, temperature)
-    empty = _empty(empty, False)
     rows = LogitsRows(arrays, names, axis, mask)
     be = get_backend(backend)
     scale = _rowscale(rows, reduction)

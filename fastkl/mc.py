@@ -164,19 +164,22 @@ def mc_terms_sliced(backend, views, est, clamp, out: np.ndarray) -> None:
 
 
 def _row_partials(backend, inp: MCInputs, red_axes, want_m2: bool):
-    """Merged partials per output row (``[rows, N_PARTIALS]``), the out shape and the rows
-    (None where the rows were read in segments)."""
+    """Merged partials per output row (``[rows, N_PARTIALS]``; column 2 the merged M2 only
+    with ``want_m2``), the out shape and the rows (None where the rows were read in
+    segments)."""
     if red_axes is None and len(inp.shape) >= 2 and math.prod(inp.shape) > _SEGMENT:
         part = _segmented_partials(backend, inp, want_m2)  # a broadcast view is never copied
         if part is not None:
-            return _core.merge_blocks(part), (), None
+            return _core.merge_blocks(part, want_m2), (), None
     views, out_shape, perm = _as_rows(inp.arrays(), inp.shape, red_axes)
     rows, n = views[0].shape
     if rows * n == 0:
         part = np.zeros((rows, 1, N_PARTIALS))
+    elif rows * n <= SLICE:  # one kernel call (mc_partials_sliced's first piece, directly)
+        part = backend.mc_partials(*views, inp.est, inp.clamp, want_m2)
     else:
         part = mc_partials_sliced(backend, views, inp.est, inp.clamp, want_m2)
-    return _core.merge_blocks(part), out_shape, views
+    return _core.merge_blocks(part, want_m2), out_shape, views
 
 
 def _raise_first_nan(backend, inp: MCInputs):
@@ -190,6 +193,30 @@ def _raise_first_nan(backend, inp: MCInputs):
         return idx, inp.logq[idx], inp.logp[idx]
 
     _core.raise_first_nan(out, views[2], locate)
+
+
+def _plain_scalar(logq, logp, estimator, reverse, reduction, backend) -> float | None:
+    """``kl_mc`` of the commonest call, or None where it does not apply: two C-contiguous
+    native float32/float64 ndarrays of one dtype and shape (at least one element, one kernel
+    call), a full "mean" or "sum", no option beyond the estimator and the backend (the
+    caller checked that). The steps are the general path's (``mc_inputs``'s fast path,
+    ``_as_rows``, one ``mc_partials`` call, ``merge_blocks(m2=False)``, ``finish_scalar``),
+    and none of the layers between: the same bits, several us less per call
+    (tests/test_merge.py compares the two paths)."""
+    if not (type(logq) is np.ndarray and type(logp) is np.ndarray and type(reduction) is str
+            and (reduction == "mean" or reduction == "sum")):
+        return None
+    shape, dt = logq.shape, logq.dtype
+    if not (logp.shape == shape and logp.dtype == dt and dt.char in "fd" and dt.isnative
+            and shape and logq.flags.c_contiguous and logp.flags.c_contiguous
+            and 0 < logq.size <= SLICE):
+        return None
+    est = _checks.estimator_code(estimator, reverse)
+    be = get_backend(backend)
+    n = logq.size
+    part = be.mc_partials(logq.reshape(1, n), logp.reshape(1, n), None, None, est, NO_CLAMPS,
+                          False)
+    return _core.finish_scalar(_core.merged_sums(part), reduction, "propagate")
 
 
 # --------------------------------------------------------------------------- public API
@@ -266,6 +293,15 @@ def kl_mc(
     float or ndarray
         A lazy dask array (0-d for a full reduction) when an input is a dask array.
     """
+    if (axis is None and mask is None and log_iw is None and clamp_log_ratio is None
+            and clamp_value is None and norm is None and denominator is None
+            and type(clamp_order) is str and clamp_order == "term"
+            and type(nan_policy) is str and nan_policy == "propagate"
+            and type(empty_rows) is str and empty_rows == "skip"
+            and type(empty) is float and empty != empty):
+        val = _plain_scalar(logq, logp, estimator, reverse, reduction, backend)
+        if val is not None:
+            return val
     if _dask.is_dask(logq, logp, mask, log_iw):
         return _dask.kl_mc(logq, logp, estimator, reverse=reverse, reduction=reduction,
                            axis=axis, mask=mask, log_iw=log_iw,
@@ -466,7 +502,7 @@ def kl_mc_grad(
         return (value if value.ndim else value[()]), grad
     if gest is not None and rows * n:  # the value's own pass
         part = mc_partials_sliced(be, views, inp.est, inp.clamp, False)
-    tot = _core.merge_blocks(part)
+    tot = _core.merge_blocks(part, m2=False)
     if how in ("mean", "sum"):
         if out_shape == ():
             return _core.finish_scalar(tot[0], how, "propagate", agg), grad

@@ -452,6 +452,26 @@ def test_logits_empty_option():
         fastkl.kl_logits(teacher, student, reduction="mean", empty=None)
 
 
+def test_logits_empty_option_dask():
+    """Dask graphs of the logits ops take empty= too: an all-masked mean is empty, a partly
+    masked one equals the in-memory value."""
+    da = pytest.importorskip("dask.array")
+    student, teacher, _ = _logits(np.float64)
+    none = np.zeros(student.shape[:-1], bool)
+    some = none.copy()
+    some[0, :2] = True
+    ds, dt = da.from_array(student, chunks=(2, 3, -1)), da.from_array(teacher, chunks=(2, 3, -1))
+    for fn, args, dargs in ((fastkl.kl_logits, (teacher, student), (dt, ds)),
+                            (fastkl.entropy_logits, (student,), (ds,)),
+                            (fastkl.jsd_logits, (teacher, student), (dt, ds))):
+        assert fn(*dargs, mask=none, reduction="mean", empty=0.0).compute() == 0.0
+        assert math.isnan(fn(*dargs, mask=none, reduction="mean").compute())
+        got = fn(*dargs, mask=some, reduction="mean", empty=0.0).compute()
+        assert math.isclose(got, fn(*args, mask=some, reduction="mean"), rel_tol=1e-13)
+    with pytest.raises(TypeError, match="empty"):
+        fastkl.kl_logits(dt, ds, reduction="mean", empty=None)
+
+
 # --------------------------------------------------------------------------- clamps, "+" modes
 
 

@@ -64,7 +64,7 @@ def _all_ops(a, b, t, backend):
 
 def _check_vs_ref(a, b, t):
     rtol = 1e-9 if a.dtype == np.float64 else 2e-5
-    ref = _all_ops(a, b, t, "numpy")
+    ref = _all_ops(a, b, t, "reference")
     for be in COMPILED:
         got = _all_ops(a, b, t, be)
         for k in ref:

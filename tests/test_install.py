@@ -58,3 +58,27 @@ def test_missing_extension_says_why():
     assert "cython" not in out[0] and "numpy" in out[0]
     assert "not built" in out[1] and "C compiler" in out[1]
     assert float(out[2]) > 0
+
+
+def test_every_subpackage_is_installed():
+    """Each package directory of the source tree is in pyproject's package list, and the
+    installed fastkl has it (a package left off the list installs without error and then
+    fails on import)."""
+    import importlib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    src, toml = repo / "fastkl", repo / "pyproject.toml"
+    if not (src.is_dir() and toml.is_file()):
+        pytest.skip("no source tree beside the tests (an artefact's copy of tests/)")
+    listed = toml.read_text(encoding="utf-8")
+    for init in sorted(src.rglob("__init__.py")):
+        name = ".".join(("fastkl",) + init.parent.relative_to(src).parts)
+        assert f'"{name}"' in listed, f"{name} is not in pyproject.toml's packages"
+        try:
+            importlib.import_module(name)  # and the fastkl under test has it
+        except ModuleNotFoundError:
+            raise
+        except ImportError:  # a backend that cannot load here (e.g. an unbuilt extension)
+            if name.rsplit(".", 1)[-1] in _required():
+                raise

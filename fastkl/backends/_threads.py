@@ -32,7 +32,12 @@ from collections.abc import Callable, Iterator
 # a Cython MC call of 1,000 k3 pairs is ~1 us of work, a parallel region 3-10 us; a logits
 # row is costlier per element (two exps and a log), so its threshold is half; numba's pool
 # wake-up costs 6-12 us, about a block of k3 terms.
-CYTHON_MC_MIN = 1 << 16  # Cython Monte Carlo kernels (``cython/_mc.pyx``)
+# CYTHON_MC_MIN re-measured 2026-12-02 (2-vCPU EPYC AVX2 at load average ~4.5, min of
+# 100 interleaved rounds, one call 1 thread vs 2): float64 k1/k3 gain from 2 threads from
+# 16,384 elements (k3: 59 -> 42 us), float32 k3 from ~24,576 (20 -> 17 us); float32 k1 (the
+# cheapest term, ~0.8 ns) loses below ~40,000 (16,384: 13 -> 31 us) and breaks even there.
+# 1 << 15 keeps every measured loss serial (it was 1 << 16).
+CYTHON_MC_MIN = 1 << 15  # Cython Monte Carlo kernels (``cython/_mc.pyx``)
 CYTHON_LOGITS_MIN = 1 << 15  # Cython logits kernels (``cython/_logits.pyx``)
 NUMBA_MIN = 1 << 14  # every numba kernel (``numba/common.py``: ``ThreadedKernel``)
 
