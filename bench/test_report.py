@@ -18,9 +18,11 @@ def test_report_quick(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "report.md").read_text()
     for heading in ("## Monte Carlo estimators", "## Full-vocabulary ops", "## Thread scaling",
-                    "## Import time and first-call latency", "Machine: "):
+                    "## Import time and first-call latency", "## 16-bit inputs read in place",
+                    "Machine: "):
         assert heading in md
     assert "| fastkl numpy | k3 |" in md and "| fastkl numpy | kl |" in md
+    assert "| float16 |" in md  # a measured 16-bit row (bfloat16 too with ml_dtypes)
     data = json.loads((tmp_path / "results.json").read_text())
     for run in data["mc"] + data["logits"]:
         assert all(r["status"] == "ok" for r in run["rows"]), run["rows"]

@@ -482,7 +482,8 @@ def _add_demo(sub) -> None:
 def _add_warmup(sub) -> None:
     wu = _command(sub, "warmup", cmd_warmup)
     wu.add_argument("--dtypes", default="float32,float64",
-                    help="comma-separated float dtypes (default: float32,float64)")
+                    help="comma-separated float dtypes (default: float32,float64; also "
+                    "float16 and, with ml_dtypes, bfloat16)")
     wu.add_argument("--backend", default=None,
                     help="backend(s), comma-separated (default: every compiled backend here)")
     wu.add_argument("--no-progress", action="store_true", help="no progress bar")

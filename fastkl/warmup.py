@@ -55,6 +55,47 @@ def _mc_jobs(backend: str, dt: np.dtype) -> list[tuple[str, Callable[[], object]
     return jobs
 
 
+def _half_jobs(backend: str, dt: np.dtype) -> list[tuple[str, Callable[[], object]]]:
+    """float16 / bfloat16 inputs: the kernels that read them in place (the float32-lane
+    means, sums and stats; numba compiles these once more per 16-bit format). Every other
+    option widens 16-bit inputs to float32 and runs the float32 kernels."""
+    from .mc import kl_mc, kl_mc_stats
+
+    rng = np.random.default_rng(0)
+    jobs = []
+    for n in (_SMALL, _LARGE):
+        rows = 8
+        q = rng.normal(-2.0, 1.0, size=(rows, n // rows)).astype(dt)
+        p = (q.astype(np.float32) + rng.normal(0.0, 0.1, size=q.shape)).astype(dt)
+        mask = np.arange(q.shape[1])[None, :] < rng.integers(1, q.shape[1], size=rows)[:, None]
+        for name, fn, kw in (
+            ("kl_mc", kl_mc, {}),
+            ("kl_mc mask", kl_mc, {"mask": mask, "reduction": "token-mean"}),
+            ("kl_mc_stats", kl_mc_stats, {}),
+            ("kl_mc_stats mask", kl_mc_stats, {"mask": mask}),
+        ):
+            jobs.append((f"{name} {n}", partial(fn, q, p, backend=backend, **kw)))
+    return jobs
+
+
+def _warm_dtype(d: str) -> np.dtype:
+    """A ``dtypes`` entry as a numpy dtype: a float dtype, or "bfloat16" (``ml_dtypes``)."""
+    from ._checks import bfloat16_dtype
+
+    if d == "bfloat16":
+        bf16 = bfloat16_dtype()
+        if bf16 is None:
+            raise ValueError("dtypes: 'bfloat16' needs the optional package ml_dtypes")
+        return bf16
+    try:
+        dt = np.dtype(d)
+    except TypeError as exc:
+        raise ValueError(f"dtypes: {d!r} is not a dtype") from exc
+    if dt.kind != "f":
+        raise ValueError(f"dtypes: {d!r} is not a float dtype")
+    return dt
+
+
 def _logits_jobs(backend: str, dt: np.dtype) -> list[tuple[str, Callable[[], object]]]:
     from .logits import (
         entropy_logits,
@@ -97,8 +138,9 @@ def warmup(
 
     Parameters
     ----------
-    dtypes : float dtype names, default ``("float32", "float64")``; float16 inputs run the
-        float32 kernels.
+    dtypes : float dtype names, default ``("float32", "float64")``; also "float16" and
+        "bfloat16" (with ``ml_dtypes``), whose means, sums and stats numba compiles once more
+        (their other options run the float32 kernels).
     backends : backend names (default: every available compiled backend).
     progress : a tqdm progress bar on stderr (None: only when stderr is a terminal).
 
@@ -107,15 +149,7 @@ def warmup(
     dict mapping ``"backend dtype"`` to the seconds it took. A second run (or any later
     process using the same cache) takes well under a second.
     """
-    dts = []
-    for d in dtypes:
-        try:
-            dt = np.dtype(d)
-        except TypeError as exc:
-            raise ValueError(f"dtypes: {d!r} is not a dtype") from exc
-        if dt.kind != "f":
-            raise ValueError(f"dtypes: {d!r} is not a float dtype")
-        dts.append(dt)
+    dts = [_warm_dtype(d) for d in dtypes]
     avail = available_backends()
     if backends is None:
         names = [b for b in avail if b != "numpy"]
@@ -124,7 +158,8 @@ def warmup(
         for b in names:
             if b not in avail:
                 raise ValueError(f"backends: {b!r} is not available here (available: {avail})")
-    plan = [(b, dt, _mc_jobs(b, dt) + _logits_jobs(b, dt)) for b in names for dt in dts]
+    plan = [(b, dt, _half_jobs(b, dt) if dt.itemsize == 2 else _mc_jobs(b, dt)
+             + _logits_jobs(b, dt)) for b in names for dt in dts]
     total = sum(len(jobs) for _, _, jobs in plan)
     from ._core import progress_bar as _progress
 

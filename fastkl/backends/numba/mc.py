@@ -1074,6 +1074,15 @@ def _bits(a: np.ndarray | None) -> np.ndarray | None:
     return a
 
 
+def _wide16(a: np.ndarray | None) -> np.ndarray | None:
+    """A 16-bit float input as a float32 copy (exact); anything else unchanged. Only the
+    float32-lane partials (``_partials32_kernel``: means, sums, stats) read 16-bit inputs in
+    place: every other kernel compiled for two more input types would cost numba minutes of
+    first-use compilation for options (``reduction="none"``, clamps, ``log_iw``, gradients)
+    that are rare on 16-bit data."""
+    return a.astype(np.float32) if a is not None and a.dtype.itemsize == 2 else a
+
+
 def _prepare(logq, logp, mask, log_iw):
     """Kernel arguments: four flat buffers, their geometry [4, 3] and the two flags."""
     logq, logp, log_iw = _bits(logq), _bits(logp), _bits(log_iw)
@@ -1144,7 +1153,8 @@ def mc_terms(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
     if rows * n == 0:
         return
     flat = out.reshape(-1) if out.flags.c_contiguous else np.empty(rows * n, out.dtype)
-    (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
+    (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(_wide16(logq), _wide16(logp), mask,
+                                                    _wide16(log_iw))
     _terms_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw,
                   _clamp(clamp), flat)
     if not out.flags.c_contiguous:
@@ -1166,6 +1176,9 @@ def mc_partials(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
             and cl is _NO_CLAMP and est in _EST32):
         _partials32_kernel(rows * n, qb, pb, mb, geo, rows, n, est, has_m, bool(want_m2), part)
         return part
+    if qb.itemsize == 2 or ib.itemsize == 2:
+        (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(_wide16(logq), _wide16(logp), mask,
+                                                        _wide16(log_iw))
     _partials_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw, cl,
                      bool(want_m2), part)
     return part
@@ -1184,7 +1197,8 @@ def mc_grad(logq: np.ndarray, logp: np.ndarray, mask: np.ndarray | None,
     flat = (out_grad.reshape(-1) if out_grad.flags.c_contiguous
             else np.empty(rows * n, out_grad.dtype))
     rs = np.ascontiguousarray(rowscale, dtype=np.float64)
-    (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(logq, logp, mask, log_iw)
+    (qb, pb, mb, ib), geo, has_m, has_iw = _prepare(_wide16(logq), _wide16(logp), mask,
+                                                    _wide16(log_iw))
     _grad_kernel(rows * n, qb, pb, mb, ib, geo, rows, n, est, has_m, has_iw,
                  _clamp(clamp, iw_grad), rs, flat, part)
     if not out_grad.flags.c_contiguous:

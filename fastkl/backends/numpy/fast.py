@@ -7,9 +7,10 @@ backend ``"reference"``). This module computes the same contract tile by tile: a
 row, about ``CHUNK`` elements), so no float64 copy of the whole input is ever made and block
 partials are those of whole blocks, as in the spec.
 
-Fast path (float32 inputs, no weights or a uint8 mask, no ``log_iw``, no clamp; every
-estimator): the terms are computed in float32 (``l = logp - logq`` rounded once, <= 2**-24
-relative) and widened to float64 before they are summed per block:
+Fast path (float32 inputs, and float16 / bfloat16 ones widened to float32 per tile; no
+weights or a uint8 mask, no ``log_iw``, no clamp; every estimator): the terms are computed
+in float32 (``l = logp - logq`` rounded once, <= 2**-24 relative) and widened to float64
+before they are summed per block:
 
 * k3: ``|l| <= 1``: ``l*l*P(l)``, P a degree-6 fit of ``(e^l - 1 - l)/l**2`` (relative
   error 8.5e-8 in exact arithmetic, 1.1e-7 with its float32-rounded coefficients, 2.4e-7
@@ -223,9 +224,15 @@ def _fast_partials(t, mask, want_m2, buf: _Buffers, size: int, out):
         out[..., 2] = 0.0
 
 
+def _w32(a):
+    """A tile of a 16-bit input (float16, bfloat16) as float32 (exact): the float32 lanes
+    then run on the widened values, as the compiled backends' do; anything else unchanged."""
+    return a.astype(np.float32) if a is not None and a.dtype.itemsize == 2 else a
+
+
 def _eligible(logq, mask, log_iw, clamp) -> bool:
     lr_lo, lr_hi, v_lo, v_hi, _ = clamp
-    return (logq.dtype == np.float32 and log_iw is None
+    return (logq.dtype.itemsize in (2, 4) and log_iw is None
             and (mask is None or mask.dtype == np.uint8)
             and lr_lo == -np.inf and lr_hi == np.inf and v_lo == -np.inf and v_hi == np.inf)
 
@@ -250,7 +257,7 @@ def mc_partials(logq, logp, mask, log_iw, est, clamp, want_m2):
     fast = _eligible(logq, mask, log_iw, clamp)
     buf = _Buffers(min(rows * n, CHUNK)) if fast else None
     for r0, r1, c0, c1 in _tiles(rows, n):
-        q, p = logq[r0:r1, c0:c1], logp[r0:r1, c0:c1]
+        q, p = _w32(logq[r0:r1, c0:c1]), _w32(logp[r0:r1, c0:c1])
         m = _sub(mask, r0, r1, c0, c1)
         b0, b1 = c0 // BLOCK, -(-c1 // BLOCK)
         dst = out[r0:r1, b0:b1]
@@ -273,7 +280,7 @@ def mc_terms(logq, logp, mask, log_iw, est, clamp, out):
     fast = _eligible(logq, mask, log_iw, clamp)
     buf = _Buffers(min(rows * n, CHUNK)) if fast else None
     for r0, r1, c0, c1 in _tiles(rows, n):
-        q, p = logq[r0:r1, c0:c1], logp[r0:r1, c0:c1]
+        q, p = _w32(logq[r0:r1, c0:c1]), _w32(logp[r0:r1, c0:c1])
         m = _sub(mask, r0, r1, c0, c1)
         dst = out[r0:r1, c0:c1]
         if fast:
