@@ -79,6 +79,19 @@ FK_INLINE uint64_t fk_to_bits(double d) {
     return u;
 }
 
+/* float32 <-> its bits (mc.h: 16-bit widening; mc32.h: the lane range checks) */
+FK_INLINE uint32_t fk_bits32(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+FK_INLINE float fk_from_bits32(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
 /* The two exp series, the value of every ``full`` flag of both headers: FK_SERIES_FULL for
  * float64 inputs, FK_SERIES_LO for float32 inputs (see fk_exp_series). */
 enum { FK_SERIES_LO = 0, FK_SERIES_FULL = 1 };

@@ -50,17 +50,6 @@ typedef struct {
  * bits (uint16) and widened to float32 in registers: float16, bfloat16. */
 enum { FK_FMT_F64 = 0, FK_FMT_F32 = 1, FK_FMT_F16 = 2, FK_FMT_BF16 = 3 };
 
-FK_INLINE float fk_f32_of_bits(uint32_t u) {
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
-FK_INLINE uint32_t fk_bits_of_f32(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-}
 
 /* float16 bits -> float32, exact, branch-free and table-free (vectorizes in every clone):
  * normal numbers are rebiased (exponent + 112), inf/NaN get the all-ones exponent (payload
@@ -68,14 +57,14 @@ FK_INLINE uint32_t fk_bits_of_f32(float x) {
 FK_INLINE float fk_f16_to_f32(uint16_t h) {
     const uint32_t a = (uint32_t)h & 0x7fffu, sh = a << 13;
     const uint32_t normal = sh + (112u << 23), nonfin = sh | 0x7f800000u;
-    const uint32_t sub = fk_bits_of_f32((float)(int32_t)a * 5.9604644775390625e-08f);
+    const uint32_t sub = fk_bits32((float)(int32_t)a * 5.9604644775390625e-08f);
     uint32_t r = (a >= 0x400u) ? normal : sub;
     r = (a >= 0x7c00u) ? nonfin : r;
-    return fk_f32_of_bits(r | (((uint32_t)h & 0x8000u) << 16));
+    return fk_from_bits32(r | (((uint32_t)h & 0x8000u) << 16));
 }
 
 /* bfloat16 bits -> float32: the high half of a float32 (exact). */
-FK_INLINE float fk_bf16_to_f32(uint16_t h) { return fk_f32_of_bits((uint32_t)h << 16); }
+FK_INLINE float fk_bf16_to_f32(uint16_t h) { return fk_from_bits32((uint32_t)h << 16); }
 
 /* Element k of an array of format fmt, as float64 (exact). */
 FK_INLINE double fk_ld(const void *base, ptrdiff_t k, int fmt) {

@@ -52,18 +52,6 @@ static int fk_lanes32_on = 1;
 static void fk_set_lanes32(int on) { fk_lanes32_on = on; }
 static int fk_get_lanes32(void) { return fk_lanes32_on; }
 
-FK_INLINE uint32_t fk_bits32(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-}
-
-FK_INLINE float fk_from_bits32(uint32_t u) {
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
 /* e^x = s (1 + r + q) in float32 for -87 <= x <= 87: s = 2^k, |r| <= ln2/2 + eps, q = e^r - 1
  * - r by the degree-5 minimax series of fk_exp_series (rounded to float32). LN2_HI =
  * 0x3f317200 has 9 trailing zero bits: kf * LN2_HI is exact. */
